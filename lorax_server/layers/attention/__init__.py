@@ -1,0 +1,29 @@
+"""Attention ops: KV-cache write, varlen prefill and paged attention, behind one backend choice.
+
+The model calls `attention_ops(device)` once and uses what it returns; the pure-PyTorch reference is
+the oracle and the fallback everywhere.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lorax_server.layers.attention import reference
+from lorax_server.layers.backends import Backend, choose
+
+
+@dataclass(frozen=True)
+class AttentionOps:
+    write_kv: Callable
+    prefill: Callable
+    paged: Callable
+
+
+TORCH_OPS = AttentionOps(reference.write_kv, reference.prefill_attention, reference.paged_attention)
+
+ATTENTION_BACKENDS = (Backend("torch", TORCH_OPS),)
+
+
+def attention_ops(device: torch.device) -> AttentionOps:
+    return choose("attention", ATTENTION_BACKENDS, device).impl

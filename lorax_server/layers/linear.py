@@ -1,0 +1,102 @@
+"""Tensor-parallel linears, embedding and LM head.
+
+Tensor parallelism lives here and nowhere in the model math: a column-parallel layer keeps this rank's
+output rows and needs no communication; a row-parallel layer keeps this rank's input columns and owns
+the all-reduce that sums the partial products; the vocabulary-parallel embedding and head own theirs.
+"""
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorax_server.utils.dist import all_gather_last_dim, all_reduce
+from lorax_server.utils.weights import Weights
+
+
+class TensorParallelColumnLinear(nn.Module):
+    """y = x @ W_shard.T: this rank's slice of the output features (no communication)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    @classmethod
+    def load_multi(cls, weights: Weights, prefixes: Sequence[str], shapes: Sequence[Sequence[int]]):
+        """Fuses several column-parallel layers (q, k, v; or w1, w3) into one matmul."""
+        return cls(weights.get_multi_weights_col(prefixes, dim=0, shapes=shapes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class TensorParallelRowLinear(nn.Module):
+    """y = sum over ranks of x_shard @ W_shard.T: the all-reduce happens here, once."""
+
+    def __init__(self, weight: torch.Tensor, process_group):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.process_group = process_group
+
+    @classmethod
+    def load(cls, weights: Weights, prefix: str, shape: Sequence[int]):
+        return cls(weights.get_multi_weights_row(prefix, shape=shape), weights.process_group)
+
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return all_reduce(y, self.process_group) if reduce else y
+
+
+def vocab_shard(vocab_size: int, group) -> slice:
+    """The rows of a vocabulary that `group.rank()` owns: blocks of ceil(vocab / world), the last one short."""
+    block = -(-vocab_size // group.size())
+    start = min(group.rank() * block, vocab_size)
+    return slice(start, min(start + block, vocab_size))
+
+
+def load_vocab_shard(weights: Weights, name: str, shape: Sequence[int]) -> torch.Tensor:
+    """This rank's rows of a [vocab, hidden] matrix, zero-padded to the common block size."""
+    group = weights.process_group
+    block = -(-shape[0] // group.size())
+    shard = weights.get_rows(name, vocab_shard(shape[0], group), shape)
+    return F.pad(shard, (0, 0, 0, block - shard.shape[0]))
+
+
+class TensorParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary split over ranks; ids outside this rank's rows contribute zero."""
+
+    def __init__(self, weights: Weights, name: str, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.process_group = weights.process_group
+        self.vocab_size = vocab_size
+        self.rows = vocab_shard(vocab_size, self.process_group)
+        self.weight = nn.Parameter(load_vocab_shard(weights, name, (vocab_size, hidden_size)), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.process_group.size() == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.rows.start
+        outside = (local < 0) | (local >= self.rows.stop - self.rows.start)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return all_reduce(out, self.process_group)
+
+
+class TensorParallelHead(nn.Module):
+    """LM head with the vocabulary split over ranks; the logits are gathered so every rank sees all of them."""
+
+    def __init__(self, weights: Weights, name: str, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.process_group = weights.process_group
+        self.vocab_size = vocab_size
+        self.weight = nn.Parameter(load_vocab_shard(weights, name, (vocab_size, hidden_size)), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        logits = F.linear(x, self.weight)
+        return self.gather(logits) if gather else logits
+
+    def gather(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """Every rank's vocabulary block side by side, without the padding of the last block."""
+        return all_gather_last_dim(local_logits, self.process_group)[..., : self.vocab_size]
+

@@ -1,0 +1,43 @@
+"""Top-k routing, written once, and the expert-sorted dispatch every expert backend consumes.
+
+Legend: T = tokens, E = experts, K = experts per token, H = hidden, F = expert ffn (this rank's shard).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Routing:
+    weights: torch.Tensor  # [T, K] fp32, each row sums to 1
+    experts: torch.Tensor  # [T, K] int64 expert ids
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> Routing:
+    """Mixtral's router: fp32 softmax over experts, keep the top k, renormalise them to sum to 1."""
+    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    weights, experts = torch.topk(probs, top_k, dim=-1)  # [T, K]
+    return Routing(weights / weights.sum(dim=-1, keepdim=True), experts)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """The T*K (token, expert) assignments sorted by expert, so each expert's tokens are contiguous."""
+
+    token_index: torch.Tensor  # [T*K] token of each sorted assignment
+    weights: torch.Tensor  # [T*K] fp32 routing weight of each sorted assignment
+    counts: torch.Tensor  # [E] assignments per expert
+    offsets: torch.Tensor  # [E] int32 end offset of each expert's run (grouped GEMM's `offs`)
+
+
+def dispatch(routing: Routing, num_experts: int) -> Dispatch:
+    flat_experts = routing.experts.flatten()  # [T*K]
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts, minlength=num_experts)
+    return Dispatch(
+        token_index=order // routing.experts.shape[1],
+        weights=routing.weights.flatten()[order],
+        counts=counts,
+        offsets=counts.cumsum(0).to(torch.int32),
+    )

@@ -1,0 +1,29 @@
+"""RMS norm with the residual add fused in, returning (normed, residual) and never mutating its inputs."""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The oracle: normalise in fp32, cast back, then scale (transformers' order of operations)."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    @classmethod
+    def load(cls, weights, name: str, hidden_size: int, eps: float):
+        return cls(weights.get_tensor(name, shape=(hidden_size,)), eps)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (norm(x + residual), x + residual); with no residual, x itself is the new residual."""
+        summed = x if residual is None else x + residual
+        return rms_norm_reference(summed, self.weight, self.eps), summed

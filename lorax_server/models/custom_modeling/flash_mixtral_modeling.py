@@ -1,0 +1,356 @@
+"""Mixtral (sparse mixture of experts) for LoRAX: paged KV cache, packed batches, tensor parallelism, LoRA hooks.
+
+Top-down: config, MoE blocks, attention, decoder layer, model, causal LM. Every op has a pure-PyTorch
+path, so this module imports and runs with torch, transformers and safetensors alone; faster kernels are
+chosen once per op family in `lorax_server.layers` (see DESIGN.md section 4).
+
+Legend: T = tokens in the packed batch, B = sequences, H = hidden size, E = experts, K = experts per
+token, F = expert ffn size on this rank, nh / nkv = query / key-value heads on this rank, D = head dim.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorax_server.layers.attention import attention_ops
+from lorax_server.layers.linear import (
+    TensorParallelColumnLinear,
+    TensorParallelEmbedding,
+    TensorParallelHead,
+    TensorParallelRowLinear,
+)
+from lorax_server.layers.lora import MultiAdapterLinear
+from lorax_server.layers.moe import dispatch, expert_backend, route
+from lorax_server.layers.moe.experts import run_per_expert
+from lorax_server.layers.rmsnorm import RMSNorm
+from lorax_server.layers.rotary import RotaryEmbedding, apply_rotary
+from lorax_server.utils.attention.common import Seqlen
+from lorax_server.utils.dist import all_reduce
+from lorax_server.utils.weights import CheckpointError
+
+# LoRA target names, relative to a decoder layer (LoRAX's adapter target map imports these).
+ATTN_Q_PROJ = "self_attn.q_proj"
+ATTN_K_PROJ = "self_attn.k_proj"
+ATTN_V_PROJ = "self_attn.v_proj"
+ATTN_O_PROJ = "self_attn.o_proj"
+LM_HEAD = "lm_head"
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class MixtralConfig:
+    """The fields of a Mixtral `config.json`, in its original form (`rope_theta`, `rope_scaling`) or
+    transformers 5's (`rope_parameters`, `head_dim`). Unlike upstream, an absent `sliding_window` means
+    no window (not 4096)."""
+
+    model_type = "mixtral"
+
+    def __init__(self, vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=None, hidden_act="silu",
+                 max_position_embeddings=4096 * 32, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 sliding_window=None, num_experts_per_tok=2, num_local_experts=8, rope_theta=1e6,
+                 rope_scaling=None, rope_parameters=None, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                 **unused):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.tie_word_embeddings = tie_word_embeddings
+        self.sliding_window = sliding_window
+        self.num_experts_per_tok = num_experts_per_tok
+        self.num_local_experts = num_local_experts
+        self.rope_parameters = self.normalise_rope(rope_parameters, rope_scaling, rope_theta)
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
+        self.validate()
+
+    @staticmethod
+    def normalise_rope(rope_parameters, rope_scaling, rope_theta) -> dict:
+        """One dict with `rope_type`, `rope_theta` and the scaling keys, whichever form the file used."""
+        params = dict(rope_parameters or rope_scaling or {})
+        params["rope_type"] = params.get("rope_type", params.pop("type", "default"))
+        params.setdefault("rope_theta", rope_theta)
+        return params
+
+    def validate(self) -> None:
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be a positive number of tokens or null, got {self.sliding_window}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be between 1 and "
+                             f"num_local_experts {self.num_local_experts}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act '{self.hidden_act}' is not supported; supported: {sorted(ACTIVATIONS)}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MixtralConfig":
+        model_type = values.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"model_type '{model_type}' is not '{cls.model_type}'")
+        return cls(**values)
+
+    @classmethod
+    def from_pretrained(cls, model_dir) -> "MixtralConfig":
+        return cls.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+
+
+def check_divisible(what: str, size: int, world_size: int) -> None:
+    if size % world_size:
+        raise CheckpointError(f"{what} {size} is not divisible by the world size {world_size}")
+
+
+@dataclass(frozen=True)
+class BatchMetadata:
+    """What every layer needs to know about this forward pass, packed once by the model."""
+
+    cos: torch.Tensor  # [T, D/2]
+    sin: torch.Tensor  # [T, D/2]
+    cu_seqlen_prefill: Optional[torch.Tensor]  # [B+1] in prefill, None in decode
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    slots: torch.Tensor  # [T or written tokens] int64 cache slot per token, -1 = do not write
+    seqlen: Seqlen
+    max_s: int
+    prefill_cache_indices: Optional[torch.Tensor]  # tokens whose K/V go to the cache (sliding window)
+    adapter_data: object  # AdapterBatchData or None
+    prefill_without_prefix: bool  # prefill in which no sequence has cached tokens: attend to fresh K/V
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mixture of experts
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_router(prefix: str, config: MixtralConfig, weights) -> nn.Parameter:
+    """The router is replicated on every rank so all ranks route every token identically."""
+    shape = (config.num_local_experts, config.hidden_size)
+    return nn.Parameter(weights.get_tensor(f"{prefix}.gate.weight", shape=shape), requires_grad=False)
+
+
+def load_expert_w13(prefix: str, config: MixtralConfig, weights) -> torch.Tensor:
+    """[E, 2F, H]: each expert's gate (w1) rows then up (w3) rows, sharded along the ffn."""
+    shapes = [(config.intermediate_size, config.hidden_size)] * 2
+    return torch.stack([
+        weights.get_multi_weights_col([f"{prefix}.experts.{e}.w1", f"{prefix}.experts.{e}.w3"], shapes=shapes)
+        for e in range(config.num_local_experts)
+    ])
+
+
+def load_expert_w2(prefix: str, config: MixtralConfig, weights) -> torch.Tensor:
+    """[E, H, F]: each expert's down projection, sharded along the ffn (its input)."""
+    shape = (config.hidden_size, config.intermediate_size)
+    return torch.stack([
+        weights.get_multi_weights_row(f"{prefix}.experts.{e}.w2", shape=shape) for e in range(config.num_local_experts)
+    ])
+
+
+class BlockSparseMoE(nn.Module):
+    """Dropless MoE over stacked expert weights; the expert computation backend is chosen once."""
+
+    def __init__(self, prefix: str, config: MixtralConfig, weights):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_local_experts
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.process_group = weights.process_group
+        self.gate = load_router(prefix, config, weights)
+        self.w13 = nn.Parameter(load_expert_w13(prefix, config, weights), requires_grad=False)
+        self.w2 = nn.Parameter(load_expert_w2(prefix, config, weights), requires_grad=False)
+        self.experts = expert_backend(config.hidden_size, self.w2.shape[2], self.w2.dtype, self.w2.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = dispatch(route(F.linear(x, self.gate), self.top_k), self.num_experts)
+        return all_reduce(self.experts(x, self.w13, self.w2, d, self.act), self.process_group)
+
+
+class DenseExpert(nn.Module):
+    """One expert as its own linears (the form quantized weights take)."""
+
+    def __init__(self, prefix: str, config: MixtralConfig, weights):
+        super().__init__()
+        shapes = [(config.intermediate_size, config.hidden_size)] * 2
+        self.w13 = TensorParallelColumnLinear.load_multi(weights, [f"{prefix}.w1", f"{prefix}.w3"], shapes)
+        self.w2 = TensorParallelRowLinear.load(weights, f"{prefix}.w2", (config.hidden_size, config.intermediate_size))
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(self.act(gate) * up, reduce=False)
+
+
+class DenseMoE(nn.Module):
+    """MoE over per-expert modules; same routing, computes only the experts each token chose."""
+
+    def __init__(self, prefix: str, config: MixtralConfig, weights):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.process_group = weights.process_group
+        self.gate = load_router(prefix, config, weights)
+        self.experts = nn.ModuleList(
+            DenseExpert(f"{prefix}.experts.{e}", config, weights) for e in range(config.num_local_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = dispatch(route(F.linear(x, self.gate), self.top_k), len(self.experts))
+        out = run_per_expert(x, d, lambda e, tokens: self.experts[e](tokens))
+        return all_reduce(out, self.process_group)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------
+
+
+class MixtralAttention(nn.Module):
+    """Grouped-query attention with rotary embeddings, over the paged cache, with LoRA on q/k/v/o."""
+
+    def __init__(self, prefix: str, config: MixtralConfig, weights, layer_id: int):
+        super().__init__()
+        world = weights.process_group.size()
+        check_divisible("num_attention_heads", config.num_attention_heads, world)
+        check_divisible("num_key_value_heads", config.num_key_value_heads, world)
+        self.num_heads = config.num_attention_heads // world
+        self.num_kv_heads = config.num_key_value_heads // world
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.window = config.sliding_window
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        hidden, d = config.hidden_size, config.head_dim
+        qkv = TensorParallelColumnLinear.load_multi(
+            weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"],
+            shapes=[(config.num_attention_heads * d, hidden)] + [(config.num_key_value_heads * d, hidden)] * 2,
+        )
+        self.query_key_value = MultiAdapterLinear(qkv, layer_id, [ATTN_Q_PROJ, ATTN_K_PROJ, ATTN_V_PROJ], self.split)
+        o_proj = TensorParallelRowLinear.load(weights, f"{prefix}.o_proj", (hidden, config.num_attention_heads * d))
+        self.o_proj = MultiAdapterLinear(o_proj, layer_id, [ATTN_O_PROJ], [hidden], row_parallel=True)
+        self.ops = attention_ops(o_proj.weight.device)
+
+    def forward(self, x: torch.Tensor, batch: BatchMetadata, kv_cache: Tuple[torch.Tensor, torch.Tensor]):
+        q, k, v = self.query_key_value(x, batch.adapter_data).split(self.split, dim=-1)
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), batch.cos, batch.sin)  # [T, nh, D]
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), batch.cos, batch.sin)  # [T, nkv, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        self.write_cache(k, v, kv_cache, batch)
+        if batch.prefill_without_prefix:
+            out = self.ops.prefill(q, k, v, batch.cu_seqlen_prefill, batch.max_s, self.scale, self.window)
+        else:
+            out = self.ops.paged(q, *kv_cache, batch.block_tables, batch.seqlen, self.scale, self.window)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim), batch.adapter_data)
+
+    def write_cache(self, k, v, kv_cache, batch: BatchMetadata) -> None:
+        if batch.prefill_cache_indices is not None:
+            # With a sliding window only the last W tokens of a prompt are cached (upstream's contract).
+            k, v = k[batch.prefill_cache_indices], v[batch.prefill_cache_indices]
+        self.ops.write_kv(k, v, *kv_cache, batch.slots)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoder layer, model, causal LM
+# ---------------------------------------------------------------------------------------------------
+
+
+class MixtralLayer(nn.Module):
+    def __init__(self, prefix: str, layer_id: int, config: MixtralConfig, weights, moe_cls=BlockSparseMoE):
+        super().__init__()
+        prefix = f"{prefix}.layers.{layer_id}"
+        self.self_attn = MixtralAttention(f"{prefix}.self_attn", config, weights, layer_id)
+        self.moe = moe_cls(f"{prefix}.block_sparse_moe", config, weights)
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm.load(weights, f"{prefix}.input_layernorm.weight", h, eps)
+        self.post_attention_layernorm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm.weight", h, eps)
+
+    def forward(self, x, residual, batch: BatchMetadata, kv_cache):
+        """x is the previous layer's output, residual the stream before it; returns the same pair."""
+        normed, residual = self.input_layernorm(x, residual)
+        attn = self.self_attn(normed, batch, kv_cache)
+        normed, residual = self.post_attention_layernorm(attn, residual)
+        return self.moe(normed), residual
+
+
+class MixtralModel(nn.Module):
+    def __init__(self, prefix: str, config: MixtralConfig, weights, moe_cls=BlockSparseMoE):
+        super().__init__()
+        check_divisible("intermediate_size of the experts", config.intermediate_size, weights.process_group.size())
+        self.embed_tokens = TensorParallelEmbedding(
+            weights, f"{prefix}.embed_tokens.weight", config.vocab_size, config.hidden_size
+        )
+        self.layers = nn.ModuleList(
+            MixtralLayer(prefix, i, config, weights, moe_cls) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm.load(weights, f"{prefix}.norm.weight", config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
+        self.rotary.to(self.norm.weight.device)
+
+    def forward(self, input_ids, position_ids, kv_cache: List[Tuple[torch.Tensor, torch.Tensor]],
+                batch_fields: dict) -> torch.Tensor:
+        """Returns the final normed hidden states [T, H]."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        batch = make_batch_metadata(cos, sin, **batch_fields)
+        residual = None
+        for layer, layer_cache in zip(self.layers, kv_cache):
+            x, residual = layer(x, residual, batch, layer_cache)
+        return self.norm(x, residual)[0]
+
+
+def make_batch_metadata(cos, sin, cu_seqlen_prefill, block_tables, slots, seqlen: Seqlen, max_s,
+                        prefill_cache_indices, adapter_data) -> BatchMetadata:
+    no_prefix = cu_seqlen_prefill is not None and not bool(seqlen.cache_lengths.any())
+    return BatchMetadata(cos, sin, cu_seqlen_prefill, block_tables, slots, seqlen, max_s,
+                         prefill_cache_indices, adapter_data, no_prefix)
+
+
+class FlashMixtralForCausalLM(nn.Module):
+    """The LoRAX entry point: `forward(...) -> (logits, speculative_logits)` with LoRAX's keywords."""
+
+    def __init__(self, prefix: str, config: MixtralConfig, weights, moe_cls=BlockSparseMoE):
+        super().__init__()
+        self.config = config
+        base = f"{prefix}.model" if prefix else "model"
+        self.model = MixtralModel(base, config, weights, moe_cls)
+        head_name = f"{base}.embed_tokens.weight" if config.tie_word_embeddings else \
+            (f"{prefix}.lm_head.weight" if prefix else "lm_head.weight")
+        self.lm_head = TensorParallelHead(weights, head_name, config.vocab_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlen_prefill: Optional[torch.Tensor],
+                kv_cache: List[Tuple[torch.Tensor, torch.Tensor]], block_tables: torch.Tensor, slots: torch.Tensor,
+                seqlen: Seqlen, max_s: int, adapter_data=None, prefill_cache_indices: Optional[torch.Tensor] = None,
+                lm_head_indices: Optional[torch.Tensor] = None, skip_lm_head: bool = False):
+        """input_ids, position_ids [T]; cu_seqlen_prefill [B+1] or None in decode; see DESIGN.md section 3.
+
+        Returns (logits [T or len(lm_head_indices), vocab], None); with skip_lm_head, the final hidden
+        states in place of the logits. Speculative heads are not supported, hence None.
+        """
+        fields = dict(cu_seqlen_prefill=cu_seqlen_prefill, block_tables=block_tables, slots=slots, seqlen=seqlen,
+                      max_s=max_s, prefill_cache_indices=prefill_cache_indices, adapter_data=adapter_data)
+        hidden = self.model(input_ids, position_ids, kv_cache, fields)
+        if lm_head_indices is not None:
+            hidden = hidden[lm_head_indices]
+            adapter_data = adapter_data.select(lm_head_indices) if adapter_data is not None else None
+        if skip_lm_head:
+            return hidden, None
+        return self.compute_logits(hidden, adapter_data), None
+
+    def compute_logits(self, hidden: torch.Tensor, adapter_data=None) -> torch.Tensor:
+        logits = self.lm_head(hidden, gather=adapter_data is None)
+        if adapter_data is None:
+            return logits
+        adapter_data.add_lora(logits, hidden, -1, LM_HEAD, row_parallel=False)
+        return self.lm_head.gather(logits)

@@ -1,0 +1,107 @@
+"""The paged KV cache and the packing of sequences into one forward pass.
+
+A sequence owns a list of cache blocks; its token at position p lives in slot
+`blocks[p // block_size] * block_size + p % block_size`. A forward pass packs every sequence's new
+tokens back to back (cu_seqlens) and tells the model where to write them (slots) and where each
+sequence's earlier tokens are (block tables).
+"""
+
+import random
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from lorax_server.utils.attention.common import Seqlen
+
+
+class CacheFull(RuntimeError):
+    """Not enough free blocks for a request: the request is refused, nothing else is touched."""
+
+
+class PagedKVCache:
+    """One (key, value) pair per layer, each [num_blocks, block_size, kv_heads, head_dim], and a free list."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device, shuffle_seed: Optional[int] = None):
+        if block_size <= 0:
+            raise ValueError(f"block_size must be a positive number of tokens, got {block_size}")
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(num_layers)]
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.free_blocks = list(range(num_blocks))
+        if shuffle_seed is not None:
+            # Tests hand out blocks in a scrambled order so no kernel can rely on contiguity.
+            random.Random(shuffle_seed).shuffle(self.free_blocks)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, num_blocks: int) -> List[int]:
+        if num_blocks > len(self.free_blocks):
+            raise CacheFull(f"needs {num_blocks} cache blocks, {len(self.free_blocks)} free of {self.num_blocks}")
+        taken, self.free_blocks = self.free_blocks[:num_blocks], self.free_blocks[num_blocks:]
+        return taken
+
+    def free(self, blocks: Sequence[int]) -> None:
+        self.free_blocks.extend(blocks)
+
+
+@dataclass
+class PagedSequence:
+    """A sequence's tokens, how many of them are already in the cache, and the blocks it owns."""
+
+    tokens: List[int]
+    adapter_index: int = 0
+    cached: int = 0
+    blocks: List[int] = field(default_factory=list)
+
+    def reserve(self, cache: PagedKVCache, total_tokens: int) -> None:
+        """Grows the block list so that `total_tokens` fit."""
+        missing = cache.blocks_for(total_tokens) - len(self.blocks)
+        if missing > 0:
+            self.blocks.extend(cache.allocate(missing))
+
+
+def pack_forward(seqs: Sequence[PagedSequence], new_counts: Sequence[int], cache: PagedKVCache, prefill: bool,
+                 device, all_logits: bool = False) -> dict:
+    """Model keywords for running `new_counts[i]` uncached tokens of each sequence (blocks reserved here).
+
+    Returns input_ids, position_ids, cu_seqlen_prefill, kv_cache, block_tables, slots, seqlen, max_s and
+    lm_head_indices (the last new token of each sequence, unless `all_logits`); plus `token_adapters`.
+    """
+    ids, positions, slots, adapters = [], [], [], []
+    for seq, count in zip(seqs, new_counts):
+        seq.reserve(cache, seq.cached + count)
+        span = range(seq.cached, seq.cached + count)
+        ids += seq.tokens[seq.cached:seq.cached + count]
+        positions += list(span)
+        slots += [seq.blocks[p // cache.block_size] * cache.block_size + p % cache.block_size for p in span]
+        adapters += [seq.adapter_index] * count
+    max_blocks = max(len(s.blocks) for s in seqs)
+    tables = [s.blocks + [0] * (max_blocks - len(s.blocks)) for s in seqs]
+    input_lengths = torch.tensor(new_counts, dtype=torch.int32, device=device)
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=device)
+    cu[1:] = input_lengths.cumsum(0)
+    seqlen = Seqlen(input_lengths, torch.tensor([s.cached for s in seqs], dtype=torch.int32, device=device), cu)
+    return dict(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        position_ids=torch.tensor(positions, dtype=torch.int64, device=device),
+        cu_seqlen_prefill=cu if prefill else None,
+        kv_cache=cache.layers,
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        slots=torch.tensor(slots, dtype=torch.int64, device=device),
+        seqlen=seqlen,
+        max_s=seqlen.max_k,
+        lm_head_indices=None if all_logits else (cu[1:] - 1).long(),
+        token_adapters=torch.tensor(adapters, dtype=torch.int64, device=device),
+    )
+
+
+def mark_cached(seqs: Sequence[PagedSequence], new_counts: Sequence[int]) -> None:
+    for seq, count in zip(seqs, new_counts):
+        seq.cached += count

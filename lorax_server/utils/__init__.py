@@ -1,0 +1,1 @@
+"""Weight loading, process groups and per-batch attention metadata."""

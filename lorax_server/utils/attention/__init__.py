@@ -1,0 +1,1 @@
+"""Per-batch attention metadata (upstream import path)."""

@@ -1,0 +1,63 @@
+"""Process groups for tensor parallelism.
+
+Layers only ever ask a group for `rank()` and `size()` and hand it to torch.distributed collectives
+when `size() > 1`, so one process can run with `FakeGroup(0, 1)` and tests can build the shard of any
+rank with `FakeGroup(rank, size)` without starting a process group.
+"""
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class FakeGroup:
+    """A stand-in for a ProcessGroup of one process (or of one rank, for building shards in tests)."""
+
+    _rank: int
+    _size: int
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def initialize_torch_distributed(timeout_s: int = 600):
+    """Returns (process_group, rank, world_size) from the RANK / WORLD_SIZE environment of torchrun.
+
+    gloo on CPU, NCCL on CUDA (each rank takes the GPU of its LOCAL_RANK). One process gets a
+    FakeGroup and starts no backend at all.
+    """
+    rank = int(os.getenv("RANK", "0"))
+    world_size = int(os.getenv("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return FakeGroup(rank, world_size), rank, world_size
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.getenv("LOCAL_RANK", str(rank))) % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    return dist.group.WORLD, rank, world_size
+
+
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """Sums `x` over the ranks of `group` in place (a no-op for one rank)."""
+    if group.size() > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenates every rank's `x` along its last dimension (each rank's shard has the same shape)."""
+    if group.size() == 1:
+        return x
+    shards = [torch.empty_like(x) for _ in range(group.size())]
+    dist.all_gather(shards, x.contiguous(), group=group)
+    return torch.cat(shards, dim=-1)

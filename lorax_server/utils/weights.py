@@ -1,0 +1,146 @@
+"""Prefix-addressed, tensor-parallel reads from safetensors checkpoints.
+
+Modules load themselves: each constructor asks `Weights` for the tensors under its prefix, and the
+sharding happens at read time, so a rank never materialises more than its slice of a weight.
+"""
+
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: a missing tensor, a wrong shape, an unshardable size."""
+
+
+def weight_files(model_dir) -> List[Path]:
+    """The safetensors files of a checkpoint directory, from `model.safetensors.index.json` when present."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} names files that do not exist: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {model_dir}")
+    return files
+
+
+def shard_range(size: int, rank: int, world_size: int, what: str) -> slice:
+    """The slice of an even split of `size` rows that `rank` owns; refuses sizes that do not divide."""
+    if size % world_size != 0:
+        raise CheckpointError(f"{what}: size {size} is not divisible by the world size {world_size}")
+    block = size // world_size
+    return slice(rank * block, (rank + 1) * block)
+
+
+class Weights:
+    """Reads tensors by name from one or many safetensors files, cast to `dtype`, on `device`.
+
+    `process_group` is anything with `rank()` and `size()`; `aliases` maps a name to other names the
+    same tensor may have in some checkpoints (e.g. tied embeddings).
+    """
+
+    def __init__(self, filenames: Iterable, device, dtype: torch.dtype, process_group,
+                 aliases: Optional[Dict[str, Sequence[str]]] = None):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.process_group = process_group
+        self.aliases = dict(aliases or {})
+        self._handles = {}
+        self.routing: Dict[str, Path] = {}
+        for filename in filenames:
+            filename = Path(filename)
+            with safe_open(str(filename), framework="pt") as f:
+                for name in f.keys():
+                    if name in self.routing:
+                        raise CheckpointError(f"tensor {name} is stored twice: {self.routing[name]} and {filename}")
+                    self.routing[name] = filename
+
+    # -- lookup -------------------------------------------------------------------------------------
+
+    def has_tensor(self, name: str) -> bool:
+        return self._resolve(name) is not None
+
+    def _resolve(self, name: str) -> Optional[str]:
+        for candidate in (name, *self.aliases.get(name, ())):
+            if candidate in self.routing:
+                return candidate
+        return None
+
+    def _handle(self, name: str):
+        resolved = self._resolve(name)
+        if resolved is None:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
+        filename = self.routing[resolved]
+        if filename not in self._handles:
+            self._handles[filename] = safe_open(str(filename), framework="pt")
+        return self._handles[filename], resolved
+
+    def get_shape(self, name: str) -> List[int]:
+        handle, resolved = self._handle(name)
+        return list(handle.get_slice(resolved).get_shape())
+
+    def get_slice(self, name: str):
+        handle, resolved = self._handle(name)
+        return handle.get_slice(resolved)
+
+    def _check_shape(self, name: str, expected: Optional[Sequence[int]]) -> List[int]:
+        found = self.get_shape(name)
+        if expected is not None and list(expected) != found:
+            raise CheckpointError(f"tensor {name}: expected shape {list(expected)}, found {found}")
+        return found
+
+    def _finish(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        return tensor.to(self.device)
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    def get_tensor(self, name: str, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """The whole tensor (replicated on every rank); `shape` is the full shape it must have."""
+        self._check_shape(name, shape)
+        handle, resolved = self._handle(name)
+        return self._finish(handle.get_tensor(resolved))
+
+    def get_sharded(self, name: str, dim: int, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """This rank's even slice of `name` along `dim`; `shape` is the full (unsharded) shape."""
+        full = self._check_shape(name, shape)
+        group = self.process_group
+        rows = shard_range(full[dim], group.rank(), group.size(), f"tensor {name} dim {dim}")
+        index = [slice(None)] * len(full)
+        index[dim] = rows
+        return self._finish(self.get_slice(name)[tuple(index)])
+
+    def get_rows(self, name: str, rows: slice, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Rows `rows` of `name` (an uneven split, e.g. of a vocabulary); `shape` is the full shape."""
+        self._check_shape(name, shape)
+        return self._finish(self.get_slice(name)[rows])
+
+    def get_multi_weights_col(self, prefixes: Sequence[str], quantize: Optional[str] = None, dim: int = 0,
+                              shapes: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+        """Column-parallel weights of several layers fused along `dim` (e.g. q, k, v into qkv)."""
+        refuse_quantization(quantize)
+        shapes = shapes or [None] * len(prefixes)
+        return torch.cat([self.get_sharded(f"{p}.weight", dim, s) for p, s in zip(prefixes, shapes)], dim=dim)
+
+    def get_multi_weights_row(self, prefix: str, quantize: Optional[str] = None,
+                              shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """A row-parallel weight: this rank's slice of the input dimension."""
+        refuse_quantization(quantize)
+        return self.get_sharded(f"{prefix}.weight", 1, shape)
+
+
+def refuse_quantization(quantize: Optional[str]) -> None:
+    if quantize is not None:
+        raise CheckpointError(f"quantization '{quantize}' is not supported by this server")
