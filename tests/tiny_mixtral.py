@@ -12,7 +12,7 @@ from lorax_server.utils.dist import FakeGroup
 from lorax_server.utils.weights import Weights, weight_files
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+            num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 

@@ -1,0 +1,53 @@
+"""get_model(): the registry of model types this server can load, keyed by `config.model_type`."""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lorax_server.utils.dist import FakeGroup, initialize_torch_distributed
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _flash_mixtral():
+    from lorax_server.models.flash_mixtral import FlashMixtral
+
+    return FlashMixtral
+
+
+MODEL_TYPES = {"mixtral": _flash_mixtral}
+
+
+def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
+    """None picks bfloat16 on a GPU and float32 on a CPU; "float32" means float32 (upstream mapped it to fp16)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not supported; supported: {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = None, sharded: bool = False,
+              quantize: Optional[str] = None, compile: bool = False, dtype: Optional[str] = None,
+              trust_remote_code: bool = False, num_blocks: Optional[int] = None, **unused):
+    """Loads the model in local directory `model_id` (no hub is reachable from a serving machine)."""
+    model_dir = Path(model_id)
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist: model_id must be a local checkpoint directory")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type '{model_type}' is not supported; supported: {sorted(MODEL_TYPES)}")
+    if quantize is not None:
+        raise ValueError(f"quantization '{quantize}' is not supported by this server")
+    if compile:
+        raise ValueError("compile=True is not supported yet")
+    if sharded:
+        process_group, rank, _ = initialize_torch_distributed()
+    else:
+        process_group, rank = FakeGroup(0, 1), 0
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    kwargs = {"num_blocks": num_blocks} if num_blocks else {}
+    return MODEL_TYPES[model_type]()(model_dir, resolve_dtype(dtype, device), device, process_group, **kwargs)

@@ -144,3 +144,28 @@ class Weights:
 def refuse_quantization(quantize: Optional[str]) -> None:
     if quantize is not None:
         raise CheckpointError(f"quantization '{quantize}' is not supported by this server")
+
+
+class MetaWeights(Weights):
+    """Weights with no checkpoint: every read returns an empty tensor of the expected shape on the meta
+    device. Building a model over it checks a config's shapes (and sizes memory) without any data."""
+
+    def __init__(self, process_group, dtype: torch.dtype = torch.bfloat16):
+        super().__init__([], "meta", dtype, process_group)
+        self.expected: Dict[str, List[int]] = {}
+
+    def has_tensor(self, name: str) -> bool:
+        return False
+
+    def _check_shape(self, name: str, expected: Optional[Sequence[int]]) -> List[int]:
+        if expected is None:
+            raise CheckpointError(f"tensor {name}: MetaWeights needs the expected shape")
+        self.expected[name] = list(expected)
+        return list(expected)
+
+    def get_slice(self, name: str) -> torch.Tensor:
+        return torch.empty(self.expected[name], dtype=self.dtype, device="meta")
+
+    def get_tensor(self, name: str, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        self._check_shape(name, shape)
+        return self.get_slice(name)

@@ -1,0 +1,32 @@
+# `make test` and `make run` work on a fresh machine: each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that lies on disk on these machines; installed first so that the package's
+# torch range is already satisfied and pip does not pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: test run bench test-gpu clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+run: $(STAMP)
+	$(BIN)/lorax-server generate --max-new-tokens 40 --prompt "The for statement"
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.moe_layer
+
+clean:
+	rm -rf $(VENV) build *.egg-info
