@@ -52,8 +52,8 @@ def paged_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: Sequenc
     Blocks come from a shuffled free list, so sequences own scattered, non-contiguous blocks.
     """
     config = model.config
-    cache = PagedKVCache(config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads,
-                         config.head_dim, torch.float32, "cpu", shuffle_seed=seed)
+    cache = PagedKVCache(config.num_hidden_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
+                         torch.float32, "cpu", shuffle_seed=seed)
     seqs = [PagedSequence(list(tokens)) for tokens in sequences]
     outputs = [[] for _ in seqs]
     step = list(prompt_lens)

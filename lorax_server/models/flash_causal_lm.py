@@ -31,8 +31,7 @@ class FlashCausalLM:
         self.dtype = dtype
         self.device = torch.device(device)
         config = model.config
-        kv_heads = config.num_key_value_heads // model.lm_head.process_group.size()
-        self.cache = PagedKVCache(config.num_hidden_layers, num_blocks, block_size, kv_heads, config.head_dim,
+        self.cache = PagedKVCache(config.num_hidden_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
                                   dtype, device)
         self.eos_token_id = config.eos_token_id
 

@@ -328,6 +328,9 @@ class FlashMixtralForCausalLM(nn.Module):
         head_name = f"{base}.embed_tokens.weight" if config.tie_word_embeddings else \
             (f"{prefix}.lm_head.weight" if prefix else "lm_head.weight")
         self.lm_head = TensorParallelHead(weights, head_name, config.vocab_size, config.hidden_size)
+        # What a KV cache for this rank holds per token: [kv heads on this rank, head_dim].
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads if self.model.layers else 0
+        self.head_dim = config.head_dim
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlen_prefill: Optional[torch.Tensor],
                 kv_cache: List[Tuple[torch.Tensor, torch.Tensor]], block_tables: torch.Tensor, slots: torch.Tensor,
