@@ -1,0 +1,1 @@
+"""Embedded assets (the tiny default Mixtral model) shipped with lorax_server."""
