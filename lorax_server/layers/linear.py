@@ -32,20 +32,25 @@ class TensorParallelColumnLinear(nn.Module):
 
 
 class TensorParallelRowLinear(nn.Module):
-    """y = sum over ranks of x_shard @ W_shard.T: the all-reduce happens here, once."""
+    """y = sum over ranks of x_shard @ W_shard.T: the all-reduce happens here, once.
 
-    def __init__(self, weight: torch.Tensor, process_group):
+    With `reduce=False` the layer returns this rank's partial sum and its owner reduces (the MoE block
+    sums all experts' partials in one all-reduce; a LoRA hook adds its partial delta first).
+    """
+
+    def __init__(self, weight: torch.Tensor, process_group, reduce: bool = True):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.process_group = process_group
+        self.reduce = reduce
 
     @classmethod
-    def load(cls, weights: Weights, prefix: str, shape: Sequence[int]):
-        return cls(weights.get_multi_weights_row(prefix, shape=shape), weights.process_group)
+    def load(cls, weights: Weights, prefix: str, shape: Sequence[int], reduce: bool = True):
+        return cls(weights.get_multi_weights_row(prefix, shape=shape), weights.process_group, reduce)
 
-    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        return all_reduce(y, self.process_group) if reduce else y
+        return all_reduce(y, self.process_group) if self.reduce else y
 
 
 def vocab_shard(vocab_size: int, group) -> slice:

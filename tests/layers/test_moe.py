@@ -7,7 +7,7 @@ import transformers
 
 from lorax_server.layers.backends import BackendUnavailable
 from lorax_server.layers.moe import dispatch, expert_backend, route
-from lorax_server.layers.moe.experts import experts_grouped_mm, experts_reference, self_check
+from lorax_server.layers.moe.experts import linear_grouped_mm, linear_per_expert, moe_experts, self_check
 
 T, E, H, FF = 50, 6, 32, 48
 
@@ -51,8 +51,8 @@ def test_backends_match_the_token_loop(top_k, skew):
     routing = route(logits, top_k)
     want = loop_oracle(x, w13, w2, routing.weights, routing.experts)
     d = dispatch(routing, E)
-    for backend in (experts_reference, experts_grouped_mm):
-        torch.testing.assert_close(backend(x, w13, w2, d, F.silu), want, rtol=1e-5, atol=1e-5)
+    for linear in (linear_per_expert, linear_grouped_mm):
+        torch.testing.assert_close(moe_experts(x, w13, w2, d, F.silu, linear), want, rtol=1e-5, atol=1e-5)
 
 
 def test_experts_with_no_tokens_and_an_empty_batch():
@@ -60,23 +60,25 @@ def test_experts_with_no_tokens_and_an_empty_batch():
     routing = route(torch.full((T, E), -1e4).index_fill_(1, torch.tensor([3]), 0.0), 1)
     d = dispatch(routing, E)
     assert d.counts.tolist() == [0, 0, 0, T, 0, 0]
-    torch.testing.assert_close(experts_grouped_mm(x, w13, w2, d, F.silu), experts_reference(x, w13, w2, d, F.silu))
+    torch.testing.assert_close(moe_experts(x, w13, w2, d, F.silu, linear_grouped_mm),
+                               moe_experts(x, w13, w2, d, F.silu, linear_per_expert))
     empty = dispatch(route(torch.zeros(0, E), 2), E)
-    assert experts_grouped_mm(x[:0], w13, w2, empty, F.silu).shape == (0, H)
+    for linear in (linear_per_expert, linear_grouped_mm):
+        assert moe_experts(x[:0], w13, w2, empty, F.silu, linear).shape == (0, H)
 
 
 def test_self_check_accepts_a_correct_backend_and_rejects_a_wrong_one():
-    assert self_check(experts_grouped_mm, torch.device("cpu"), torch.float32) is None
-    wrong = lambda x, w13, w2, d, act: 2 * experts_reference(x, w13, w2, d, act)  # noqa: E731
+    assert self_check(linear_grouped_mm, torch.device("cpu"), torch.float32) is None
+    wrong = lambda x, w, d: 2 * linear_per_expert(x, w, d)  # noqa: E731
     assert "relative error" in self_check(wrong, torch.device("cpu"), torch.float32)
 
 
 def test_backend_choice_and_override(monkeypatch):
     cpu = torch.device("cpu")
-    assert expert_backend(H, FF, torch.float32, cpu) is experts_grouped_mm
-    assert expert_backend(H, 3, torch.float32, cpu) is experts_reference  # unaligned: grouped_mm unavailable
+    assert expert_backend(H, FF, torch.float32, cpu) is linear_grouped_mm
+    assert expert_backend(H, 3, torch.float32, cpu) is linear_per_expert  # unaligned: grouped_mm unavailable
     monkeypatch.setenv("LORAX_MOE_BACKEND", "reference")
-    assert expert_backend(H, FF, torch.float32, cpu) is experts_reference
+    assert expert_backend(H, FF, torch.float32, cpu) is linear_per_expert
     monkeypatch.setenv("LORAX_MOE_BACKEND", "megablocks")
     with pytest.raises(BackendUnavailable, match="megablocks is not available on cpu: megablocks needs CUDA"):
         expert_backend(H, FF, torch.float32, cpu)

@@ -38,8 +38,8 @@ def test_real_config_builds_with_right_shapes(values, params_billions, world_siz
     layer = model.model.layers[0]
     h, f, e, ws = config.hidden_size, config.intermediate_size, config.num_local_experts, world_size
     assert len(model.model.layers) == config.num_hidden_layers
-    assert layer.moe.w13.shape == (e, 2 * f // ws, h)
-    assert layer.moe.w2.shape == (e, h, f // ws)
+    assert layer.moe.expert_w13.shape == (e, 2 * f // ws, h)
+    assert layer.moe.expert_w2.shape == (e, h, f // ws)
     assert layer.moe.gate.shape == (e, h)
     assert layer.self_attn.query_key_value.base.weight.shape == ((32 if h == 4096 else 48) * 128 // ws + 2 * 8 * 128 // ws, h)
     assert layer.self_attn.o_proj.base.weight.shape == (h, config.num_attention_heads * 128 // ws)

@@ -1,8 +1,11 @@
-"""Expert computation backends: y = sum_k weight_k * W2_e (act(W1_e x) * W3_e x) over each token's experts.
+"""Expert computation: y = sum_k weight_k * W2_e (act(W1_e x) * W3_e x) over each token's chosen experts.
 
-Every backend is dropless and takes the same inputs: x [T, H], the expert weights w13 [E, 2F, H] (gate
-rows then up rows) and w2 [E, H, F], and a `Dispatch`. It returns this rank's partial sum [T, H]; the
-MoE block does the one all-reduce. Only the experts a token chose are computed.
+The maths is written once (`moe_experts`) over the expert-sorted assignments of a `Dispatch`; a backend
+only supplies the grouped linear `y[run of e] = x[run of e] @ w[e].T` for every expert's run of rows.
+Expert weights are w13 [E, 2F, H] (gate rows, then up rows) and w2 [E, H, F]. Everything is dropless,
+and only the experts a token chose are computed. The output is this rank's partial sum [T, H]; the MoE
+block does the one all-reduce. Expert LoRA deltas (when a batch has them) are added to the two grouped
+linears' outputs in the same sorted order.
 """
 
 from typing import Callable, Optional
@@ -12,36 +15,43 @@ import torch.nn.functional as F
 
 from lorax_server.layers.moe.routing import Dispatch
 
+# (x_sorted [N, in], w [E, out, in] or per-expert modules, dispatch) -> [N, out]
+GroupedLinear = Callable[[torch.Tensor, object, Dispatch], torch.Tensor]
 
-def run_per_expert(x: torch.Tensor, d: Dispatch, expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The reference: one call of `expert(e, tokens)` for each expert that received tokens."""
-    out = torch.zeros_like(x)
+
+def moe_experts(x: torch.Tensor, w13, w2, d: Dispatch, act: Callable, linear: GroupedLinear,
+                lora=None) -> torch.Tensor:
+    """x [T, H] -> this rank's partial MoE output [T, H]; `lora` adds expert-LoRA deltas (or is None)."""
+    xs = x[d.token_index]  # [T*K, H], grouped by expert
+    h13 = linear(xs, w13, d)  # [T*K, 2F]
+    if lora is not None:
+        lora.add(h13, xs, "w13")
+    gate, up = h13.chunk(2, dim=-1)
+    h = act(gate) * up  # [T*K, F]
+    y = linear(h, w2, d)  # [T*K, H]
+    if lora is not None:
+        lora.add(y, h, "w2")
+    y = y * d.weights.unsqueeze(1).to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, d.token_index, y.to(x.dtype))
+
+
+def linear_per_expert(x: torch.Tensor, w, d: Dispatch) -> torch.Tensor:
+    """The reference: one matmul per expert that received rows. `w` is a stacked weight [E, out, in]
+    or a sequence of per-expert linear modules (DenseMoE)."""
+    stacked = isinstance(w, torch.Tensor)
+    out = x.new_zeros(x.shape[0], w.shape[1] if stacked else w[0].weight.shape[0])
     start = 0
-    for e, end in enumerate(d.counts.cumsum(0).tolist()):
+    for e, end in enumerate(d.offsets.tolist()):
         if end > start:
-            tokens = d.token_index[start:end]
-            y = expert(e, x[tokens]) * d.weights[start:end, None]
-            out.index_add_(0, tokens, y.to(x.dtype))
+            rows = x[start:end]
+            out[start:end] = F.linear(rows, w[e]) if stacked else w[e](rows)
         start = end
     return out
 
 
-def gated_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act: Callable) -> torch.Tensor:
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(act(gate) * up, w2)
-
-
-def experts_reference(x, w13, w2, d: Dispatch, act) -> torch.Tensor:
-    return run_per_expert(x, d, lambda e, tokens: gated_mlp(tokens, w13[e], w2[e], act))
-
-
-def experts_grouped_mm(x, w13, w2, d: Dispatch, act) -> torch.Tensor:
-    """Two grouped GEMMs over the expert-sorted tokens; no host synchronisation."""
-    sorted_x = x[d.token_index]  # [T*K, H]
-    gate, up = F.grouped_mm(sorted_x, w13.transpose(1, 2), offs=d.offsets).chunk(2, dim=-1)
-    y = F.grouped_mm(act(gate) * up, w2.transpose(1, 2), offs=d.offsets)  # [T*K, H]
-    y = y * d.weights.unsqueeze(1).to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, d.token_index, y)
+def linear_grouped_mm(x: torch.Tensor, w: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """One grouped GEMM for all experts; no host synchronisation."""
+    return F.grouped_mm(x, w.transpose(1, 2), offs=d.offsets)
 
 
 def grouped_mm_unavailable(hidden: int, ffn: int, dtype: torch.dtype) -> Optional[str]:
@@ -55,7 +65,7 @@ def grouped_mm_unavailable(hidden: int, ffn: int, dtype: torch.dtype) -> Optiona
 
 
 def megablocks_gmm():
-    """megablocks' grouped GEMM (its dropless-MoE 'grouped' mode), or the reason it cannot be used."""
+    """megablocks' grouped GEMM (its dropless-MoE 'grouped' mode) and None, or None and the reason."""
     try:
         from megablocks import grouped_gemm_util as gg
     except Exception as error:  # any failure to import or compile makes it unavailable, never fatal
@@ -65,20 +75,15 @@ def megablocks_gmm():
     return gg.ops.gmm, None
 
 
-def experts_megablocks(x, w13, w2, d: Dispatch, act) -> torch.Tensor:
+def linear_megablocks(x: torch.Tensor, w: torch.Tensor, d: Dispatch) -> torch.Tensor:
     gmm, reason = megablocks_gmm()
     if gmm is None:
         raise RuntimeError(reason)
-    batch_sizes = d.counts.cpu()  # megablocks takes per-expert sizes on the host
-    sorted_x = x[d.token_index]
-    gate, up = gmm(sorted_x, w13, batch_sizes, trans_b=True).chunk(2, dim=-1)
-    y = gmm((act(gate) * up).contiguous(), w2, batch_sizes, trans_b=True)
-    y = y * d.weights.unsqueeze(1).to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, d.token_index, y)
+    return gmm(x.contiguous(), w, d.counts.cpu(), trans_b=True)  # megablocks takes sizes on the host
 
 
-def self_check(experts: Callable, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """Runs a backend on a small random problem against the reference; returns why it failed, or None."""
+def self_check(linear: GroupedLinear, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Runs a backend on a small random MoE against the reference; returns why it failed, or None."""
     from lorax_server.layers.moe.routing import dispatch, route
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -86,12 +91,11 @@ def self_check(experts: Callable, device: torch.device, dtype: torch.dtype) -> O
     x = torch.randn(T, H, generator=g).to(device, dtype)
     w13 = (torch.randn(E, 2 * Fn, H, generator=g) / H**0.5).to(device, dtype)
     w2 = (torch.randn(E, H, Fn, generator=g) / Fn**0.5).to(device, dtype)
-    routing = route(torch.randn(T, E, generator=g).to(device), 2)
-    d = dispatch(routing, E)
+    d = dispatch(route(torch.randn(T, E, generator=g).to(device), 2), E)
     try:
-        got = experts(x, w13, w2, d, F.silu).float()
+        got = moe_experts(x, w13, w2, d, F.silu, linear).float()
     except Exception as error:
         return f"self-check raised {error!r}"
-    want = experts_reference(x.float(), w13.float(), w2.float(), d, F.silu)
+    want = moe_experts(x.float(), w13.float(), w2.float(), d, F.silu, linear_per_expert)
     err = ((got - want).norm() / want.norm()).item()
     return None if err < 2e-2 else f"self-check relative error {err:.3g}"

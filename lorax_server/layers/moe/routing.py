@@ -26,6 +26,7 @@ class Dispatch:
     """The T*K (token, expert) assignments sorted by expert, so each expert's tokens are contiguous."""
 
     token_index: torch.Tensor  # [T*K] token of each sorted assignment
+    expert_ids: torch.Tensor  # [T*K] expert of each sorted assignment (non-decreasing)
     weights: torch.Tensor  # [T*K] fp32 routing weight of each sorted assignment
     counts: torch.Tensor  # [E] assignments per expert
     offsets: torch.Tensor  # [E] int32 end offset of each expert's run (grouped GEMM's `offs`)
@@ -37,6 +38,7 @@ def dispatch(routing: Routing, num_experts: int) -> Dispatch:
     counts = torch.bincount(flat_experts, minlength=num_experts)
     return Dispatch(
         token_index=order // routing.experts.shape[1],
+        expert_ids=flat_experts[order],
         weights=routing.weights.flatten()[order],
         counts=counts,
         offsets=counts.cumsum(0).to(torch.int32),

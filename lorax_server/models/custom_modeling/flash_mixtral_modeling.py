@@ -25,8 +25,7 @@ from lorax_server.layers.linear import (
     TensorParallelRowLinear,
 )
 from lorax_server.layers.lora import MultiAdapterLinear
-from lorax_server.layers.moe import dispatch, expert_backend, route
-from lorax_server.layers.moe.experts import run_per_expert
+from lorax_server.layers.moe import dispatch, expert_backend, linear_per_expert, moe_experts, route
 from lorax_server.layers.rmsnorm import RMSNorm
 from lorax_server.layers.rotary import RotaryEmbedding, apply_rotary
 from lorax_server.utils.attention.common import Seqlen
@@ -39,6 +38,10 @@ ATTN_K_PROJ = "self_attn.k_proj"
 ATTN_V_PROJ = "self_attn.v_proj"
 ATTN_O_PROJ = "self_attn.o_proj"
 LM_HEAD = "lm_head"
+ROUTER = "block_sparse_moe.gate"
+LM_HEAD_LAYER_ID = -1  # lm_head is not in a decoder layer
+EXPERTS_W13 = "block_sparse_moe.experts.w13"  # every expert's w1 and w3, fused
+EXPERTS_W2 = "block_sparse_moe.experts.w2"
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -160,23 +163,40 @@ def load_expert_w2(prefix: str, config: MixtralConfig, weights) -> torch.Tensor:
     ])
 
 
-class BlockSparseMoE(nn.Module):
-    """Dropless MoE over stacked expert weights; the expert computation backend is chosen once."""
+class MoEBlock(nn.Module):
+    """Routing, (optional) router and expert LoRA, the experts, and the block's one all-reduce.
 
-    def __init__(self, prefix: str, config: MixtralConfig, weights):
+    Subclasses say how the experts are stored: `expert_w13`, `expert_w2` and the grouped `linear`.
+    """
+
+    def __init__(self, prefix: str, config: MixtralConfig, weights, layer_id: int):
         super().__init__()
+        self.layer_id = layer_id
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_local_experts
         self.act = ACTIVATIONS[config.hidden_act]
         self.process_group = weights.process_group
         self.gate = load_router(prefix, config, weights)
-        self.w13 = nn.Parameter(load_expert_w13(prefix, config, weights), requires_grad=False)
-        self.w2 = nn.Parameter(load_expert_w2(prefix, config, weights), requires_grad=False)
-        self.experts = expert_backend(config.hidden_size, self.w2.shape[2], self.w2.dtype, self.w2.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = dispatch(route(F.linear(x, self.gate), self.top_k), self.num_experts)
-        return all_reduce(self.experts(x, self.w13, self.w2, d, self.act), self.process_group)
+    def forward(self, x: torch.Tensor, adapter_data=None) -> torch.Tensor:
+        router_logits = F.linear(x, self.gate)  # [T, E]
+        if adapter_data is not None:
+            adapter_data.add_lora(router_logits, x, self.layer_id, ROUTER)
+        d = dispatch(route(router_logits, self.top_k), self.num_experts)
+        lora = adapter_data.expert_lora(self.layer_id, d) if adapter_data is not None else None
+        out = moe_experts(x, self.expert_w13, self.expert_w2, d, self.act, self.linear, lora)
+        return all_reduce(out, self.process_group)
+
+
+class BlockSparseMoE(MoEBlock):
+    """Dropless MoE over stacked expert weights; the grouped-linear backend is chosen once."""
+
+    def __init__(self, prefix: str, config: MixtralConfig, weights, layer_id: int = 0):
+        super().__init__(prefix, config, weights, layer_id)
+        self.expert_w13 = nn.Parameter(load_expert_w13(prefix, config, weights), requires_grad=False)
+        self.expert_w2 = nn.Parameter(load_expert_w2(prefix, config, weights), requires_grad=False)
+        w2 = self.expert_w2
+        self.linear = expert_backend(config.hidden_size, w2.shape[2], w2.dtype, w2.device)
 
 
 class DenseExpert(nn.Module):
@@ -186,30 +206,28 @@ class DenseExpert(nn.Module):
         super().__init__()
         shapes = [(config.intermediate_size, config.hidden_size)] * 2
         self.w13 = TensorParallelColumnLinear.load_multi(weights, [f"{prefix}.w1", f"{prefix}.w3"], shapes)
-        self.w2 = TensorParallelRowLinear.load(weights, f"{prefix}.w2", (config.hidden_size, config.intermediate_size))
-        self.act = ACTIVATIONS[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(self.act(gate) * up, reduce=False)
+        # No all-reduce per expert: the MoE block reduces the sum of all experts once.
+        shape = (config.hidden_size, config.intermediate_size)
+        self.w2 = TensorParallelRowLinear.load(weights, f"{prefix}.w2", shape, reduce=False)
 
 
-class DenseMoE(nn.Module):
-    """MoE over per-expert modules; same routing, computes only the experts each token chose."""
+class DenseMoE(MoEBlock):
+    """MoE over per-expert modules; same routing and maths, computes only the experts each token chose."""
 
-    def __init__(self, prefix: str, config: MixtralConfig, weights):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.process_group = weights.process_group
-        self.gate = load_router(prefix, config, weights)
+    def __init__(self, prefix: str, config: MixtralConfig, weights, layer_id: int = 0):
+        super().__init__(prefix, config, weights, layer_id)
         self.experts = nn.ModuleList(
             DenseExpert(f"{prefix}.experts.{e}", config, weights) for e in range(config.num_local_experts)
         )
+        self.linear = linear_per_expert
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = dispatch(route(F.linear(x, self.gate), self.top_k), len(self.experts))
-        out = run_per_expert(x, d, lambda e, tokens: self.experts[e](tokens))
-        return all_reduce(out, self.process_group)
+    @property
+    def expert_w13(self):
+        return [expert.w13 for expert in self.experts]
+
+    @property
+    def expert_w2(self):
+        return [expert.w2 for expert in self.experts]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,8 +256,9 @@ class MixtralAttention(nn.Module):
             shapes=[(config.num_attention_heads * d, hidden)] + [(config.num_key_value_heads * d, hidden)] * 2,
         )
         self.query_key_value = MultiAdapterLinear(qkv, layer_id, [ATTN_Q_PROJ, ATTN_K_PROJ, ATTN_V_PROJ], self.split)
-        o_proj = TensorParallelRowLinear.load(weights, f"{prefix}.o_proj", (hidden, config.num_attention_heads * d))
-        self.o_proj = MultiAdapterLinear(o_proj, layer_id, [ATTN_O_PROJ], [hidden], row_parallel=True)
+        o_proj = TensorParallelRowLinear.load(weights, f"{prefix}.o_proj", (hidden, config.num_attention_heads * d),
+                                              reduce=False)
+        self.o_proj = MultiAdapterLinear(o_proj, layer_id, [ATTN_O_PROJ], [hidden], reduce_group=weights.process_group)
         self.ops = attention_ops(o_proj.weight.device)
 
     def forward(self, x: torch.Tensor, batch: BatchMetadata, kv_cache: Tuple[torch.Tensor, torch.Tensor]):
@@ -271,7 +290,7 @@ class MixtralLayer(nn.Module):
         super().__init__()
         prefix = f"{prefix}.layers.{layer_id}"
         self.self_attn = MixtralAttention(f"{prefix}.self_attn", config, weights, layer_id)
-        self.moe = moe_cls(f"{prefix}.block_sparse_moe", config, weights)
+        self.moe = moe_cls(f"{prefix}.block_sparse_moe", config, weights, layer_id)
         h, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm.load(weights, f"{prefix}.input_layernorm.weight", h, eps)
         self.post_attention_layernorm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm.weight", h, eps)
@@ -281,7 +300,7 @@ class MixtralLayer(nn.Module):
         normed, residual = self.input_layernorm(x, residual)
         attn = self.self_attn(normed, batch, kv_cache)
         normed, residual = self.post_attention_layernorm(attn, residual)
-        return self.moe(normed), residual
+        return self.moe(normed, batch.adapter_data), residual
 
 
 class MixtralModel(nn.Module):
@@ -355,5 +374,5 @@ class FlashMixtralForCausalLM(nn.Module):
         logits = self.lm_head(hidden, gather=adapter_data is None)
         if adapter_data is None:
             return logits
-        adapter_data.add_lora(logits, hidden, -1, LM_HEAD, row_parallel=False)
+        adapter_data.add_lora(logits, hidden, LM_HEAD_LAYER_ID, LM_HEAD)
         return self.lm_head.gather(logits)
