@@ -46,15 +46,17 @@ def reference_logits(hf_model, tokens: Sequence[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def paged_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], block_size: int = 16,
-                 num_blocks: int = 64, seed: int = 0) -> List[torch.Tensor]:
+                 num_blocks: int = 64, seed: int = 0, adapters=None, adapter_indices=None) -> List[torch.Tensor]:
     """Our logits for every position: one ragged prefill of the prompts, then teacher-forced decode steps.
 
-    Blocks come from a shuffled free list, so sequences own scattered, non-contiguous blocks.
+    Blocks come from a shuffled free list, so sequences own scattered, non-contiguous blocks. With an
+    AdapterStore, sequence i uses adapter `adapter_indices[i]`.
     """
     config = model.config
     cache = PagedKVCache(config.num_hidden_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
                          torch.float32, "cpu", shuffle_seed=seed)
-    seqs = [PagedSequence(list(tokens)) for tokens in sequences]
+    adapter_indices = adapter_indices or [0] * len(sequences)
+    seqs = [PagedSequence(list(tokens), adapter) for tokens, adapter in zip(sequences, adapter_indices)]
     outputs = [[] for _ in seqs]
     step = list(prompt_lens)
     prefill = True
@@ -64,8 +66,9 @@ def paged_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: Sequenc
             return [torch.cat(o) for o in outputs]
         counts = [step[i] if prefill else 1 for i in active]
         inputs = pack_forward([seqs[i] for i in active], counts, cache, prefill, "cpu", all_logits=True)
-        inputs.pop("token_adapters")
-        logits, _ = model(**inputs)
+        token_adapters = inputs.pop("token_adapters")
+        adapter_data = adapters.batch_data(token_adapters) if adapters is not None else None
+        logits, _ = model(**inputs, adapter_data=adapter_data)
         for i, piece in zip(active, logits.split(counts)):
             outputs[i].append(piece)
         mark_cached([seqs[i] for i in active], counts)

@@ -5,10 +5,11 @@ sequence. Finished sequences give their blocks back at once.
 """
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
+from lorax_server.adapters.store import AdapterStore
 from lorax_server.models.paged_cache import PagedKVCache, PagedSequence, mark_cached, pack_forward
 from lorax_server.utils.tokens import SamplingParams, next_tokens
 
@@ -34,6 +35,7 @@ class FlashCausalLM:
         self.cache = PagedKVCache(config.num_hidden_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
                                   dtype, device)
         self.eos_token_id = config.eos_token_id
+        self.adapters = AdapterStore(config, model.lm_head.process_group, dtype, device)
 
     def encode(self, text: str) -> List[int]:
         ids = self.tokenizer(text)["input_ids"]
@@ -42,8 +44,12 @@ class FlashCausalLM:
         return ids
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, params: SamplingParams = SamplingParams()):
-        seqs = [PagedSequence(self.encode(p)) for p in prompts]
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                 adapter_indices: Optional[Sequence[int]] = None):
+        """Generates for every prompt in one batch; `adapter_indices[i]` picks prompt i's adapter (0 = base)."""
+        adapter_indices = list(adapter_indices or [0] * len(prompts))
+        self.adapters.check_loaded(adapter_indices)
+        seqs = [PagedSequence(self.encode(p), adapter) for p, adapter in zip(prompts, adapter_indices)]
         prompt_lens = [len(s.tokens) for s in seqs]
         generator = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
         done = [None] * len(seqs)
@@ -55,8 +61,8 @@ class FlashCausalLM:
                     break
                 batch = [seqs[i] for i in active]
                 inputs = pack_forward(batch, counts, self.cache, prefill, self.device)
-                inputs.pop("token_adapters")
-                logits, _ = self.model(**inputs)
+                adapter_data = self.adapters.batch_data(inputs.pop("token_adapters"))
+                logits, _ = self.model(**inputs, adapter_data=adapter_data)
                 mark_cached(batch, counts)
                 for i, token in zip(active, next_tokens(logits, params, generator).tolist()):
                     seqs[i].tokens.append(token)
