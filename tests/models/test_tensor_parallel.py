@@ -1,4 +1,5 @@
-"""Tensor parallelism: two processes under gloo give the logits of one (relative error <= 1e-5)."""
+"""Tensor parallelism: two processes under gloo give the logits of one (relative error <= 1e-5),
+for both MoE classes, and with a batch mixing the base model and adapters on every target."""
 
 import os
 import socket
@@ -10,10 +11,12 @@ import torch.multiprocessing as mp
 
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import DenseMoE
 from lorax_server.utils.dist import initialize_torch_distributed
+from tests.adapters.peft_adapters import ATTENTION_AND_HEAD, make_peft_adapter, store_for, write_per_expert_adapter
 from tests.tiny_mixtral import load_ours, paged_logits, relative_error, save_tiny_mixtral
 
 SEQUENCES = [list(range(3, 20)), list(range(50, 58)), list(range(20, 43))]
 PROMPT_LENS = [11, 3, 17]
+ADAPTER_INDICES = [1, 0, 2]
 
 
 def free_port() -> int:
@@ -22,26 +25,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_rank(rank, world_size, port, directory, moe, out_file):
+def logits_of(directory, moe, with_adapters, group=None):
+    model = load_ours(directory / "base", group=group, **({"moe_cls": DenseMoE} if moe == "dense" else {}))
+    if not with_adapters:
+        return paged_logits(model, SEQUENCES, PROMPT_LENS, block_size=4)
+    store = store_for(model, group)
+    store.load(1, directory / "a1")
+    store.load(2, directory / "a2")
+    return paged_logits(model, SEQUENCES, PROMPT_LENS, block_size=4, adapters=store, adapter_indices=ADAPTER_INDICES)
+
+
+def run_rank(rank, world_size, port, directory, moe, with_adapters):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     group, _, _ = initialize_torch_distributed()
-    kwargs = {"moe_cls": DenseMoE} if moe == "dense" else {}
-    logits = paged_logits(load_ours(directory, group=group, **kwargs), SEQUENCES, PROMPT_LENS, block_size=4)
-    if rank == 0:
-        torch.save(logits, out_file)
+    logits = logits_of(directory, moe, with_adapters, group)
+    torch.save(logits, directory / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("moe", ["sparse", "dense"])
-def test_two_ranks_match_one(tmp_path, moe):
+@pytest.mark.parametrize("moe, with_adapters", [("sparse", False), ("dense", False), ("sparse", True)])
+def test_two_ranks_match_one(tmp_path, moe, with_adapters):
     # vocab 97 does not split evenly: the last rank's vocabulary block is padded.
-    save_tiny_mixtral(tmp_path, vocab_size=97, sliding_window=9)
-    kwargs = {"moe_cls": DenseMoE} if moe == "dense" else {}
-    single = paged_logits(load_ours(tmp_path, **kwargs), SEQUENCES, PROMPT_LENS, block_size=4)
-    out_file = tmp_path / "tp_logits.pt"
-    mp.start_processes(run_rank, args=(2, free_port(), tmp_path, moe, out_file), nprocs=2, start_method="spawn")
-    for got, want in zip(torch.load(out_file), single):
-        assert relative_error(got, want) <= 1e-5
-        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    hf = save_tiny_mixtral(tmp_path / "base", vocab_size=97, sliding_window=9)
+    if with_adapters:
+        make_peft_adapter(hf, tmp_path / "a1", seed=1, target_modules=ATTENTION_AND_HEAD + ["gate", "w1", "w2", "w3"])
+        write_per_expert_adapter(hf, tmp_path / "a2", seed=2)
+    single = logits_of(tmp_path, moe, with_adapters)
+    mp.start_processes(run_rank, args=(2, free_port(), tmp_path, moe, with_adapters), nprocs=2, start_method="spawn")
+    for rank in range(2):  # every rank ends with the same, complete logits
+        for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), single):
+            assert relative_error(got, want) <= 1e-5
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
