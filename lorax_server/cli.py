@@ -23,7 +23,7 @@ def generate(
     model_dir: Path = typer.Argument(DEFAULT_MODEL_DIR, help="Local checkpoint directory (default: the embedded tiny Mixtral)."),
     prompt: List[str] = typer.Option(..., "--prompt", help="Prompt text; repeat for a batch."),
     max_new_tokens: int = typer.Option(32, min=1),
-    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    temperature: float = typer.Option(0.0, help="0 is greedy; any other value samples."),
     top_p: float = typer.Option(1.0),
     seed: Optional[int] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)."),
@@ -32,15 +32,15 @@ def generate(
     from lorax_server.models import get_model
     from lorax_server.utils.tokens import SamplingParams
 
-    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    params = SamplingParams(temperature=temperature or 1.0, top_p=top_p, seed=seed)
     start = time.perf_counter()
     model = get_model(str(model_dir), dtype=dtype)
     loaded = time.perf_counter()
     results = model.generate(prompt, max_new_tokens, params)
     elapsed = time.perf_counter() - loaded
-    for result in results:
-        typer.echo(f"{result.prompt}\033[1m{result.text}\033[0m  [{result.finish_reason}]")
-    tokens = sum(len(r.token_ids) for r in results)
+    for text, result in zip(prompt, results):
+        typer.echo(f"{text}\033[1m{result.text}\033[0m  [{result.finish_reason}]")
+    tokens = sum(len(r.generated_ids) for r in results)
     typer.echo(f"loaded in {loaded - start:.2f}s; {tokens} tokens in {elapsed:.2f}s ({tokens / elapsed:.1f} tokens/s)")
 
 

@@ -21,7 +21,7 @@ def test_greedy_generation_equals_transformers():
     for prompt, result in zip(PROMPTS, results):
         ids = ours.tokenizer(prompt, return_tensors="pt")["input_ids"]
         want = hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
-        assert result.token_ids == want[:len(result.token_ids)]
+        assert result.generated_ids == want[:len(result.generated_ids)]
     assert len(ours.cache.free_blocks) == ours.cache.num_blocks  # every block came back
 
 
@@ -30,7 +30,7 @@ def test_sampling_is_reproducible_with_a_seed():
     params = SamplingParams(temperature=0.9, top_p=0.9, seed=7)
     first = ours.generate(PROMPTS[:2], 10, params)
     again = ours.generate(PROMPTS[:2], 10, params)
-    assert [r.token_ids for r in first] == [r.token_ids for r in again]
+    assert [r.generated_ids for r in first] == [r.generated_ids for r in again]
 
 
 def test_generate_command_prints_text():

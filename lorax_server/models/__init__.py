@@ -31,7 +31,8 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
 
 def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = None, sharded: bool = False,
               quantize: Optional[str] = None, compile: bool = False, dtype: Optional[str] = None,
-              trust_remote_code: bool = False, num_blocks: Optional[int] = None, **unused):
+              trust_remote_code: bool = False, kv_cache_bytes: Optional[int] = None, block_size: int = 16,
+              **unused):
     """Loads the model in local directory `model_id` (no hub is reachable from a serving machine)."""
     model_dir = Path(model_id)
     config_file = model_dir / "config.json"
@@ -49,5 +50,5 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
     else:
         process_group, rank = FakeGroup(0, 1), 0
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
-    kwargs = {"num_blocks": num_blocks} if num_blocks else {}
-    return MODEL_TYPES[model_type]()(model_dir, resolve_dtype(dtype, device), device, process_group, **kwargs)
+    return MODEL_TYPES[model_type]()(model_dir, resolve_dtype(dtype, device), device, process_group,
+                                     kv_cache_bytes=kv_cache_bytes, block_size=block_size)

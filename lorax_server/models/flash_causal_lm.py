@@ -1,27 +1,90 @@
-"""The engine: a model, its tokenizer and its paged cache, generating for a batch of prompts.
+"""The engine: continuous batching of requests over the paged KV cache, as LoRAX's shard service drives it.
 
-Prefill packs every prompt into one forward pass; each decode step then feeds one token per unfinished
-sequence. Finished sequences give their blocks back at once.
+A batch is a list of live requests. `prefill` turns a protobuf Batch into requests, runs every prompt in
+one packed forward pass and chooses each request's first token; `decode` runs one token for every
+request of one or more cached batches (concatenated); finished requests leave their batch and give their
+blocks back at once; `filter` keeps only the requests the router still wants. One step runs at a time
+(the server holds a lock).
+
+Each request reserves the blocks for its prompt and all its new tokens when it is admitted, so a decode
+step never runs out of cache mid-generation: a request that could not fit is refused up front.
 """
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+import itertools
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from lorax_server.adapters.store import AdapterStore
-from lorax_server.models.paged_cache import PagedKVCache, PagedSequence, mark_cached, pack_forward
-from lorax_server.utils.tokens import SamplingParams, next_tokens
+from lorax_server.models.paged_cache import CacheFull, PagedKVCache, PagedSequence, mark_cached, pack_forward
+from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, StoppingCriteria, prompt_logprobs
 
 DEFAULT_BLOCK_SIZE = 16
 
 
+class RequestError(ValueError):
+    """A request the engine refuses (bad input); nothing it touched is kept."""
+
+
+class BatchNotFound(KeyError):
+    def __str__(self):
+        return self.args[0]
+
+
 @dataclass
-class Generation:
-    prompt: str
+class TokenChoice:
+    id: int
+    logprob: float
     text: str
-    token_ids: List[int]
-    finish_reason: str  # "length" or "eos"
+    is_special: bool
+    alternatives: List[Tuple[int, float, str]] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    """What one request produced in one step (maps onto generate.v1.Generation)."""
+
+    request_id: int
+    token: TokenChoice
+    prompt_tokens: Optional[List[TokenChoice]] = None  # with prefill_logprobs, on the first step
+    prompt_length: int = 0
+    finish_reason: Optional[str] = None  # "length", "eos" or "stop_sequence" once finished
+    text: str = ""  # the whole generated text, once finished
+    generated_ids: List[int] = field(default_factory=list)  # once finished
+    seed: Optional[int] = None
+
+
+@dataclass
+class Request:
+    id: int
+    seq: PagedSequence
+    prompt_length: int
+    chooser: NextTokenChooser
+    stopping: StoppingCriteria
+    max_new_tokens: int
+    prefill_logprobs: bool = False
+    prefix_offset: int = 0  # incremental detokenization window
+    read_offset: int = 0
+    finish_reason: Optional[str] = None
+
+    @property
+    def generated(self) -> List[int]:
+        return self.seq.tokens[self.prompt_length:]
+
+
+@dataclass
+class Batch:
+    id: int
+    requests: List[Request]
+
+    @property
+    def max_tokens(self) -> int:
+        return sum(r.prompt_length + r.max_new_tokens for r in self.requests)
+
+    @property
+    def current_tokens(self) -> int:
+        return sum(len(r.seq.tokens) for r in self.requests)
 
 
 class FlashCausalLM:
@@ -31,56 +94,205 @@ class FlashCausalLM:
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.device = torch.device(device)
-        config = model.config
-        self.cache = PagedKVCache(config.num_hidden_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
-                                  dtype, device)
-        self.eos_token_id = config.eos_token_id
-        self.adapters = AdapterStore(config, model.lm_head.process_group, dtype, device)
+        self.config = model.config
+        self.cache = PagedKVCache(self.config.num_hidden_layers, num_blocks, block_size, model.num_kv_heads,
+                                  model.head_dim, dtype, device)
+        eos = self.config.eos_token_id
+        self.eos_token_ids = eos if isinstance(eos, list) else [eos]
+        self.adapters = AdapterStore(self.config, model.lm_head.process_group, dtype, device)
+        self.batches: Dict[int, Batch] = {}
+        self.batch_ids = itertools.count(1 << 32)  # ids of batches made here (the router numbers its own below)
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", []))
 
-    def encode(self, text: str) -> List[int]:
-        ids = self.tokenizer(text)["input_ids"]
+    # -- admission -----------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, token_ids: Sequence[int], truncate: int) -> List[int]:
+        ids = list(token_ids) if token_ids else self.tokenizer(text)["input_ids"] if text else []
         if not ids:
-            raise ValueError("the prompt is empty after tokenization")
+            raise RequestError("the request has no input: both inputs and tokenized_inputs are empty")
+        if truncate:
+            if truncate > len(ids):
+                raise RequestError(f"truncate {truncate} is longer than the input ({len(ids)} tokens)")
+            ids = ids[-truncate:]
+        vocab = self.config.vocab_size
+        if max(ids) >= vocab:
+            raise RequestError(f"token id {max(ids)} is outside the vocabulary of {vocab}")
         return ids
 
+    def new_request(self, request_id: int, ids: List[int], params: SamplingParams, max_new_tokens: int,
+                    stop_sequences=(), ignore_eos=False, adapter_index=0, prefill_logprobs=False) -> Request:
+        limit = self.config.max_position_embeddings
+        if len(ids) + max_new_tokens > limit:
+            raise RequestError(f"{len(ids)} input tokens + {max_new_tokens} new tokens exceed the model's "
+                               f"{limit} positions")
+        stopping = StoppingCriteria(max_new_tokens, self.eos_token_ids, stop_sequences, ignore_eos)
+        return Request(request_id, PagedSequence(ids, adapter_index), len(ids), NextTokenChooser(params, self.device),
+                       stopping, max_new_tokens, prefill_logprobs, max(len(ids) - 5, 0), len(ids))
+
+    def admit(self, requests: List[Request], router_blocks: Dict[int, List[int]]) -> None:
+        """Checks adapters and reserves every request's blocks, all or nothing."""
+        self.adapters.check_loaded([r.seq.adapter_index for r in requests])
+        needed = sum(self.cache.blocks_for(r.prompt_length + r.max_new_tokens) for r in requests)
+        if needed - sum(len(b) for b in router_blocks.values()) > len(self.cache.free_blocks):
+            raise CacheFull(f"the batch needs {needed} cache blocks of {self.cache.block_size} tokens, "
+                            f"{len(self.cache.free_blocks)} are free of {self.cache.num_blocks}")
+        try:
+            for r in requests:
+                if r.id in router_blocks:
+                    r.seq.blocks = self.cache.claim(router_blocks[r.id])
+                r.seq.reserve(self.cache, r.prompt_length + r.max_new_tokens)
+        except Exception:
+            self.release(requests)
+            raise
+
+    def release(self, requests: Sequence[Request]) -> None:
+        for r in requests:
+            self.cache.free(r.seq.blocks)
+            r.seq.blocks = []
+
+    # -- steps ---------------------------------------------------------------------------------------
+
     @torch.no_grad()
+    def prefill(self, batch_id: int, requests: List[Request], router_blocks=None) -> Tuple[List[StepResult], Optional[Batch]]:
+        if batch_id in self.batches:
+            raise RequestError(f"batch {batch_id} already exists")
+        self.admit(requests, router_blocks or {})
+        try:
+            want_all = any(r.prefill_logprobs for r in requests)
+            logits = self.forward(requests, [r.prompt_length for r in requests], prefill=True, all_logits=want_all)
+        except Exception:
+            self.release(requests)
+            raise
+        if want_all:
+            per_request = list(logits.split([r.prompt_length for r in requests]))
+            results = self.choose(requests, [lg[-1] for lg in per_request], per_request)
+        else:
+            results = self.choose(requests, list(logits), None)
+        return results, self.keep(Batch(batch_id, requests))
+
+    @torch.no_grad()
+    def decode(self, batch_ids: Sequence[int]) -> Tuple[List[StepResult], Optional[Batch]]:
+        batch = self.concatenate(batch_ids)
+        logits = self.forward(batch.requests, [1] * len(batch.requests), prefill=False)
+        results = self.choose(batch.requests, list(logits), None)
+        return results, self.keep(batch)
+
+    def forward(self, requests: List[Request], counts: List[int], prefill: bool, all_logits=False) -> torch.Tensor:
+        seqs = [r.seq for r in requests]
+        inputs = pack_forward(seqs, counts, self.cache, prefill, self.device, all_logits=all_logits)
+        adapter_data = self.adapters.batch_data(inputs.pop("token_adapters"))
+        logits, _ = self.model(**inputs, adapter_data=adapter_data)
+        mark_cached(seqs, counts)
+        return logits
+
+    def choose(self, requests: List[Request], last_logits, prompt_logits) -> List[StepResult]:
+        results = []
+        for i, (r, logits) in enumerate(zip(requests, last_logits)):
+            previous = torch.tensor(r.seq.tokens, dtype=torch.int64, device=logits.device)
+            token, logprob, alternatives = r.chooser(logits, previous)
+            r.seq.tokens.append(token)
+            text = self.decode_increment(r)
+            result = StepResult(r.id, TokenChoice(token, logprob, text, token in self.special_ids,
+                                                  [(t, lp, self.token_text(t)) for t, lp in alternatives]),
+                                prompt_length=r.prompt_length)
+            if prompt_logits is not None and r.prefill_logprobs:
+                result.prompt_tokens = self.prompt_choices(r, prompt_logits[i])
+            r.finish_reason = result.finish_reason = r.stopping(token, text, len(r.generated))
+            if result.finish_reason:
+                result.text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+                result.generated_ids = list(r.generated)
+                result.seed = r.chooser.seed if r.chooser.generator is not None else None
+            results.append(result)
+        return results
+
+    def prompt_choices(self, r: Request, logits: torch.Tensor) -> List[TokenChoice]:
+        prompt = r.seq.tokens[:r.prompt_length]
+        return [TokenChoice(t, lp, self.token_text(t), t in self.special_ids)
+                for t, lp in zip(prompt, prompt_logprobs(logits, prompt))]
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def decode_increment(self, r: Request) -> str:
+        """Text the newest token adds; empty while it ends inside an unfinished multi-byte character."""
+        ids = r.seq.tokens
+        before = self.tokenizer.decode(ids[r.prefix_offset:r.read_offset], skip_special_tokens=False)
+        after = self.tokenizer.decode(ids[r.prefix_offset:], skip_special_tokens=False)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            r.prefix_offset, r.read_offset = r.read_offset, len(ids)
+            return after[len(before):]
+        return ""
+
+    # -- batch bookkeeping ---------------------------------------------------------------------------
+
+    def keep(self, batch: Batch) -> Optional[Batch]:
+        """Drops finished requests (their blocks go back now); stores the batch if anything is left."""
+        live = [r for r in batch.requests if r.finish_reason is None]
+        self.release([r for r in batch.requests if r.finish_reason is not None])
+        if not live:
+            self.batches.pop(batch.id, None)
+            return None
+        batch.requests = live
+        self.batches[batch.id] = batch
+        return batch
+
+    def concatenate(self, batch_ids: Sequence[int]) -> Batch:
+        missing = [i for i in batch_ids if i not in self.batches]
+        if missing or not batch_ids:
+            raise BatchNotFound(f"batch {missing[0] if missing else '(none given)'} is not in the cache")
+        batches = [self.batches.pop(i) for i in batch_ids]
+        merged = Batch(batches[0].id, [r for b in batches for r in b.requests])
+        self.batches[merged.id] = merged
+        return merged
+
+    def filter(self, batch_id: int, request_ids: Sequence[int]) -> Optional[Batch]:
+        if batch_id not in self.batches:
+            raise BatchNotFound(f"batch {batch_id} is not in the cache")
+        batch = self.batches[batch_id]
+        unknown = set(request_ids) - {r.id for r in batch.requests}
+        if unknown:
+            raise RequestError(f"requests {sorted(unknown)} are not in batch {batch_id}")
+        keep = set(request_ids)
+        self.release([r for r in batch.requests if r.id not in keep])
+        batch.requests = [r for r in batch.requests if r.id in keep]
+        if not batch.requests:
+            del self.batches[batch_id]
+            return None
+        return batch
+
+    def clear(self, batch_id: Optional[int] = None) -> None:
+        ids = list(self.batches) if batch_id is None else [batch_id]
+        for i in ids:
+            if i in self.batches:
+                self.release(self.batches.pop(i).requests)
+
+    def adapters_in_use(self) -> Dict[int, List[int]]:
+        used: Dict[int, List[int]] = {}
+        for batch in self.batches.values():
+            for r in batch.requests:
+                used.setdefault(r.seq.adapter_index, []).append(r.id)
+        return used
+
+    # -- one-shot generation (the `generate` command and the tests) -----------------------------------
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-                 adapter_indices: Optional[Sequence[int]] = None):
+                 adapter_indices: Optional[Sequence[int]] = None) -> List[StepResult]:
         """Generates for every prompt in one batch; `adapter_indices[i]` picks prompt i's adapter (0 = base)."""
         adapter_indices = list(adapter_indices or [0] * len(prompts))
-        self.adapters.check_loaded(adapter_indices)
-        seqs = [PagedSequence(self.encode(p), adapter) for p, adapter in zip(prompts, adapter_indices)]
-        prompt_lens = [len(s.tokens) for s in seqs]
-        generator = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
-        done = [None] * len(seqs)
-        counts, prefill = prompt_lens, True
-        try:
-            while True:
-                active = [i for i, reason in enumerate(done) if reason is None]
-                if not active:
-                    break
-                batch = [seqs[i] for i in active]
-                inputs = pack_forward(batch, counts, self.cache, prefill, self.device)
-                adapter_data = self.adapters.batch_data(inputs.pop("token_adapters"))
-                logits, _ = self.model(**inputs, adapter_data=adapter_data)
-                mark_cached(batch, counts)
-                for i, token in zip(active, next_tokens(logits, params, generator).tolist()):
-                    seqs[i].tokens.append(token)
-                    done[i] = self.finish_reason(token, len(seqs[i].tokens) - prompt_lens[i], max_new_tokens)
-                    if done[i] is not None:
-                        self.cache.free(seqs[i].blocks)
-                        seqs[i].blocks = []
-                counts = [1] * sum(r is None for r in done)
-                prefill = False
-        finally:
-            for seq in seqs:
-                self.cache.free(seq.blocks)
-                seq.blocks = []
-        return [Generation(p, self.tokenizer.decode(s.tokens[n:], skip_special_tokens=True), s.tokens[n:], r)
-                for p, s, n, r in zip(prompts, seqs, prompt_lens, done)]
+        requests = [self.new_request(i, self.tokenize(p, [], 0), params, max_new_tokens, adapter_index=a)
+                    for i, (p, a) in enumerate(zip(prompts, adapter_indices))]
+        finished = {}
+        results, batch = self.prefill(next(self.batch_ids), requests)
+        while True:
+            finished.update({r.request_id: r for r in results if r.finish_reason})
+            if batch is None:
+                return [finished[i] for i in range(len(prompts))]
+            results, batch = self.decode([batch.id])
 
-    def finish_reason(self, token: int, generated: int, max_new_tokens: int):
-        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
-        if token in eos:
-            return "eos"
-        return "length" if generated >= max_new_tokens else None
+
+def kv_cache_blocks(model, block_size: int, budget_bytes: int, dtype: torch.dtype) -> int:
+    """How many blocks of this model's KV cache fit in `budget_bytes` (at least one)."""
+    per_token = 2 * model.config.num_hidden_layers * model.num_kv_heads * model.head_dim
+    per_block = per_token * block_size * torch.empty((), dtype=dtype).element_size()
+    return max(1, budget_bytes // per_block)
+

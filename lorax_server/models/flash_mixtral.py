@@ -1,6 +1,7 @@
 """FlashMixtral: loads a Mixtral checkpoint directory into the engine, with its tokenizer and adapter targets."""
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -13,22 +14,26 @@ from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
     FlashMixtralForCausalLM,
     MixtralConfig,
 )
-from lorax_server.models.flash_causal_lm import DEFAULT_BLOCK_SIZE, FlashCausalLM
+from lorax_server.models.flash_causal_lm import DEFAULT_BLOCK_SIZE, FlashCausalLM, kv_cache_blocks
 from lorax_server.utils.weights import Weights, weight_files
 
 ADAPTER_LAYERS = [ATTN_Q_PROJ, ATTN_K_PROJ, ATTN_V_PROJ, ATTN_O_PROJ, LM_HEAD]
-DEFAULT_NUM_BLOCKS = 256
+# KV-cache budget when none is given: a fixed slice of RAM on a CPU; on a GPU, most of what the weights left free.
+CPU_KV_CACHE_BYTES = 256 << 20
+GPU_KV_CACHE_FRACTION = 0.85
 
 
 class FlashMixtral(FlashCausalLM):
     def __init__(self, model_dir: Path, dtype: torch.dtype, device, process_group,
-                 num_blocks: int = DEFAULT_NUM_BLOCKS, block_size: int = DEFAULT_BLOCK_SIZE):
+                 kv_cache_bytes: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE):
         from transformers import AutoTokenizer
 
         config = MixtralConfig.from_pretrained(model_dir)
         weights = Weights(weight_files(model_dir), device, dtype, process_group)
         model = FlashMixtralForCausalLM("", config, weights).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        budget = kv_cache_bytes or default_kv_cache_bytes(torch.device(device))
+        num_blocks = kv_cache_blocks(model, block_size, budget, dtype)
         super().__init__(model, tokenizer, dtype, device, num_blocks, block_size)
         self.model_dir = Path(model_dir)
         self.process_group = process_group
@@ -36,3 +41,10 @@ class FlashMixtral(FlashCausalLM):
     @property
     def adapter_layers(self):
         return ADAPTER_LAYERS
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_KV_CACHE_FRACTION)
+    return CPU_KV_CACHE_BYTES

@@ -19,6 +19,10 @@ class CacheFull(RuntimeError):
     """Not enough free blocks for a request: the request is refused, nothing else is touched."""
 
 
+class BlockInUse(ValueError):
+    """Blocks named by the router that this server already gave to another request."""
+
+
 class PagedKVCache:
     """One (key, value) pair per layer, each [num_blocks, block_size, kv_heads, head_dim], and a free list."""
 
@@ -46,6 +50,16 @@ class PagedKVCache:
             raise CacheFull(f"needs {num_blocks} cache blocks, {len(self.free_blocks)} free of {self.num_blocks}")
         taken, self.free_blocks = self.free_blocks[:num_blocks], self.free_blocks[num_blocks:]
         return taken
+
+    def claim(self, blocks: Sequence[int]) -> List[int]:
+        """Takes these particular blocks (allocated by the router) out of the free list."""
+        free = set(self.free_blocks)
+        taken = [b for b in blocks if b not in free]
+        if taken or len(set(blocks)) != len(blocks):
+            raise BlockInUse(f"blocks {taken or list(blocks)} are out of range, repeated or already in use")
+        claimed = set(blocks)
+        self.free_blocks = [b for b in self.free_blocks if b not in claimed]
+        return list(blocks)
 
     def free(self, blocks: Sequence[int]) -> None:
         self.free_blocks.extend(blocks)

@@ -1,38 +1,162 @@
-"""Choosing the next token from logits: greedy, or sampled with temperature and nucleus (top-p)."""
+"""Choosing the next token and deciding when to stop, one request at a time.
 
+`NextTokenChooser` follows LoRAX/TGI semantics: penalties first (repetition, frequency, presence, over
+every token of the sequence so far), then the warpers (temperature, top-k, top-p, typical-p); a request
+samples when `do_sample` is set or any warper is active, otherwise it is greedy. The log-probability
+reported for a token is taken from the final, warped distribution.
+"""
+
+import math
+import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy
+    """What `NextTokenChooserParameters` carries; 0 in a float field means "unset" as in proto3."""
+
+    temperature: float = 1.0
+    top_k: int = 0
     top_p: float = 1.0
+    typical_p: float = 1.0
+    do_sample: bool = False
     seed: Optional[int] = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    return_k_alternatives: int = 0
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if self.top_k < 0 or self.return_k_alternatives < 0:
+            raise ValueError("top_k and return_k_alternatives must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @classmethod
+    def greedy(cls) -> "SamplingParams":
+        return cls()
+
+    @property
+    def samples(self) -> bool:
+        warped = self.temperature not in (0.0, 1.0) or self.top_k > 0 or self.top_p < 1 or self.typical_p < 1
+        return self.do_sample or warped
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Masks the tokens outside the smallest set whose probability reaches top_p (the best is always kept)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= scores.shape[-1]:
+        return scores
+    threshold = scores.topk(k).values[..., -1:]
+    return scores.masked_fill(scores < threshold, NEG_INF)
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keeps the smallest set of tokens whose probability reaches top_p (the best is always kept)."""
+    if top_p >= 1:
+        return scores
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    probs = sorted_scores.softmax(-1)
     outside = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
-    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return scores.scatter(-1, order, sorted_scores.masked_fill(outside, NEG_INF))
+
+
+def typical_filter(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """Typical sampling: keep the tokens whose surprise is closest to the entropy, up to `mass`."""
+    if mass >= 1:
+        return scores
+    logp = scores.log_softmax(-1)
+    entropy = -(logp.exp() * logp).nansum(-1, keepdim=True)
+    distance = (-logp - entropy).abs()
+    sorted_distance, order = distance.sort(dim=-1)
+    probs = logp.gather(-1, order).exp()
+    outside = probs.cumsum(-1) - probs >= mass
+    return scores.scatter(-1, order, scores.gather(-1, order).masked_fill(outside, NEG_INF))
+
+
+class NextTokenChooser:
+    def __init__(self, params: SamplingParams, device="cpu"):
+        self.params = params
+        self.seed = params.seed if params.seed else random.randrange(2**63)
+        self.generator = torch.Generator(device=device).manual_seed(self.seed) if params.samples else None
+
+    def penalise(self, logits: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if previous.numel() == 0 or (p.repetition_penalty == 1 and not p.frequency_penalty and not p.presence_penalty):
+            return logits
+        counts = torch.bincount(previous, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        seen = counts > 0
+        if p.repetition_penalty != 1:
+            penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(seen, penalised, logits)
+        return logits - p.frequency_penalty * counts - p.presence_penalty * seen.to(logits.dtype)
+
+    def warp(self, scores: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if p.temperature not in (0.0, 1.0):
+            scores = scores / p.temperature
+        return typical_filter(top_p_filter(top_k_filter(scores, p.top_k), p.top_p), p.typical_p)
+
+    def __call__(self, logits: torch.Tensor, previous: torch.Tensor) -> Tuple[int, float, List[Tuple[int, float]]]:
+        """logits [vocab] of one position, previous [n] token ids so far -> (token, logprob, alternatives)."""
+        scores = self.warp(self.penalise(logits.float(), previous))
+        logprobs = scores.log_softmax(-1)
+        if self.generator is not None:
+            token = int(torch.multinomial(logprobs.exp(), 1, generator=self.generator))
+        else:
+            token = int(scores.argmax())
+        alternatives = []
+        if self.params.return_k_alternatives:
+            top = logprobs.topk(min(self.params.return_k_alternatives, logprobs.shape[-1]))
+            alternatives = list(zip(top.indices.tolist(), top.values.tolist()))
+        return token, float(logprobs[token]), alternatives
 
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits [B, vocab] -> token ids [B]."""
-    if params.temperature == 0:
+    """Batched choice for requests that share one SamplingParams (the `generate` command): [B, V] -> [B]."""
+    if not params.samples:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
-    if params.top_p < 1:
-        logits = top_p_filter(logits, params.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    chooser = NextTokenChooser(params)
+    chooser.generator = generator or chooser.generator
+    scores = chooser.warp(logits.float())
+    return torch.multinomial(scores.softmax(-1), 1, generator=chooser.generator).squeeze(1)
+
+
+class StoppingCriteria:
+    """Stops on max_new_tokens, on EOS (unless ignored) and on any stop sequence in the generated text."""
+
+    def __init__(self, max_new_tokens: int, eos_token_ids: Sequence[int], stop_sequences: Sequence[str] = (),
+                 ignore_eos: bool = False):
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_ids = set() if ignore_eos else set(eos_token_ids)
+        self.stop_sequences = [s for s in stop_sequences if s]
+        self.longest_stop = max((len(s) for s in self.stop_sequences), default=0)
+        self.text_tail = ""
+
+    def __call__(self, token: int, new_text: str, generated: int) -> Optional[str]:
+        """Returns "eos", "stop_sequence", "length" or None (keep going)."""
+        if token in self.eos_token_ids:
+            return "eos"
+        if self.stop_sequences:
+            self.text_tail = (self.text_tail + new_text)[-(self.longest_stop + 64):]
+            if any(s in self.text_tail for s in self.stop_sequences):
+                return "stop_sequence"
+        return "length" if generated >= self.max_new_tokens else None
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int]) -> List[float]:
+    """Log-probability of each prompt token given the ones before it (NaN for the first)."""
+    logp = logits.float().log_softmax(-1)
+    ids = torch.tensor(prompt[1:], dtype=torch.int64, device=logits.device)
+    return [math.nan] + logp[:-1].gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
