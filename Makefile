@@ -20,7 +20,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 run: $(STAMP)
-	$(BIN)/lorax-server generate --max-new-tokens 40 --prompt "The for statement"
+	$(BIN)/lorax-server generate --max-new-tokens 24 --prompt "The for statement" --prompt "A list is"
+	$(BIN)/lorax-server demo
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu tests

@@ -44,5 +44,35 @@ def generate(
     typer.echo(f"loaded in {loaded - start:.2f}s; {tokens} tokens in {elapsed:.2f}s ({tokens / elapsed:.1f} tokens/s)")
 
 
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="Local checkpoint directory."),
+    uds_path: str = typer.Option("/tmp/lorax-server", help="Listens on unix://UDS_PATH-RANK."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)."),
+    adapter_id: Optional[str] = typer.Option(None, help="A local PEFT adapter preloaded at index 1."),
+    preloaded_adapter_ids: List[str] = typer.Option([], help="More local adapters, preloaded at the next indices."),
+    sharded: bool = typer.Option(False, help="Tensor parallel over the torchrun ranks (gloo on CPU, NCCL on GPU)."),
+    kv_cache_mib: Optional[int] = typer.Option(None, help="KV-cache budget (default: 256 MiB on CPU, 85% of free GPU memory)."),
+    log_level: str = typer.Option("INFO"),
+):
+    """Serves LoRAX's shard protocol (generate.v1.LoraxService) until terminated."""
+    import logging
+
+    from lorax_server.server import load_and_serve
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    adapters = ([adapter_id] if adapter_id else []) + list(preloaded_adapter_ids)
+    load_and_serve(str(model_dir), uds_path, dtype, adapters, sharded,
+                   kv_cache_mib << 20 if kv_cache_mib else None)
+
+
+@app.command()
+def demo(max_new_tokens: int = typer.Option(32, min=1)):
+    """Serves the embedded model with its two embedded adapters and sends one mixed batch over gRPC."""
+    from lorax_server.demo import run_demo
+
+    run_demo(max_new_tokens)
+
+
 if __name__ == "__main__":
     app()
