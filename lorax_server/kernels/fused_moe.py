@@ -1,0 +1,149 @@
+"""Triton fused MoE: the experts of `moe_experts` in two kernels, with no host synchronisation.
+
+Oracle: `lorax_server.layers.moe.experts.moe_experts(..., linear_per_expert)`.
+
+1. `align_by_expert` (torch, on the device): the T*K assignments sorted by expert, each expert's run
+   padded to a multiple of BLOCK_M, in a buffer whose size is fixed by T, K and E alone (so the launch
+   grid never depends on the routing and the whole thing can be captured in a CUDA graph).
+2. `gate_up_kernel`: for a tile of BLOCK_M rows of one expert, both gate and up columns at once,
+   writing silu(gate) * up: h [padded rows, F].
+3. `down_kernel`: h @ w2[e].T scaled by each row's routing weight, written per assignment [T*K, H];
+   the K rows of a token are then summed (deterministic, no atomics).
+Tile shapes are chosen per token count from `MOE_TILE_CONFIGS` (measured on the device, see docs/PERF.md).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# (max tokens, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)) for the gate/up and down kernels.
+# Measured on an H100 with Mixtral-8x7B shapes (bench/moe_layer.py --tune); the first row whose bound
+# is >= the token count is used.
+MOE_TILE_CONFIGS = (
+    (8, (16, 64, 128, 4, 4), (16, 64, 128, 4, 4)),
+    (64, (16, 128, 128, 4, 4), (16, 128, 128, 4, 4)),
+    (512, (32, 128, 64, 4, 4), (32, 128, 64, 4, 4)),
+    (1 << 62, (64, 128, 64, 8, 3), (64, 128, 64, 8, 3)),
+)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    sorted_rows: torch.Tensor  # [P] assignment id (t * K + k) at each padded position, T*K for padding
+    block_expert: torch.Tensor  # [P / BLOCK_M] expert of each row block, -1 past the last real block
+    padded_rows: int  # P
+
+
+def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+    """experts [T, K] -> the assignments grouped by expert, each group padded to a multiple of block_m."""
+    flat = experts.flatten()
+    n = flat.numel()
+    padded_rows = n + num_experts * (block_m - 1)
+    padded_rows = -(-padded_rows // block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded_counts = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded_counts.cumsum(0)
+    start, padded_start = counts.cumsum(0) - counts, padded_end - padded_counts
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    position = torch.arange(n, device=flat.device) - start[sorted_experts] + padded_start[sorted_experts]
+    sorted_rows = torch.full((padded_rows,), n, dtype=torch.int64, device=flat.device).scatter_(0, position, order)
+    block_starts = torch.arange(0, padded_rows, block_m, device=flat.device)
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1)
+    return Alignment(sorted_rows, block_expert, padded_rows)
+
+
+@triton.jit
+def gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_rows_ptr, block_expert_ptr, num_assignments, top_k, hidden, ffn,
+                   stride_x, stride_we, stride_wn, stride_h,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    assignment = tl.load(sorted_rows_ptr + rows)
+    real = assignment < num_assignments
+    tokens = assignment // top_k
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < ffn
+    ks = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + tokens[:, None] * stride_x + ks[None, :]
+    w_base = w13_ptr + expert.to(tl.int64) * stride_we
+    gate_tile = w_base + cols[None, :] * stride_wn + ks[:, None]
+    up_tile = gate_tile + ffn * stride_wn
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = ks < hidden - k0
+        a = tl.load(x_tile, mask=real[:, None] & k_ok[None, :], other=0.0)
+        gate += tl.dot(a, tl.load(gate_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0))
+        up += tl.dot(a, tl.load(up_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0))
+        x_tile += BLOCK_K
+        gate_tile += BLOCK_K
+        up_tile += BLOCK_K
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit
+def down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, sorted_rows_ptr, block_expert_ptr, num_assignments, hidden, ffn,
+                stride_h, stride_we, stride_wn, stride_out,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    assignment = tl.load(sorted_rows_ptr + rows)
+    real = assignment < num_assignments
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    h_tile = h_ptr + rows[:, None] * stride_h + ks[None, :]
+    w_tile = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, ffn, BLOCK_K):
+        k_ok = ks < ffn - k0
+        a = tl.load(h_tile, mask=real[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(a, tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0))
+        h_tile += BLOCK_K
+        w_tile += BLOCK_K
+    weight = tl.load(weights_ptr + assignment, mask=real, other=0.0)
+    acc = acc * weight[:, None]
+    out = out_ptr + assignment[:, None] * stride_out + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
+
+
+def tile_config(num_tokens: int):
+    return next((gate_up, down) for bound, gate_up, down in MOE_TILE_CONFIGS if num_tokens <= bound)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weights: torch.Tensor,
+              experts: torch.Tensor, configs=None) -> torch.Tensor:
+    """x [T, H], w13 [E, 2F, H], w2 [E, H, F], routing_weights / experts [T, K] -> [T, H] (this rank's partial).
+
+    SiLU gating, as Mixtral uses; `configs` overrides the tile table (for tuning).
+    """
+    T, H = x.shape
+    E, two_f, _ = w13.shape
+    F, K = two_f // 2, experts.shape[1]
+    (bm1, bn1, bk1, w1, s1), (bm2, bn2, bk2, w2_, s2) = configs or tile_config(T)
+    assert bm1 == bm2, "both kernels walk the same padded row blocks"
+    aligned = align_by_expert(experts, E, bm1)
+    h = torch.empty(aligned.padded_rows, F, dtype=x.dtype, device=x.device)
+    blocks = aligned.padded_rows // bm1
+    gate_up_kernel[(blocks, triton.cdiv(F, bn1))](
+        x, w13, h, aligned.sorted_rows, aligned.block_expert, T * K, K, H, F,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=s1)
+    out = torch.empty(T * K, H, dtype=x.dtype, device=x.device)
+    weights = routing_weights.flatten().to(torch.float32).contiguous()
+    down_kernel[(blocks, triton.cdiv(H, bn2))](
+        h, w2, out, weights, aligned.sorted_rows, aligned.block_expert, T * K, H, F,
+        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=s2)
+    return out.view(T, K, H).sum(dim=1)

@@ -1,0 +1,110 @@
+"""Triton paged decode attention over the [blocks, block_size, kv_heads, head_dim] cache, and the KV write.
+
+Oracle: `lorax_server.layers.attention.reference.paged_attention` and `write_kv`.
+
+Decode: one query token per sequence. A program owns (sequence, KV head, split): it loads the GROUP
+query heads that share that KV head together (so each key and value is read once for all of them),
+walks its slice of the sequence's positions through the block table (any block size), and keeps an
+online softmax. The splits of a long sequence run in parallel (split-KV) and are merged after. With
+a sliding window W, only the last W positions are ever read.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+KEYS_PER_STEP = 64  # positions loaded per inner iteration
+TARGET_PROGRAMS = 528  # about four waves of 132 SMs: enough splits to keep an H100/H200 busy
+
+
+@triton.jit
+def paged_decode_kernel(q_ptr, k_cache, v_cache, tables_ptr, lens_ptr, acc_ptr, max_ptr, sum_ptr,
+                        scale, window, split_len, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,
+                        stride_tb, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
+                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b)
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    start = lo + split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+    m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+    l = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        ok = pos < end
+        block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        row = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        k = tl.load(k_cache + row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        v = tl.load(v_cache + row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l = l * alpha + tl.sum(p, 1)
+        m = m_new
+    out = b * stride_ab + split * stride_as + heads[:, None] * stride_ah + d[None, :]
+    tl.store(acc_ptr + out, acc, mask=(g < GROUP)[:, None])
+    stats = b * stride_mb + split * stride_ms + heads
+    tl.store(max_ptr + stats, m, mask=g < GROUP)
+    tl.store(sum_ptr + stats, l, mask=g < GROUP)
+
+
+def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, scale: float,
+                           window) -> torch.Tensor:
+    """q [B, H, D] (one token per sequence), seq_lens [B] keys to attend (new one included) -> [B, H, D]."""
+    B, H, D = q.shape
+    _, block_size, kv_heads, _ = key_cache.shape
+    group = H // kv_heads
+    span = min(max_len, window) if window else max_len
+    splits = max(1, min(triton.cdiv(span, KEYS_PER_STEP), TARGET_PROGRAMS // max(1, B * kv_heads)))
+    split_len = triton.cdiv(triton.cdiv(span, splits), KEYS_PER_STEP) * KEYS_PER_STEP
+    splits = triton.cdiv(span, split_len)
+    acc = torch.empty(B, splits, H, D, dtype=torch.float32, device=q.device)
+    maxima = torch.empty(B, splits, H, dtype=torch.float32, device=q.device)
+    sums = torch.empty_like(maxima)
+    paged_decode_kernel[(B, kv_heads, splits)](
+        q, key_cache, value_cache, block_tables, seq_lens, acc, maxima, sums,
+        scale, window or 0, split_len, q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), block_tables.stride(0), acc.stride(0), acc.stride(1), acc.stride(2),
+        maxima.stride(0), maxima.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=block_size,
+        BLOCK_N=KEYS_PER_STEP, num_warps=4, num_stages=2)
+    # Merge the splits: empty splits carry max -inf and weigh nothing.
+    top = maxima.max(dim=1, keepdim=True).values
+    weight = torch.exp(maxima - top)  # [B, S, H]
+    out = (acc * weight.unsqueeze(-1)).sum(1) / (sums * weight).sum(1).unsqueeze(-1)
+    return out.to(q.dtype)
+
+
+@triton.jit
+def write_kv_kernel(k_ptr, v_ptr, k_cache, v_cache, slots_ptr, stride_k, stride_v, stride_slot, WIDTH: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t)
+    if slot < 0:
+        return
+    cols = tl.arange(0, BLOCK)
+    ok = cols < WIDTH
+    target = slot.to(tl.int64) * stride_slot + cols
+    tl.store(k_cache + target, tl.load(k_ptr + t * stride_k + cols, mask=ok), mask=ok)
+    tl.store(v_cache + target, tl.load(v_ptr + t * stride_v + cols, mask=ok), mask=ok)
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """key/value [T, KVH, D] -> cache slots (slot -1 skipped), with no host synchronisation."""
+    T, kv_heads, D = key.shape
+    key, value = key.reshape(T, -1), value.reshape(T, -1)
+    if T == 0:
+        return
+    write_kv_kernel[(T,)](key, value, key_cache, value_cache, slots, key.stride(0), value.stride(0),
+                          key_cache.stride(1), WIDTH=kv_heads * D, BLOCK=triton.next_power_of_2(kv_heads * D))
