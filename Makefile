@@ -24,10 +24,12 @@ run: $(STAMP)
 	$(BIN)/lorax-server demo
 
 test-gpu: $(STAMP)
-	$(BIN)/python -m pytest -q -m gpu tests
+	$(BIN)/python -m pytest -q tests/gpu
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.moe_layer
+	$(BIN)/python -m bench.paged_attention
+	$(BIN)/python -m bench.layer_stack
 
 clean:
 	rm -rf $(VENV) build *.egg-info

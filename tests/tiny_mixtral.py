@@ -32,9 +32,9 @@ def save_tiny_mixtral(directory: Path, seed: int = 0, **overrides) -> transforme
     return model
 
 
-def load_ours(directory: Path, group=None, dtype=torch.float32, **kwargs) -> FlashMixtralForCausalLM:
+def load_ours(directory: Path, group=None, dtype=torch.float32, device="cpu", **kwargs) -> FlashMixtralForCausalLM:
     config = MixtralConfig.from_pretrained(directory)
-    weights = Weights(weight_files(directory), "cpu", dtype, group or FakeGroup(0, 1))
+    weights = Weights(weight_files(directory), device, dtype, group or FakeGroup(0, 1))
     return FlashMixtralForCausalLM("", config, weights, **kwargs).eval()
 
 
@@ -46,7 +46,8 @@ def reference_logits(hf_model, tokens: Sequence[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def paged_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], block_size: int = 16,
-                 num_blocks: int = 64, seed: int = 0, adapters=None, adapter_indices=None) -> List[torch.Tensor]:
+                 num_blocks: int = 64, seed: int = 0, adapters=None, adapter_indices=None, device="cpu",
+                 dtype=torch.float32) -> List[torch.Tensor]:
     """Our logits for every position: one ragged prefill of the prompts, then teacher-forced decode steps.
 
     Blocks come from a shuffled free list, so sequences own scattered, non-contiguous blocks. With an
@@ -54,7 +55,7 @@ def paged_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: Sequenc
     """
     config = model.config
     cache = PagedKVCache(config.num_hidden_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
-                         torch.float32, "cpu", shuffle_seed=seed)
+                         dtype, device, shuffle_seed=seed)
     adapter_indices = adapter_indices or [0] * len(sequences)
     seqs = [PagedSequence(list(tokens), adapter) for tokens, adapter in zip(sequences, adapter_indices)]
     outputs = [[] for _ in seqs]
@@ -65,7 +66,7 @@ def paged_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: Sequenc
         if not active:
             return [torch.cat(o) for o in outputs]
         counts = [step[i] if prefill else 1 for i in active]
-        inputs = pack_forward([seqs[i] for i in active], counts, cache, prefill, "cpu", all_logits=True)
+        inputs = pack_forward([seqs[i] for i in active], counts, cache, prefill, device, all_logits=True)
         token_adapters = inputs.pop("token_adapters")
         adapter_data = adapters.batch_data(token_adapters) if adapters is not None else None
         logits, _ = model(**inputs, adapter_data=adapter_data)

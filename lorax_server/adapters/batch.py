@@ -39,6 +39,10 @@ class AdapterBatchData:
             if rows.numel():
                 y.index_add_(0, rows, ((x[rows] @ lora.a) @ lora.b).to(y.dtype))
 
+    def has_expert_lora(self, layer_id: int) -> bool:
+        return any(i != BASE_MODEL_ADAPTER_INDEX and any(k[0] == layer_id for k in a.experts)
+                   for i, a in self.adapters.items())
+
     def expert_lora(self, layer_id: int, dispatch) -> Optional["ExpertLoraBatch"]:
         """The expert-LoRA deltas of one MoE layer for this batch's routing, or None when no adapter has any."""
         present = {i: a.experts for i, a in self.adapters.items()

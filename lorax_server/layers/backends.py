@@ -5,6 +5,7 @@ chosen, unless `LORAX_<FAMILY>_BACKEND` names one: asking for an unavailable imp
 that says why; choosing automatically never fails, because every family ends in a pure-PyTorch reference.
 """
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -22,16 +23,34 @@ class BackendUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Backend:
     name: str
-    impl: object
+    impl: object  # the implementation, or a zero-argument loader of it when `lazy` (modules needing triton)
     # Returns None when usable on this device, else the reason it is not.
     why_unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+    lazy: bool = False
+
+    def load(self):
+        return self.impl() if self.lazy else self.impl
+
+
+def needs_cuda_and_triton(device: torch.device) -> Optional[str]:
+    """Triton kernels run on CUDA devices, and only where the triton package is installed."""
+    if device.type != "cuda":
+        return f"Triton kernels need a CUDA device, not {device.type}"
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    return None
 
 
 # family -> name of the backend chosen last, for start-up logs and the server's Info.
 CHOSEN: Dict[str, str] = {}
 
 
-def choose(family: str, backends: Sequence[Backend], device: torch.device) -> Backend:
+def choose(family: str, backends: Sequence[Backend], device: torch.device):
+    """The implementation of the chosen backend (loaded)."""
+    return choose_backend(family, backends, device).load()
+
+
+def choose_backend(family: str, backends: Sequence[Backend], device: torch.device) -> Backend:
     variable = f"LORAX_{family.upper()}_BACKEND"
     requested = os.getenv(variable)
     if requested:

@@ -75,13 +75,19 @@ def test_self_check_accepts_a_correct_backend_and_rejects_a_wrong_one():
 
 def test_backend_choice_and_override(monkeypatch):
     cpu = torch.device("cpu")
-    assert expert_backend(H, FF, torch.float32, cpu) is linear_grouped_mm
-    assert expert_backend(H, 3, torch.float32, cpu) is linear_per_expert  # unaligned: grouped_mm unavailable
+    assert expert_backend(H, FF, torch.float32, cpu).linear is linear_grouped_mm
+    assert expert_backend(H, 3, torch.float32, cpu).linear is linear_per_expert  # unaligned: grouped_mm unavailable
     monkeypatch.setenv("LORAX_MOE_BACKEND", "reference")
-    assert expert_backend(H, FF, torch.float32, cpu) is linear_per_expert
+    assert expert_backend(H, FF, torch.float32, cpu).linear is linear_per_expert
     monkeypatch.setenv("LORAX_MOE_BACKEND", "megablocks")
     with pytest.raises(BackendUnavailable, match="megablocks is not available on cpu: megablocks needs CUDA"):
         expert_backend(H, FF, torch.float32, cpu)
     monkeypatch.setenv("LORAX_MOE_BACKEND", "magic")
     with pytest.raises(BackendUnavailable, match="unknown backend"):
         expert_backend(H, FF, torch.float32, cpu)
+
+
+def test_triton_backend_is_refused_on_cpu(monkeypatch):
+    monkeypatch.setenv("LORAX_MOE_BACKEND", "triton")
+    with pytest.raises(BackendUnavailable, match="triton is not available on cpu: Triton kernels need a CUDA device"):
+        expert_backend(H, FF, torch.float32, torch.device("cpu"))

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from lorax_server.layers.attention import reference
-from lorax_server.layers.backends import Backend, choose
+from lorax_server.layers.backends import Backend, choose, needs_cuda_and_triton
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,17 @@ class AttentionOps:
 
 TORCH_OPS = AttentionOps(reference.write_kv, reference.prefill_attention, reference.paged_attention)
 
-ATTENTION_BACKENDS = (Backend("torch", TORCH_OPS),)
+def load_cuda_ops() -> AttentionOps:
+    from lorax_server.layers.attention import cuda
+
+    return AttentionOps(cuda.write_kv, cuda.prefill_attention, cuda.paged_attention)
+
+
+ATTENTION_BACKENDS = (
+    Backend("triton", load_cuda_ops, needs_cuda_and_triton, lazy=True),
+    Backend("torch", TORCH_OPS),
+)
 
 
 def attention_ops(device: torch.device) -> AttentionOps:
-    return choose("attention", ATTENTION_BACKENDS, device).impl
+    return choose("attention", ATTENTION_BACKENDS, device)

@@ -1,10 +1,12 @@
-"""Mixture-of-experts pieces: routing (once), the expert maths (once), and the choice of grouped linear."""
+"""Mixture-of-experts pieces: routing (once), the expert maths (once), and the choice of expert backend."""
 
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, Optional
 
 import torch
 
-from lorax_server.layers.backends import Backend, choose
+from lorax_server.layers.backends import Backend, choose, needs_cuda_and_triton
 from lorax_server.layers.moe.experts import (
     GroupedLinear,
     grouped_mm_unavailable,
@@ -17,7 +19,26 @@ from lorax_server.layers.moe.experts import (
 )
 from lorax_server.layers.moe.routing import Dispatch, Routing, dispatch, route
 
-__all__ = ["Dispatch", "Routing", "dispatch", "route", "moe_experts", "expert_backend", "linear_per_expert"]
+__all__ = ["Dispatch", "Routing", "dispatch", "route", "moe_experts", "expert_backend", "linear_per_expert",
+           "ExpertsImpl"]
+
+# Token counts up to which the fused Triton kernels beat two grouped_mm calls (above, grouped_mm runs).
+# Measured on an H100 at Mixtral-8x7B shapes: see docs/PERF.md and bench/moe_layer.py.
+TRITON_MOE_MAX_TOKENS = 1 << 62
+
+
+@dataclass(frozen=True)
+class ExpertsImpl:
+    """How one MoE layer computes its experts.
+
+    `linear` is the grouped linear of the two-stage path (`moe_experts`), which also carries expert
+    LoRA; `fused(x, w13, w2, routing_weights, experts)`, when set, computes the whole expert sum in
+    fused kernels and is used for batches of at most `fused_max_tokens` tokens without expert LoRA.
+    """
+
+    linear: GroupedLinear
+    fused: Optional[Callable] = None
+    fused_max_tokens: int = 0
 
 
 @lru_cache(maxsize=None)  # the self-check runs once per device and dtype, not once per layer
@@ -28,15 +49,32 @@ def megablocks_unavailable(device: torch.device, dtype: torch.dtype):
     return reason if gmm is None else self_check(linear_megablocks, device, dtype)
 
 
-def expert_backends(hidden: int, ffn_shard: int, dtype: torch.dtype):
+def load_triton(hidden: int, ffn_shard: int, dtype: torch.dtype) -> ExpertsImpl:
+    from lorax_server.kernels.fused_moe import fused_moe
+
+    linear = linear_grouped_mm if grouped_mm_unavailable(hidden, ffn_shard, dtype) is None else linear_per_expert
+    return ExpertsImpl(linear, fused_moe, TRITON_MOE_MAX_TOKENS)
+
+
+def triton_unavailable(device: torch.device, activation: str) -> Optional[str]:
+    if activation != "silu":
+        return f"the fused kernels implement SiLU gating, not {activation}"
+    return needs_cuda_and_triton(device)
+
+
+def expert_backends(hidden: int, ffn_shard: int, dtype: torch.dtype, activation: str):
     """Fastest first; `reference` is last and always available."""
     return (
-        Backend("megablocks", linear_megablocks, lambda device: megablocks_unavailable(device, dtype)),
-        Backend("grouped_mm", linear_grouped_mm, lambda device: grouped_mm_unavailable(hidden, ffn_shard, dtype)),
-        Backend("reference", linear_per_expert),
+        Backend("triton", lambda: load_triton(hidden, ffn_shard, dtype),
+                lambda device: triton_unavailable(device, activation), lazy=True),
+        Backend("megablocks", ExpertsImpl(linear_megablocks), lambda device: megablocks_unavailable(device, dtype)),
+        Backend("grouped_mm", ExpertsImpl(linear_grouped_mm),
+                lambda device: grouped_mm_unavailable(hidden, ffn_shard, dtype)),
+        Backend("reference", ExpertsImpl(linear_per_expert)),
     )
 
 
-def expert_backend(hidden: int, ffn_shard: int, dtype: torch.dtype, device: torch.device) -> GroupedLinear:
-    """The grouped linear for these shapes, chosen once (LORAX_MOE_BACKEND overrides)."""
-    return choose("moe", expert_backends(hidden, ffn_shard, dtype), device).impl
+def expert_backend(hidden: int, ffn_shard: int, dtype: torch.dtype, device: torch.device,
+                   activation: str = "silu") -> ExpertsImpl:
+    """The expert computation for these shapes, chosen once (LORAX_MOE_BACKEND overrides)."""
+    return choose("moe", expert_backends(hidden, ffn_shard, dtype, activation), device)

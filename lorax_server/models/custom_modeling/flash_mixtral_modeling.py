@@ -25,7 +25,7 @@ from lorax_server.layers.linear import (
     TensorParallelRowLinear,
 )
 from lorax_server.layers.lora import MultiAdapterLinear
-from lorax_server.layers.moe import dispatch, expert_backend, linear_per_expert, moe_experts, route
+from lorax_server.layers.moe import ExpertsImpl, dispatch, expert_backend, linear_per_expert, moe_experts, route
 from lorax_server.layers.rmsnorm import RMSNorm
 from lorax_server.layers.rotary import RotaryEmbedding, apply_rotary
 from lorax_server.utils.attention.common import Seqlen
@@ -166,7 +166,8 @@ def load_expert_w2(prefix: str, config: MixtralConfig, weights) -> torch.Tensor:
 class MoEBlock(nn.Module):
     """Routing, (optional) router and expert LoRA, the experts, and the block's one all-reduce.
 
-    Subclasses say how the experts are stored: `expert_w13`, `expert_w2` and the grouped `linear`.
+    Subclasses say how the experts are stored (`expert_w13`, `expert_w2`) and computed (`experts`, an
+    ExpertsImpl).
     """
 
     def __init__(self, prefix: str, config: MixtralConfig, weights, layer_id: int):
@@ -182,9 +183,15 @@ class MoEBlock(nn.Module):
         router_logits = F.linear(x, self.gate)  # [T, E]
         if adapter_data is not None:
             adapter_data.add_lora(router_logits, x, self.layer_id, ROUTER)
-        d = dispatch(route(router_logits, self.top_k), self.num_experts)
-        lora = adapter_data.expert_lora(self.layer_id, d) if adapter_data is not None else None
-        out = moe_experts(x, self.expert_w13, self.expert_w2, d, self.act, self.linear, lora)
+        routing = route(router_logits, self.top_k)
+        has_lora = adapter_data is not None and adapter_data.has_expert_lora(self.layer_id)
+        fused = self.experts_impl.fused
+        if fused is not None and not has_lora and x.shape[0] <= self.experts_impl.fused_max_tokens:
+            out = fused(x, self.expert_w13, self.expert_w2, routing.weights, routing.experts)
+        else:
+            d = dispatch(routing, self.num_experts)
+            lora = adapter_data.expert_lora(self.layer_id, d) if has_lora else None
+            out = moe_experts(x, self.expert_w13, self.expert_w2, d, self.act, self.experts_impl.linear, lora)
         return all_reduce(out, self.process_group)
 
 
@@ -196,7 +203,7 @@ class BlockSparseMoE(MoEBlock):
         self.expert_w13 = nn.Parameter(load_expert_w13(prefix, config, weights), requires_grad=False)
         self.expert_w2 = nn.Parameter(load_expert_w2(prefix, config, weights), requires_grad=False)
         w2 = self.expert_w2
-        self.linear = expert_backend(config.hidden_size, w2.shape[2], w2.dtype, w2.device)
+        self.experts_impl = expert_backend(config.hidden_size, w2.shape[2], w2.dtype, w2.device, config.hidden_act)
 
 
 class DenseExpert(nn.Module):
@@ -219,7 +226,7 @@ class DenseMoE(MoEBlock):
         self.experts = nn.ModuleList(
             DenseExpert(f"{prefix}.experts.{e}", config, weights) for e in range(config.num_local_experts)
         )
-        self.linear = linear_per_expert
+        self.experts_impl = ExpertsImpl(linear_per_expert)
 
     @property
     def expert_w13(self):

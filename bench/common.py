@@ -1,0 +1,48 @@
+"""Measuring on the device: the two ceilings (copy bandwidth, bf16 matmul rate) and a median timer."""
+
+import statistics
+
+import torch
+
+
+def time_ms(fn, warmup: int = 5, repeat: int = 30) -> float:
+    """Median of `repeat` timed calls (CUDA events), after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus written."""
+    src = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, repeat=20)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def matmul_rate() -> float:
+    """bf16 FLOP/s of an 8192^3 matrix product on random data."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = time_ms(lambda: a @ b, warmup=3, repeat=10)
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+def card() -> str:
+    return torch.cuda.get_device_name()
+
+
+def print_table(title: str, header, rows) -> None:
+    print(f"\n{title}")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune).
+# Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for step in "$@"; do
+  case $step in
+    tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    moe) python3 -m bench.moe_layer 2>&1 | tee "$OUT/moe_layer.log" ;;
+    tune) python3 -m bench.moe_layer --tune --tokens 1 16 64 256 1024 4096 2>&1 | tee "$OUT/moe_tune.log" ;;
+    attention) python3 -m bench.paged_attention 2>&1 | tee "$OUT/paged_attention.log" ;;
+    stack) python3 -m bench.layer_stack 2>&1 | tee "$OUT/layer_stack.log" ;;
+  esac
+done

@@ -1,0 +1,129 @@
+"""A stack of full-size Mixtral-8x7B layers with random weights: decode steps and a 4096-token prefill.
+
+Decode at batch 1, 8, 32, 128 with 2048-token contexts (the cache holds random keys and values); the
+floor is the bytes a step must read (attention weights, the experts the batch touches in expectation
+under uniform routing, lm_head, the KV cache) over the measured copy bandwidth. Anchor: transformers'
+MixtralForCausalLM (sdpa attention, grouped_mm experts) with the same layers and a 2048-token cache.
+
+    python -m bench.layer_stack [--layers 8]
+"""
+
+import argparse
+
+import torch
+
+from bench.common import card, copy_bandwidth, matmul_rate, print_table, time_ms
+from lorax_server.layers.backends import CHOSEN
+from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
+from lorax_server.models.paged_cache import PagedKVCache, PagedSequence, pack_forward
+from lorax_server.utils.dist import FakeGroup
+from lorax_server.utils.weights import MetaWeights
+
+CONTEXT = 2048
+MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6)
+
+
+class RandomWeights(MetaWeights):
+    """Random tensors of the shapes the model asks for, on the GPU."""
+
+    def __init__(self):
+        super().__init__(FakeGroup(0, 1), torch.bfloat16)
+        self.device = torch.device("cuda")
+
+    def get_slice(self, name):
+        shape = self.expected[name]
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16) / (shape[-1] ** 0.5 if len(shape) > 1 else 1.0)
+
+    def get_tensor(self, name, shape=None):
+        self._check_shape(name, shape)
+        return self.get_slice(name) if len(shape) > 1 else torch.ones(shape, device="cuda", dtype=torch.bfloat16)
+
+
+def decode_floor_ms(config, layers, batch, bandwidth):
+    h, f, e, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
+    attention = (h * config.num_attention_heads * 128 * 2 + h * config.num_key_value_heads * 128 * 2) * 2
+    touched = e * (1 - (1 - k / e) ** batch)
+    experts = touched * 3 * h * f * 2
+    kv = batch * CONTEXT * config.num_key_value_heads * 128 * 2 * 2
+    total = layers * (attention + experts + kv) + config.vocab_size * h * 2
+    return total / bandwidth * 1e3
+
+
+def decode_inputs(model, config, batch):
+    cache = PagedKVCache(config.num_hidden_layers, batch * CONTEXT // 16 + batch, 16, 8, 128, torch.bfloat16, "cuda")
+    for key, value in cache.layers:
+        key.normal_()
+        value.normal_()
+    seqs = [PagedSequence(list(range(CONTEXT)), cached=CONTEXT - 1) for _ in range(batch)]
+    inputs = pack_forward(seqs, [1] * batch, cache, False, "cuda")
+    inputs.pop("token_adapters")
+    return inputs
+
+
+def prefill_inputs(config, tokens):
+    cache = PagedKVCache(config.num_hidden_layers, tokens // 16 + 1, 16, 8, 128, torch.bfloat16, "cuda")
+    seq = PagedSequence(list(range(tokens)))
+    inputs = pack_forward([seq], [tokens], cache, True, "cuda")
+    inputs.pop("token_adapters")
+    return inputs
+
+
+def transformers_decode(layers, batch):
+    """ms of one decode step of transformers' Mixtral over a 2048-token DynamicCache, or None if it fails."""
+    from transformers import MixtralConfig as HFConfig
+    from transformers import MixtralForCausalLM
+
+    config = HFConfig(**{**MIXTRAL_8X7B, "num_hidden_layers": layers}, attn_implementation="sdpa")
+    config._experts_implementation = "grouped_mm"
+    with torch.device("cuda"):
+        model = MixtralForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, 32000, (batch, CONTEXT), device="cuda"), use_cache=True)
+        cache = out.past_key_values
+        step = torch.randint(0, 32000, (batch, 1), device="cuda")
+        ms = time_ms(lambda: model(step, past_key_values=cache, use_cache=True), warmup=2, repeat=5)
+    del model, cache
+    torch.cuda.empty_cache()
+    return ms
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 128])
+    parser.add_argument("--transformers", type=int, nargs="*", default=[1, 32], help="batches to run transformers at")
+    args = parser.parse_args()
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers)
+    with torch.no_grad():
+        model = FlashMixtralForCausalLM("", config, RandomWeights()).eval()
+        rows = []
+        for batch in args.batches:
+            inputs = decode_inputs(model, config, batch)
+            ms = time_ms(lambda: model(**inputs), warmup=3, repeat=10)
+            floor = decode_floor_ms(config, args.layers, batch, bandwidth)
+            rows.append([f"decode b={batch}", f"{floor:.2f}", f"{ms:.2f}", f"{ms / floor:.2f}x", ""])
+            del inputs
+        inputs = prefill_inputs(config, 4096)
+        ms = time_ms(lambda: model(**inputs), warmup=2, repeat=5)
+        flops = 2 * 4096 * args.layers * (2 * 3 * 4096 * 14336 + 4096 * 6144 + 4096 * 4096) + 4 * 4096**2 * 4096 / 2 * args.layers
+        floor = flops / rate * 1e3
+        rows.append(["prefill 4096", f"{floor:.2f}", f"{ms:.2f}", f"{ms / floor:.2f}x", ""])
+        del inputs, model
+        torch.cuda.empty_cache()
+    for row in rows:
+        batch = int(row[0].split("=")[1]) if row[0].startswith("decode") else None
+        if batch in args.transformers:
+            try:
+                hf = transformers_decode(args.layers, batch)
+                row[4] = f"{hf:.2f} ({float(row[2]) / hf:.2f}x)"
+            except Exception as error:
+                row[4] = f"failed: {type(error).__name__}"
+    print_table(f"{args.layers} Mixtral-8x7B layers, bf16, context {CONTEXT}, {card()}: copy {bandwidth / 1e12:.2f} TB/s, "
+                f"matmul {rate / 1e12:.0f} TFLOP/s; backends {CHOSEN}",
+                ["step", "floor ms", "ours ms", "ours / floor", "transformers ms (ours / theirs)"], rows)
+
+
+if __name__ == "__main__":
+    main()

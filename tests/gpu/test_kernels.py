@@ -1,0 +1,121 @@
+"""Triton kernels and the CUDA attention ops against the pure-PyTorch references (bf16 bounds: 1e-2)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.gpu.conftest import relative_error, skip_without_gpu
+
+skip_without_gpu()
+
+from lorax_server.kernels.fused_moe import MOE_TILE_CONFIGS, fused_moe
+from lorax_server.kernels.paged_attention import paged_decode_attention, write_kv
+from lorax_server.kernels.rmsnorm import add_rms_norm
+from lorax_server.layers.attention import cuda as cuda_attention
+from lorax_server.layers.attention import reference
+from lorax_server.layers.moe import dispatch, linear_per_expert, moe_experts, route
+from lorax_server.layers.moe.experts import linear_grouped_mm
+from lorax_server.layers.rmsnorm import rms_norm_reference
+from lorax_server.utils.attention.common import Seqlen
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def moe_problem(T, E=8, H=512, Fn=768, K=2, skew=False, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(T, H, device=DEV, generator=g).bfloat16()
+    w13 = (torch.randn(E, 2 * Fn, H, device=DEV, generator=g) / H**0.5).bfloat16()
+    w2 = (torch.randn(E, H, Fn, device=DEV, generator=g) / Fn**0.5).bfloat16()
+    logits = torch.randn(T, E, device=DEV, generator=g)
+    if skew:
+        logits[:, :2] += 8.0  # experts 2.. get (almost) no token
+    return x, w13, w2, route(logits, K)
+
+
+@pytest.mark.parametrize("T", [1, 3, 16, 64, 333, 2048])
+@pytest.mark.parametrize("skew", [False, True])
+def test_fused_moe_matches_reference(T, skew):
+    x, w13, w2, routing = moe_problem(T, skew=skew, seed=T)
+    want = moe_experts(x.float(), w13.float(), w2.float(), dispatch(routing, 8), F.silu, linear_per_expert)
+    out = fused_moe(x, w13, w2, routing.weights, routing.experts)
+    assert relative_error(out, want) < 1e-2
+    grouped = moe_experts(x, w13, w2, dispatch(routing, 8), F.silu, linear_grouped_mm)
+    assert relative_error(grouped, want) < 1e-2
+
+
+@pytest.mark.parametrize("configs", [row[1:] for row in MOE_TILE_CONFIGS])
+def test_every_tile_config_is_correct(configs):
+    x, w13, w2, routing = moe_problem(100, H=256, Fn=384)
+    want = moe_experts(x.float(), w13.float(), w2.float(), dispatch(routing, 8), F.silu, linear_per_expert)
+    assert relative_error(fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs), want) < 1e-2
+
+
+def test_fused_moe_with_an_expert_nobody_chose_and_one_expert_everyone_chose():
+    x, w13, w2, _ = moe_problem(50)
+    routing = route(torch.full((50, 8), -1e4, device=DEV).index_fill_(1, torch.tensor([5], device=DEV), 0.0), 1)
+    want = moe_experts(x.float(), w13.float(), w2.float(), dispatch(routing, 8), F.silu, linear_per_expert)
+    assert relative_error(fused_moe(x, w13, w2, routing.weights, routing.experts), want) < 1e-2
+
+
+def paged_problem(lengths, block_size, KVH=8, H=32, D=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    blocks_needed = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(blocks_needed) + 7
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(lengths), max(blocks_needed), dtype=torch.int32)
+    slots = []
+    for b, (n, nb) in enumerate(zip(lengths, blocks_needed)):
+        blocks = [free.pop() for _ in range(nb)]
+        tables[b, :nb] = torch.tensor(blocks)
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(n)]
+    cache = [torch.randn(num_blocks, block_size, KVH, D, generator=g).bfloat16().to(DEV) for _ in range(2)]
+    k = torch.randn(sum(lengths), KVH, D, generator=g).bfloat16().to(DEV)
+    v = torch.randn(sum(lengths), KVH, D, generator=g).bfloat16().to(DEV)
+    return cache, tables.to(DEV), torch.tensor(slots, device=DEV), k, v
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("window", [None, 100])
+def test_paged_decode_matches_reference(block_size, window):
+    lengths = [1, 37, 700, 2049]
+    (kc, vc), tables, slots, k, v = paged_problem(lengths, block_size)
+    write_kv(k, v, kc, vc, slots)
+    q = torch.randn(len(lengths), 32, 128, device=DEV).bfloat16()
+    seqlen = Seqlen(torch.ones(len(lengths), dtype=torch.int32, device=DEV),
+                    torch.tensor(lengths, dtype=torch.int32, device=DEV) - 1)
+    want = reference.paged_attention(q.float(), kc.float(), vc.float(), tables, seqlen, 128**-0.5, window)
+    got = paged_decode_attention(q, kc, vc, tables, seqlen.total_lengths.int(), max(lengths), 128**-0.5, window)
+    assert relative_error(got, want) < 1e-2
+
+
+def test_write_kv_matches_reference_and_skips_padding():
+    (kc, vc), _, slots, k, v = paged_problem([5, 40], 16)
+    slots[3] = -1
+    kr, vr = kc.clone(), vc.clone()
+    reference.write_kv(k, v, kr, vr, slots)
+    write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_cuda_prefill_matches_reference(window):
+    lengths = [300, 1, 129]
+    cu = torch.tensor([0, 300, 301, 430], dtype=torch.int32, device=DEV)
+    q = torch.randn(430, 32, 128, device=DEV).bfloat16()
+    k, v = (torch.randn(430, 8, 128, device=DEV).bfloat16() for _ in range(2))
+    want = reference.prefill_attention(q.float(), k.float(), v.float(), cu, max(lengths), 128**-0.5, window)
+    got = cuda_attention.prefill_attention(q, k, v, cu, max(lengths), 128**-0.5, window)
+    assert relative_error(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_reference_and_keeps_inputs(with_residual):
+    x = torch.randn(77, 4096, device=DEV).bfloat16()
+    residual = torch.randn_like(x) if with_residual else None
+    weight = torch.randn(4096, device=DEV).bfloat16()
+    before = x.clone()
+    normed, summed = add_rms_norm(x, weight, 1e-5, residual)
+    want_sum = x.float() + (residual.float() if with_residual else 0)
+    assert relative_error(summed, want_sum) < 1e-2 and torch.equal(x, before)
+    assert relative_error(normed, rms_norm_reference(want_sum, weight.float(), 1e-5)) < 1e-2
