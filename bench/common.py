@@ -21,6 +21,25 @@ def time_ms(fn, warmup: int = 5, repeat: int = 30) -> float:
     return statistics.median(times)
 
 
+def time_graph_ms(fn, repeat: int = 30) -> float:
+    """Median time of replaying `fn` captured in a CUDA graph (launch overhead removed, as in a decode
+    loop that replays graphs); falls back to eager timing when `fn` cannot be captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # host synchronisation inside fn: not capturable
+        torch.cuda.synchronize()
+        return float("nan")
+    return time_ms(graph.replay, warmup=3, repeat=repeat)
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a large device-to-device copy, counting bytes read plus written."""
     src = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from bench.common import card, copy_bandwidth, matmul_rate, print_table, time_ms
+from bench.common import card, copy_bandwidth, matmul_rate, print_table, time_graph_ms, time_ms
 from lorax_server.layers.backends import CHOSEN
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
 from lorax_server.models.paged_cache import PagedKVCache, PagedSequence, pack_forward
@@ -101,15 +101,16 @@ def main():
         rows = []
         for batch in args.batches:
             inputs = decode_inputs(model, config, batch)
-            ms = time_ms(lambda: model(**inputs), warmup=3, repeat=10)
+            eager = time_ms(lambda: model(**inputs), warmup=3, repeat=10)
+            ms = time_graph_ms(lambda: model(**inputs), repeat=10)
             floor = decode_floor_ms(config, args.layers, batch, bandwidth)
-            rows.append([f"decode b={batch}", f"{floor:.2f}", f"{ms:.2f}", f"{ms / floor:.2f}x", ""])
+            rows.append([f"decode b={batch}", f"{floor:.2f}", f"{eager:.2f} / {ms:.2f}", f"{ms / floor:.2f}x", ""])
             del inputs
         inputs = prefill_inputs(config, 4096)
         ms = time_ms(lambda: model(**inputs), warmup=2, repeat=5)
         flops = 2 * 4096 * args.layers * (2 * 3 * 4096 * 14336 + 4096 * 6144 + 4096 * 4096) + 4 * 4096**2 * 4096 / 2 * args.layers
         floor = flops / rate * 1e3
-        rows.append(["prefill 4096", f"{floor:.2f}", f"{ms:.2f}", f"{ms / floor:.2f}x", ""])
+        rows.append(["prefill 4096", f"{floor:.2f}", f"{ms:.2f} / -", f"{ms / floor:.2f}x", ""])
         del inputs, model
         torch.cuda.empty_cache()
     for row in rows:
@@ -117,12 +118,12 @@ def main():
         if batch in args.transformers:
             try:
                 hf = transformers_decode(args.layers, batch)
-                row[4] = f"{hf:.2f} ({float(row[2]) / hf:.2f}x)"
+                row[4] = f"{hf:.2f} ({float(row[2].split(' / ')[0]) / hf:.2f}x eager)"
             except Exception as error:
                 row[4] = f"failed: {type(error).__name__}"
     print_table(f"{args.layers} Mixtral-8x7B layers, bf16, context {CONTEXT}, {card()}: copy {bandwidth / 1e12:.2f} TB/s, "
                 f"matmul {rate / 1e12:.0f} TFLOP/s; backends {CHOSEN}",
-                ["step", "floor ms", "ours ms", "ours / floor", "transformers ms (ours / theirs)"], rows)
+                ["step", "floor ms", "ours ms eager / graph", "graph / floor", "transformers ms eager (ours / theirs)"], rows)
 
 
 if __name__ == "__main__":

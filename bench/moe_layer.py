@@ -14,7 +14,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from bench.common import card, copy_bandwidth, matmul_rate, print_table, time_ms
+from bench.common import card, copy_bandwidth, matmul_rate, print_table, time_graph_ms, time_ms
 from lorax_server.kernels.fused_moe import MOE_TILE_CONFIGS, fused_moe
 from lorax_server.layers.moe import dispatch, moe_experts, route
 from lorax_server.layers.moe.experts import linear_grouped_mm
@@ -107,13 +107,21 @@ def main():
         for T in args.tokens:
             x = torch.randn(T, H, device="cuda").bfloat16()
             floor = floor_ms(x, gate, bandwidth, rate)
-            times = {"triton": time_ms(lambda: ours_fused(x, gate, w13, w2)),
-                     "grouped_mm": time_ms(lambda: ours_grouped_mm(x, gate, w13, w2)),
-                     "hf grouped_mm": time_ms(lambda: hf(x)),
-                     "upstream dense": time_ms(lambda: upstream_dense(x, gate, w13, w2)) if T <= 1024 else None}
-            rows.append([str(T), f"{floor:.3f}"] + [f"{t:.3f} ({100 * floor / t:.0f}%)" if t else "-" for t in times.values()])
+            variants = {"triton": lambda: ours_fused(x, gate, w13, w2),
+                        "grouped_mm": lambda: ours_grouped_mm(x, gate, w13, w2),
+                        "hf grouped_mm": lambda: hf(x),
+                        "upstream dense": (lambda: upstream_dense(x, gate, w13, w2)) if T <= 1024 else None}
+            cells = [str(T), f"{floor:.3f}"]
+            for fn in variants.values():
+                if fn is None:
+                    cells.append("-")
+                    continue
+                eager, graph = time_ms(fn), time_graph_ms(fn)
+                cells.append(f"{eager:.3f} ({100 * floor / eager:.0f}%) / "
+                             + ("no graph" if graph != graph else f"{graph:.3f} ({100 * floor / graph:.0f}%)"))
+            rows.append(cells)
     print_table(f"MoE layer, Mixtral-8x7B shapes, bf16, {card()}: copy {bandwidth / 1e12:.2f} TB/s, "
-                f"matmul {rate / 1e12:.0f} TFLOP/s; ms (percent of floor)",
+                f"matmul {rate / 1e12:.0f} TFLOP/s; ms (percent of floor), eager / CUDA-graph replay",
                 ["tokens", "floor ms", "ours triton", "ours grouped_mm", "transformers grouped_mm", "upstream dense bmm"],
                 rows)
     print(f"tile table in use: {MOE_TILE_CONFIGS}")

@@ -35,7 +35,9 @@ class Dispatch:
 def dispatch(routing: Routing, num_experts: int) -> Dispatch:
     flat_experts = routing.experts.flatten()  # [T*K]
     order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=num_experts)
+    # scatter_add rather than bincount: no host synchronisation, so the step can be captured in a CUDA graph
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_experts.device)
+    counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
     return Dispatch(
         token_index=order // routing.experts.shape[1],
         expert_ids=flat_experts[order],
