@@ -18,14 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-# (max tokens, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)) for the gate/up and down kernels.
-# Measured on an H100 with Mixtral-8x7B shapes (bench/moe_layer.py --tune); the first row whose bound
-# is >= the token count is used.
+# (max tokens, gate/up kernel tiles, down kernel tiles); a tile is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+# num_stages). The first row whose bound is >= the token count is used. Chosen by `python -m bench.moe_layer
+# --tune` on an H200 at Mixtral-8x7B shapes (2026-11-28, docs/logs/h200_run2_moe_tune.log): best of 56 shapes
+# at 1, 16, 64, 256, 1024 and 4096 tokens. Above TRITON_MOE_MAX_TOKENS the MoE block uses grouped_mm instead.
 MOE_TILE_CONFIGS = (
-    (8, (16, 64, 128, 4, 4), (16, 64, 128, 4, 4)),
-    (64, (16, 128, 128, 4, 4), (16, 128, 128, 4, 4)),
-    (512, (32, 128, 64, 4, 4), (32, 128, 64, 4, 4)),
-    (1 << 62, (64, 128, 64, 8, 3), (64, 128, 64, 8, 3)),
+    (8, (16, 128, 128, 4, 3), (16, 128, 128, 4, 3)),
+    (32, (32, 64, 128, 4, 3), (32, 64, 128, 4, 3)),
+    (128, (16, 64, 128, 4, 4), (16, 64, 128, 4, 4)),
+    (512, (64, 64, 64, 4, 4), (64, 64, 64, 4, 4)),
+    (1 << 62, (128, 128, 64, 8, 3), (128, 128, 64, 8, 3)),
 )
 
 

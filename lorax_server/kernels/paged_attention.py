@@ -57,6 +57,24 @@ def paged_decode_kernel(q_ptr, k_cache, v_cache, tables_ptr, lens_ptr, acc_ptr, 
     tl.store(sum_ptr + stats, l, mask=g < GROUP)
 
 
+@triton.jit
+def merge_splits_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, splits, stride_ab, stride_as, stride_ah,
+                        stride_mb, stride_ms, stride_ob, stride_oh, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """One program per (sequence, head): softmax-weighted sum of the splits' partial outputs."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    real = s < splits
+    maxima = tl.load(max_ptr + b * stride_mb + s * stride_ms + h, mask=real, other=float("-inf"))
+    sums = tl.load(sum_ptr + b * stride_mb + s * stride_ms + h, mask=real, other=0.0)
+    top = tl.max(maxima, 0)
+    weight = tl.where(real & (maxima > float("-inf")), tl.exp(maxima - top), 0.0)
+    acc = tl.load(acc_ptr + b * stride_ab + s[:, None] * stride_as + h * stride_ah + d[None, :], mask=real[:, None],
+                  other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(sums * weight, 0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
 def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, scale: float,
                            window) -> torch.Tensor:
@@ -78,11 +96,11 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         maxima.stride(0), maxima.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=block_size,
         BLOCK_N=KEYS_PER_STEP, num_warps=4, num_stages=2)
-    # Merge the splits: empty splits carry max -inf and weigh nothing.
-    top = maxima.max(dim=1, keepdim=True).values
-    weight = torch.exp(maxima - top)  # [B, S, H]
-    out = (acc * weight.unsqueeze(-1)).sum(1) / (sums * weight).sum(1).unsqueeze(-1)
-    return out.to(q.dtype)
+    out = torch.empty_like(q)
+    merge_splits_kernel[(B, H)](acc, maxima, sums, out, splits, acc.stride(0), acc.stride(1), acc.stride(2),
+                                maxima.stride(0), maxima.stride(1), out.stride(0), out.stride(1),
+                                HEAD_DIM=D, SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+    return out
 
 
 @triton.jit

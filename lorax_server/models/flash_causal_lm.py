@@ -11,12 +11,14 @@ step never runs out of cache mid-generation: a request that could not fit is ref
 """
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from lorax_server.adapters.store import AdapterStore
+from lorax_server.models.cuda_graphs import DecodeGraphs
 from lorax_server.models.paged_cache import CacheFull, PagedKVCache, PagedSequence, mark_cached, pack_forward
 from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, StoppingCriteria, prompt_logprobs
 
@@ -103,6 +105,9 @@ class FlashCausalLM:
         self.batches: Dict[int, Batch] = {}
         self.batch_ids = itertools.count(1 << 32)  # ids of batches made here (the router numbers its own below)
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []))
+        self.graphs = None
+        if self.device.type == "cuda" and os.getenv("LORAX_CUDA_GRAPHS", "1") != "0":
+            self.graphs = DecodeGraphs(model, self.cache.layers, block_size, self.config.max_position_embeddings)
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -181,7 +186,11 @@ class FlashCausalLM:
         seqs = [r.seq for r in requests]
         inputs = pack_forward(seqs, counts, self.cache, prefill, self.device, all_logits=all_logits)
         adapter_data = self.adapters.batch_data(inputs.pop("token_adapters"))
-        logits, _ = self.model(**inputs, adapter_data=adapter_data)
+        logits = None
+        if not prefill and adapter_data is None and self.graphs is not None:
+            logits = self.graphs.run(inputs)
+        if logits is None:
+            logits, _ = self.model(**inputs, adapter_data=adapter_data)
         mark_cached(seqs, counts)
         return logits
 

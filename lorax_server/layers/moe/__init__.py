@@ -23,8 +23,9 @@ __all__ = ["Dispatch", "Routing", "dispatch", "route", "moe_experts", "expert_ba
            "ExpertsImpl"]
 
 # Token counts up to which the fused Triton kernels beat two grouped_mm calls (above, grouped_mm runs).
-# Measured on an H100 at Mixtral-8x7B shapes: see docs/PERF.md and bench/moe_layer.py.
-TRITON_MOE_MAX_TOKENS = 1 << 62
+# Measured on an H200 at Mixtral-8x7B shapes, CUDA-graph replays: Triton 68% of the floor against 62% at 256
+# tokens, 42% against 49% at 1024 (docs/PERF.md, bench/moe_layer.py).
+TRITON_MOE_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)

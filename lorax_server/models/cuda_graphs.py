@@ -1,0 +1,108 @@
+"""CUDA graphs for decode steps: one graph per (batch bucket, context bucket), captured on first use.
+
+A decode step of the base model (no adapters) is a fixed sequence of kernels once the batch size and
+the longest context are fixed, and at small batches launching them costs more than running them. A
+step is padded up to its bucket (padding rows write no cache slot and read one harmless key), its
+inputs are copied into the graph's static buffers, and the graph is replayed. The context bucket fixes
+how the attention kernel splits the sequence, so it is rounded up to a power of two.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from lorax_server.utils.attention.common import Seqlen
+
+logger = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+MIN_CONTEXT_BUCKET = 256
+
+
+@dataclass
+class CapturedStep:
+    graph: torch.cuda.CUDAGraph
+    inputs: Dict[str, torch.Tensor]  # static buffers the graph reads
+    logits: torch.Tensor  # static buffer the graph writes
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_cache, block_size: int, max_positions: int):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.max_positions = max_positions
+        self.steps: Dict[Tuple[int, int], CapturedStep] = {}
+        self.pool = None
+        self.broken = False  # set when a capture failed (a backend that synchronises): stay eager
+
+    def bucket(self, batch: int, max_k: int) -> Optional[Tuple[int, int]]:
+        if self.broken or batch > BATCH_BUCKETS[-1]:
+            return None
+        context = max(MIN_CONTEXT_BUCKET, 1 << (max_k - 1).bit_length())
+        if context > self.max_positions:
+            context = self.max_positions
+        return next(b for b in BATCH_BUCKETS if b >= batch), context
+
+    def run(self, inputs: dict) -> Optional[torch.Tensor]:
+        """Logits of this decode step from a graph replay, or None when it must run eagerly."""
+        seqlen: Seqlen = inputs["seqlen"]
+        key = self.bucket(len(seqlen.input_lengths), seqlen.max_k)
+        if key is None:
+            return None
+        step = self.steps.get(key) or self.capture(*key)
+        if step is None:
+            return None
+        self.load(step.inputs, inputs)
+        step.graph.replay()
+        return step.logits[: len(seqlen.input_lengths)]
+
+    @staticmethod
+    def load(static: Dict[str, torch.Tensor], inputs: dict) -> None:
+        batch = len(inputs["input_ids"])
+        # Requests reserve blocks for all their future tokens; the graph only needs those of its context bucket.
+        tables = inputs["block_tables"][:, : static["block_tables"].shape[1]]
+        static["input_ids"][:batch].copy_(inputs["input_ids"])
+        static["position_ids"][:batch].copy_(inputs["position_ids"])
+        static["slots"].fill_(-1)[:batch].copy_(inputs["slots"])
+        static["cache_lengths"].zero_()[:batch].copy_(inputs["seqlen"].cache_lengths)
+        static["block_tables"].zero_()[:batch, : tables.shape[1]].copy_(tables)
+
+    def capture(self, batch: int, context: int) -> Optional[CapturedStep]:
+        device = self.kv_cache[0][0].device
+        static = {
+            "input_ids": torch.zeros(batch, dtype=torch.int64, device=device),
+            "position_ids": torch.zeros(batch, dtype=torch.int64, device=device),
+            "slots": torch.full((batch,), -1, dtype=torch.int64, device=device),  # capture writes nothing
+            "cache_lengths": torch.zeros(batch, dtype=torch.int32, device=device),
+            "block_tables": torch.zeros(batch, -(-context // self.block_size), dtype=torch.int32, device=device),
+        }
+        ones = torch.ones(batch, dtype=torch.int32, device=device)
+        seqlen = Seqlen(ones, static["cache_lengths"], torch.arange(batch + 1, dtype=torch.int32, device=device),
+                        max_q=1, max_k=context)
+        kwargs = dict(input_ids=static["input_ids"], position_ids=static["position_ids"], cu_seqlen_prefill=None,
+                      kv_cache=self.kv_cache, block_tables=static["block_tables"], slots=static["slots"],
+                      seqlen=seqlen, max_s=context, lm_head_indices=torch.arange(batch, device=device))
+        try:
+            step = self.record(kwargs, static)
+        except Exception as error:  # a backend that synchronises with the host cannot be captured
+            logger.warning("decode CUDA graphs disabled: capture failed (%s)", error)
+            self.broken = True
+            torch.cuda.synchronize()
+            return None
+        self.steps[(batch, context)] = step
+        return step
+
+    def record(self, kwargs: dict, static: Dict[str, torch.Tensor]) -> CapturedStep:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the capture (Triton compiles, allocator settles)
+            self.model(**kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits, _ = self.model(**kwargs)
+        self.pool = graph.pool()
+        return CapturedStep(graph, static, logits)

@@ -1,0 +1,25 @@
+"""The engine on the GPU: decode steps replayed from CUDA graphs give the tokens of eager decode steps."""
+
+import pytest
+import torch
+
+from tests.gpu.conftest import skip_without_gpu
+
+skip_without_gpu()
+
+from lorax_server.cli import DEFAULT_MODEL_DIR  # noqa: E402
+from lorax_server.models import get_model  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+PROMPTS = ["The for statement", "A list is", "Exceptions are", "def f(x):", "Beautiful is"]
+
+
+def test_cuda_graph_decode_equals_eager(monkeypatch):
+    model = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=64 << 20)
+    assert model.graphs is not None
+    with_graphs = [r.generated_ids for r in model.generate(PROMPTS, 20)]
+    assert model.graphs.steps and not model.graphs.broken
+    model.graphs = None
+    eager = [r.generated_ids for r in model.generate(PROMPTS, 20)]
+    assert with_graphs == eager
+    assert len(model.cache.free_blocks) == model.cache.num_blocks
