@@ -120,8 +120,12 @@ def down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, sorted_rows_ptr, block_expe
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
 
 
-def tile_config(num_tokens: int):
-    return next((gate_up, down) for bound, gate_up, down in MOE_TILE_CONFIGS if num_tokens <= bound)
+def tile_config(num_tokens: int, element_size: int):
+    """The tiles for this many tokens; 4-byte inputs (fp32) take half the K depth to fit shared memory."""
+    gate_up, down = next((g, d) for bound, g, d in MOE_TILE_CONFIGS if num_tokens <= bound)
+    if element_size > 2:
+        gate_up, down = ((bm, bn, bk // 2, w, s) for bm, bn, bk, w, s in (gate_up, down))
+    return gate_up, down
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weights: torch.Tensor,
@@ -133,7 +137,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weig
     T, H = x.shape
     E, two_f, _ = w13.shape
     F, K = two_f // 2, experts.shape[1]
-    (bm1, bn1, bk1, w1, s1), (bm2, bn2, bk2, w2_, s2) = configs or tile_config(T)
+    (bm1, bn1, bk1, w1, s1), (bm2, bn2, bk2, w2_, s2) = configs or tile_config(T, x.element_size())
     assert bm1 == bm2, "both kernels walk the same padded row blocks"
     aligned = align_by_expert(experts, E, bm1)
     h = torch.empty(aligned.padded_rows, F, dtype=x.dtype, device=x.device)
