@@ -39,19 +39,22 @@ class Alignment:
 
 
 def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
-    """experts [T, K] -> the assignments grouped by expert, each group padded to a multiple of block_m."""
+    """experts [T, K] -> the assignments grouped by expert, each group padded to a multiple of block_m.
+
+    Sort-free: an assignment's place in its expert's group is its rank among the assignments of that
+    expert (a running count over a one-hot matrix), so every op has a fixed shape.
+    """
     flat = experts.flatten()
     n = flat.numel()
-    padded_rows = n + num_experts * (block_m - 1)
-    padded_rows = -(-padded_rows // block_m) * block_m
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded_rows = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    one_hot = torch.nn.functional.one_hot(flat, num_experts)  # [n, E]
+    rank = one_hot.cumsum(0).gather(1, flat.unsqueeze(1)).squeeze(1) - 1  # [n]
+    counts = one_hot.sum(0)
     padded_counts = (counts + block_m - 1) // block_m * block_m
     padded_end = padded_counts.cumsum(0)
-    start, padded_start = counts.cumsum(0) - counts, padded_end - padded_counts
-    order = torch.argsort(flat, stable=True)
-    sorted_experts = flat[order]
-    position = torch.arange(n, device=flat.device) - start[sorted_experts] + padded_start[sorted_experts]
-    sorted_rows = torch.full((padded_rows,), n, dtype=torch.int64, device=flat.device).scatter_(0, position, order)
+    position = (padded_end - padded_counts).gather(0, flat) + rank
+    assignments = torch.arange(n, device=flat.device)
+    sorted_rows = torch.full((padded_rows,), n, dtype=torch.int64, device=flat.device).scatter_(0, position, assignments)
     block_starts = torch.arange(0, padded_rows, block_m, device=flat.device)
     block_expert = torch.searchsorted(padded_end, block_starts, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1)
