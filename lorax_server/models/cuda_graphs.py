@@ -24,8 +24,11 @@ MIN_CONTEXT_BUCKET = 256
 @dataclass
 class CapturedStep:
     graph: torch.cuda.CUDAGraph
-    inputs: Dict[str, torch.Tensor]  # static buffers the graph reads
+    inputs: Dict[str, torch.Tensor]  # static buffers the graph reads and `load` refills
     logits: torch.Tensor  # static buffer the graph writes
+    # Everything else the graph reads (lm_head indices, Seqlen's tensors): a replay reads these addresses,
+    # so they must live as long as the graph, or the allocator hands their memory to someone else.
+    kept_alive: dict
 
 
 class DecodeGraphs:
@@ -105,4 +108,4 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             logits, _ = self.model(**kwargs)
         self.pool = graph.pool()
-        return CapturedStep(graph, static, logits)
+        return CapturedStep(graph, static, logits, kwargs)
