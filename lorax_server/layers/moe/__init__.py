@@ -23,9 +23,10 @@ __all__ = ["Dispatch", "Routing", "dispatch", "route", "moe_experts", "expert_ba
            "ExpertsImpl"]
 
 # Token counts up to which the fused Triton kernels beat two grouped_mm calls (above, grouped_mm runs).
-# Measured on an H200 at Mixtral-8x7B shapes with the tuned tiles, CUDA-graph replays: Triton 52% of the
-# floor against 48% at 1024 tokens, 57% against 62% at 4096 (docs/PERF.md, bench/moe_layer.py).
-TRITON_MOE_MAX_TOKENS = 2048
+# Measured on an H200 at Mixtral-8x7B shapes with the tuned tiles, CUDA-graph replays (docs/PERF.md):
+# Triton clearly ahead at 256 tokens (75% of the floor against 64%), a tie at 1024 (52/48% in one run,
+# 46/49% in the next), grouped_mm ahead at 4096 (65% against 51-57%).
+TRITON_MOE_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)
