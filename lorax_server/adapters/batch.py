@@ -10,20 +10,35 @@ from typing import Dict, Optional
 
 import torch
 
+from lorax_server.adapters.stacked import LoraStacks
 from lorax_server.adapters.weights import BASE_MODEL_ADAPTER_INDEX, AdapterWeights
 
 
 @dataclass(frozen=True)
 class AdapterBatchData:
     """token_adapters [T] int64: the adapter index of each token (0 = base model).
-    adapters: index -> weights, for the adapters present in the batch."""
+    adapters: index -> weights, for the adapters present in the batch.
+    stacks / token_slots: on a GPU, every loaded adapter stacked per target and each token's slot in
+    the stacks (-1 = none); the deltas then come from the Triton kernels, with no host synchronisation."""
 
     token_adapters: torch.Tensor
     adapters: Dict[int, AdapterWeights]
+    stacks: Optional[LoraStacks] = None
+    token_slots: Optional[torch.Tensor] = None
+
+    @classmethod
+    def for_tokens(cls, token_adapters: torch.Tensor, adapters: Dict[int, AdapterWeights],
+                   stacks: Optional[LoraStacks]) -> "AdapterBatchData":
+        slots = None
+        if stacks is not None:
+            slots = stacks.slot_of[token_adapters.clamp(0, len(stacks.slot_of) - 1)]
+            slots = torch.where(token_adapters < len(stacks.slot_of), slots, -1)
+        return cls(token_adapters, adapters, stacks, slots)
 
     def select(self, token_index: torch.Tensor) -> "AdapterBatchData":
         """The same adapters for a subset of the tokens (e.g. the rows that reach the LM head)."""
-        return AdapterBatchData(self.token_adapters[token_index], self.adapters)
+        slots = self.token_slots[token_index] if self.token_slots is not None else None
+        return AdapterBatchData(self.token_adapters[token_index], self.adapters, self.stacks, slots)
 
     def rows_of(self, adapter_index: int, token_adapters: Optional[torch.Tensor] = None) -> torch.Tensor:
         owners = self.token_adapters if token_adapters is None else token_adapters
@@ -31,6 +46,11 @@ class AdapterBatchData:
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, layer_id: int, name: str) -> None:
         """y [T, out] += each token's delta (x @ a) @ b for (layer_id, name), in place."""
+        if self.stacks is not None:
+            stacked = self.stacks.linear.get((layer_id, name))
+            if stacked is not None:
+                self.stacks.expand(y, self.stacks.shrink(x, stacked.a, self.token_slots), stacked.b, self.token_slots)
+            return
         for index, adapter in self.adapters.items():
             lora = adapter.linear.get((layer_id, name))
             if index == BASE_MODEL_ADAPTER_INDEX or lora is None:
@@ -40,6 +60,8 @@ class AdapterBatchData:
                 y.index_add_(0, rows, ((x[rows] @ lora.a) @ lora.b).to(y.dtype))
 
     def has_expert_lora(self, layer_id: int) -> bool:
+        if self.stacks is not None:
+            return (layer_id, "w13") in self.stacks.experts or (layer_id, "w2") in self.stacks.experts
         return any(i != BASE_MODEL_ADAPTER_INDEX and any(k[0] == layer_id for k in a.experts)
                    for i, a in self.adapters.items())
 
@@ -47,6 +69,10 @@ class AdapterBatchData:
         """The expert-LoRA deltas of one MoE layer for this batch's routing, or None when no adapter has any."""
         present = {i: a.experts for i, a in self.adapters.items()
                    if i != BASE_MODEL_ADAPTER_INDEX and any(k[0] == layer_id for k in a.experts)}
+        if self.stacks is not None:
+            row_slots = self.token_slots[dispatch.token_index]
+            rows = torch.where(row_slots >= 0, row_slots * self.stacks.num_experts + dispatch.expert_ids, -1)
+            return StackedExpertLora(rows.to(torch.int32), layer_id, self.stacks)
         if not present:
             return None
         return ExpertLoraBatch(self.token_adapters[dispatch.token_index], dispatch.expert_ids, layer_id, present)
@@ -73,3 +99,17 @@ class ExpertLoraBatch:
             e = self.row_experts[rows]
             shrunk = torch.bmm(lora.a[e], x[rows].unsqueeze(2))  # [n, r, 1]
             y.index_add_(0, rows, torch.bmm(lora.b[e], shrunk).squeeze(2).to(y.dtype))
+
+
+@dataclass(frozen=True)
+class StackedExpertLora:
+    """Expert LoRA through the Triton kernels: row i uses stack row `rows[i]` (slot * E + expert, or -1)."""
+
+    rows: torch.Tensor  # [T*K] int32
+    layer_id: int
+    stacks: LoraStacks
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, name: str) -> None:
+        stacked = self.stacks.experts.get((self.layer_id, name))
+        if stacked is not None:
+            self.stacks.expand(y, self.stacks.shrink(x, stacked.a, self.rows), stacked.b, self.rows)

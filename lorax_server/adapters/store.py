@@ -5,6 +5,7 @@ one dictionary assignment under a lock, so a refused adapter leaves nothing behi
 other adapters are never disturbed.
 """
 
+import os
 import threading
 from typing import Dict, Optional
 
@@ -12,7 +13,9 @@ import torch
 
 from lorax_server.adapters.batch import AdapterBatchData
 from lorax_server.adapters.peft import PeftLoraLoader
+from lorax_server.adapters.stacked import LoraStacks, build_stacks
 from lorax_server.adapters.weights import BASE_MODEL_ADAPTER_INDEX, AdapterError, AdapterWeights
+from lorax_server.layers.backends import needs_cuda_and_triton
 
 
 class AdapterStore:
@@ -20,6 +23,11 @@ class AdapterStore:
         self.loader = PeftLoraLoader(model_config, process_group, dtype, device)
         self.loaded: Dict[int, AdapterWeights] = {}
         self.lock = threading.Lock()
+        self.device = torch.device(device)
+        self.num_experts = model_config.num_local_experts
+        # The Triton LoRA kernels need every adapter stacked per target: kept on GPUs only.
+        self.use_kernels = needs_cuda_and_triton(self.device) is None and os.getenv("LORAX_LORA_BACKEND") != "torch"
+        self.stacks: Optional[LoraStacks] = None
 
     def load(self, index: int, adapter_dir, adapter_id: Optional[str] = None) -> AdapterWeights:
         if index == BASE_MODEL_ADAPTER_INDEX:
@@ -30,14 +38,21 @@ class AdapterStore:
                                    "offload it first")
         weights = self.loader.load(adapter_dir, adapter_id)
         with self.lock:
-            self.loaded[index] = weights
+            self.publish({**self.loaded, index: weights})
         return weights
 
     def offload(self, index: int) -> AdapterWeights:
         with self.lock:
             if index not in self.loaded:
                 raise AdapterError(f"adapter index {index} is not loaded")
-            return self.loaded.pop(index)
+            removed = self.loaded[index]
+            self.publish({i: w for i, w in self.loaded.items() if i != index})
+            return removed
+
+    def publish(self, loaded: Dict[int, AdapterWeights]) -> None:
+        """Makes `loaded` the served set: the stacks are built first, then both are swapped in together."""
+        stacks = build_stacks(loaded, self.num_experts, self.device) if self.use_kernels and loaded else None
+        self.loaded, self.stacks = loaded, stacks
 
     def memory_bytes(self, index: int) -> int:
         return self.loaded[index].memory_bytes
@@ -54,4 +69,4 @@ class AdapterStore:
             return None
         with self.lock:
             self.check_loaded(indices)
-            return AdapterBatchData(token_adapters, {i: self.loaded[i] for i in indices})
+            return AdapterBatchData.for_tokens(token_adapters, {i: self.loaded[i] for i in indices}, self.stacks)
