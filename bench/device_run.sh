@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune).
+# One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune,
+# adapters, tp: the last on a machine with 2 GPUs).
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -13,5 +14,9 @@ for step in "$@"; do
     tune) python3 -m bench.moe_layer --tune --tokens 1 16 64 256 1024 4096 2>&1 | tee "$OUT/moe_tune.log" ;;
     attention) python3 -m bench.paged_attention 2>&1 | tee "$OUT/paged_attention.log" ;;
     stack) python3 -m bench.layer_stack 2>&1 | tee "$OUT/layer_stack.log" ;;
+    adapters) python3 -m bench.adapters 2>&1 | tee "$OUT/adapters.log" ;;
+    tp) python3 -m bench.tp_nccl /tmp/tp_check --make && \
+        python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl /tmp/tp_check 2>&1 | \
+        grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/tp_nccl.log" ;;
   esac
 done

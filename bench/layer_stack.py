@@ -27,17 +27,17 @@ MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
 class RandomWeights(MetaWeights):
     """Random tensors of the shapes the model asks for, on the GPU."""
 
-    def __init__(self):
-        super().__init__(FakeGroup(0, 1), torch.bfloat16)
-        self.device = torch.device("cuda")
+    def __init__(self, group=None):
+        super().__init__(group or FakeGroup(0, 1), torch.bfloat16)
+        self.device = torch.device("cuda", torch.cuda.current_device())
 
     def get_slice(self, name):
         shape = self.expected[name]
-        return torch.randn(shape, device="cuda", dtype=torch.bfloat16) / (shape[-1] ** 0.5 if len(shape) > 1 else 1.0)
+        return torch.randn(shape, device=self.device, dtype=torch.bfloat16) / (shape[-1] ** 0.5 if len(shape) > 1 else 1.0)
 
     def get_tensor(self, name, shape=None):
         self._check_shape(name, shape)
-        return self.get_slice(name) if len(shape) > 1 else torch.ones(shape, device="cuda", dtype=torch.bfloat16)
+        return self.get_slice(name) if len(shape) > 1 else torch.ones(shape, device=self.device, dtype=torch.bfloat16)
 
 
 def decode_floor_ms(config, layers, batch, bandwidth):
@@ -51,12 +51,14 @@ def decode_floor_ms(config, layers, batch, bandwidth):
 
 
 def decode_inputs(model, config, batch):
-    cache = PagedKVCache(config.num_hidden_layers, batch * CONTEXT // 16 + batch, 16, 8, 128, torch.bfloat16, "cuda")
+    device = model.lm_head.weight.device
+    cache = PagedKVCache(config.num_hidden_layers, batch * CONTEXT // 16 + batch, 16, model.num_kv_heads, 128,
+                         torch.bfloat16, device)
     for key, value in cache.layers:
         key.normal_()
         value.normal_()
     seqs = [PagedSequence(list(range(CONTEXT)), cached=CONTEXT - 1) for _ in range(batch)]
-    inputs = pack_forward(seqs, [1] * batch, cache, False, "cuda")
+    inputs = pack_forward(seqs, [1] * batch, cache, False, device)
     inputs.pop("token_adapters")
     return inputs
 

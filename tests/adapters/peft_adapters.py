@@ -53,7 +53,7 @@ def write_per_expert_adapter(hf_model, directory: Path, seed: int, r: int = 3, a
     return merged
 
 
-def store_for(model, group=None) -> AdapterStore:
+def store_for(model, group=None, dtype=torch.float32, device="cpu") -> AdapterStore:
     from lorax_server.utils.dist import FakeGroup
 
-    return AdapterStore(model.config, group or FakeGroup(0, 1), torch.float32, "cpu")
+    return AdapterStore(model.config, group or FakeGroup(0, 1), dtype, device)
