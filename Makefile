@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test run bench test-gpu clean
+.PHONY: test run bench test-gpu proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.moe_layer
 	$(BIN)/python -m bench.paged_attention
 	$(BIN)/python -m bench.layer_stack
+
+# Regenerates lorax_server/pb/generate_pb2*.py from generate.proto (grpcio-tools).
+proto: $(STAMP)
+	$(BIN)/pip install -q grpcio-tools
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. lorax_server/pb/generate.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info
