@@ -32,7 +32,7 @@ def generate(
     from lorax_server.models import get_model
     from lorax_server.utils.tokens import SamplingParams
 
-    params = SamplingParams(temperature=temperature or 1.0, top_p=top_p, seed=seed)
+    params = SamplingParams(temperature=temperature or 1.0, top_p=top_p, seed=seed, do_sample=temperature > 0)
     start = time.perf_counter()
     model = get_model(str(model_dir), dtype=dtype)
     loaded = time.perf_counter()

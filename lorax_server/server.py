@@ -2,8 +2,9 @@
 
 Every handler runs under one lock (one batch step at a time) and turns failures into gRPC statuses with
 a message: bad input is INVALID_ARGUMENT, an unknown batch or adapter path NOT_FOUND, a full cache
-RESOURCE_EXHAUSTED. The engine refuses a request before touching any state, so the server keeps
-serving after any of them. The kernel backends in use are logged at start-up and sent back as the
+RESOURCE_EXHAUSTED. The engine checks a request before it touches any state, so the server keeps
+serving after any of them (a request that fails mid-step is dropped with its batch, freeing its blocks).
+The kernel backends in use are logged at start-up and sent back as the
 `lorax-backends` trailing metadata of `Info` (the wire format has no field for them).
 """
 
@@ -30,7 +31,7 @@ STATUS_OF = (
     (FileNotFoundError, grpc.StatusCode.NOT_FOUND),
     (CacheFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
-    ((RequestError, AdapterError, BlockInUse, ValueError), grpc.StatusCode.INVALID_ARGUMENT),
+    ((RequestError, AdapterError, BlockInUse), grpc.StatusCode.INVALID_ARGUMENT),
 )
 FINISH_REASONS = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS_TOKEN,
                   "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE}
@@ -206,6 +207,8 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
 
     @rpc
     def Prefill(self, request, context):
+        if request.HasField("cached_batch") and request.cached_batch.id not in self.model.batches:
+            raise BatchNotFound(f"batch {request.cached_batch.id} is not in the cache")
         requests, router_blocks = engine_requests(self.model, request.batch)
         results, batch = self.model.prefill(request.batch.id, requests, router_blocks)
         if request.HasField("cached_batch"):  # new requests join a batch already decoding

@@ -40,9 +40,8 @@ class AdapterBatchData:
         slots = self.token_slots[token_index] if self.token_slots is not None else None
         return AdapterBatchData(self.token_adapters[token_index], self.adapters, self.stacks, slots)
 
-    def rows_of(self, adapter_index: int, token_adapters: Optional[torch.Tensor] = None) -> torch.Tensor:
-        owners = self.token_adapters if token_adapters is None else token_adapters
-        return (owners == adapter_index).nonzero().squeeze(1)
+    def rows_of(self, adapter_index: int) -> torch.Tensor:
+        return (self.token_adapters == adapter_index).nonzero().squeeze(1)
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, layer_id: int, name: str) -> None:
         """y [T, out] += each token's delta (x @ a) @ b for (layer_id, name), in place."""
@@ -60,8 +59,7 @@ class AdapterBatchData:
                 y.index_add_(0, rows, ((x[rows] @ lora.a) @ lora.b).to(y.dtype))
 
     def has_expert_lora(self, layer_id: int) -> bool:
-        if self.stacks is not None:
-            return (layer_id, "w13") in self.stacks.experts or (layer_id, "w2") in self.stacks.experts
+        """Whether an adapter of this batch has expert LoRA in this layer (host-side, no synchronisation)."""
         return any(i != BASE_MODEL_ADAPTER_INDEX and any(k[0] == layer_id for k in a.experts)
                    for i, a in self.adapters.items())
 

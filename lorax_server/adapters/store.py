@@ -5,7 +5,6 @@ one dictionary assignment under a lock, so a refused adapter leaves nothing behi
 other adapters are never disturbed.
 """
 
-import os
 import threading
 from typing import Dict, Optional
 
@@ -15,7 +14,10 @@ from lorax_server.adapters.batch import AdapterBatchData
 from lorax_server.adapters.peft import PeftLoraLoader
 from lorax_server.adapters.stacked import LoraStacks, build_stacks
 from lorax_server.adapters.weights import BASE_MODEL_ADAPTER_INDEX, AdapterError, AdapterWeights
-from lorax_server.layers.backends import needs_cuda_and_triton
+from lorax_server.layers.backends import Backend, choose, needs_cuda_and_triton
+
+# The implementation is a flag: stacked weights + Triton kernels (True) or the per-adapter loop (False).
+LORA_BACKENDS = (Backend("triton", True, needs_cuda_and_triton), Backend("torch", False))
 
 
 class AdapterStore:
@@ -25,8 +27,8 @@ class AdapterStore:
         self.lock = threading.Lock()
         self.device = torch.device(device)
         self.num_experts = model_config.num_local_experts
-        # The Triton LoRA kernels need every adapter stacked per target: kept on GPUs only.
-        self.use_kernels = needs_cuda_and_triton(self.device) is None and os.getenv("LORAX_LORA_BACKEND") != "torch"
+        # The Triton LoRA kernels need every adapter stacked per target: built only when they are chosen.
+        self.use_kernels = choose("lora", LORA_BACKENDS, self.device)
         self.stacks: Optional[LoraStacks] = None
 
     def load(self, index: int, adapter_dir, adapter_id: Optional[str] = None) -> AdapterWeights:
@@ -55,7 +57,8 @@ class AdapterStore:
         self.loaded, self.stacks = loaded, stacks
 
     def memory_bytes(self, index: int) -> int:
-        return self.loaded[index].memory_bytes
+        """Device memory the adapter takes; with the kernels its weights are also held in the stacks."""
+        return self.loaded[index].memory_bytes * (2 if self.stacks is not None else 1)
 
     def check_loaded(self, indices) -> None:
         missing = sorted(set(indices) - set(self.loaded) - {BASE_MODEL_ADAPTER_INDEX})

@@ -6,7 +6,8 @@ Every adapter loaded for one target is stacked into a [slots, R, in] A and a [sl
 ranks zero-padded to the largest R; each row of the batch names its slot (-1: no LoRA). `lora_shrink`
 computes v = A[slot] @ x per row, `lora_expand` adds B[slot] @ v into the output in place (the scale is
 already folded into B). Shapes and grids depend only on the batch size, never on which adapters it
-holds, so a decode step with adapters can be captured in a CUDA graph. Rows are independent, so the
+holds, so a decode step with adapters can be captured in a CUDA graph (the benchmarks do; the engine
+replays graphs only for base-model steps so far). Rows are independent, so the
 same kernels serve prefill (each row re-reads its adapter's A and B, from L2) and decode.
 """
 

@@ -121,6 +121,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
              slots: torch.Tensor) -> None:
     """key/value [T, KVH, D] -> cache slots (slot -1 skipped), with no host synchronisation."""
     T, kv_heads, D = key.shape
+    assert key_cache.is_contiguous() and value_cache.is_contiguous(), "the kernel addresses slots as rows"
     key, value = key.reshape(T, -1), value.reshape(T, -1)
     if T == 0:
         return

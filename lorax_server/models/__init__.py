@@ -33,7 +33,10 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
               quantize: Optional[str] = None, compile: bool = False, dtype: Optional[str] = None,
               trust_remote_code: bool = False, kv_cache_bytes: Optional[int] = None, block_size: int = 16,
               **unused):
-    """Loads the model in local directory `model_id` (no hub is reachable from a serving machine)."""
+    """Loads the model in local directory `model_id` (no hub is reachable from a serving machine).
+
+    `adapter_id`, a local PEFT adapter directory, is loaded at adapter index 1; `trust_remote_code` has no
+    effect (no remote code is ever run)."""
     model_dir = Path(model_id)
     config_file = model_dir / "config.json"
     if not config_file.is_file():
@@ -45,10 +48,12 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
         raise ValueError(f"quantization '{quantize}' is not supported by this server")
     if compile:
         raise ValueError("compile=True is not supported yet")
-    if sharded:
-        process_group, rank, _ = initialize_torch_distributed()
-    else:
-        process_group, rank = FakeGroup(0, 1), 0
+    if revision:
+        raise ValueError(f"revision '{revision}' cannot be honoured: models load from local directories")
+    process_group = initialize_torch_distributed()[0] if sharded else FakeGroup(0, 1)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
-    return MODEL_TYPES[model_type]()(model_dir, resolve_dtype(dtype, device), device, process_group,
-                                     kv_cache_bytes=kv_cache_bytes, block_size=block_size)
+    model = MODEL_TYPES[model_type]()(model_dir, resolve_dtype(dtype, device), device, process_group,
+                                      kv_cache_bytes=kv_cache_bytes, block_size=block_size)
+    if adapter_id:  # upstream's default adapter: served here at index 1
+        model.adapters.load(1, adapter_id, adapter_id)
+    return model

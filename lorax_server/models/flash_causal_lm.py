@@ -20,13 +20,10 @@ import torch
 from lorax_server.adapters.store import AdapterStore
 from lorax_server.models.cuda_graphs import DecodeGraphs
 from lorax_server.models.paged_cache import CacheFull, PagedKVCache, PagedSequence, mark_cached, pack_forward
+from lorax_server.utils.errors import RequestError
 from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, StoppingCriteria, prompt_logprobs
 
 DEFAULT_BLOCK_SIZE = 16
-
-
-class RequestError(ValueError):
-    """A request the engine refuses (bad input); nothing it touched is kept."""
 
 
 class BatchNotFound(KeyError):
@@ -50,7 +47,7 @@ class StepResult:
     request_id: int
     token: TokenChoice
     prompt_tokens: Optional[List[TokenChoice]] = None  # with prefill_logprobs, on the first step
-    prompt_length: int = 0
+    prompt_length: int = 0  # set on the prefill step only (the router streams a prefill message when > 0)
     finish_reason: Optional[str] = None  # "length", "eos" or "stop_sequence" once finished
     text: str = ""  # the whole generated text, once finished
     generated_ids: List[int] = field(default_factory=list)  # once finished
@@ -159,27 +156,36 @@ class FlashCausalLM:
 
     @torch.no_grad()
     def prefill(self, batch_id: int, requests: List[Request], router_blocks=None) -> Tuple[List[StepResult], Optional[Batch]]:
+        """Admits the requests and chooses their first tokens; on any failure they leave no trace."""
+        if not requests:
+            raise RequestError("a batch needs at least one request")
         if batch_id in self.batches:
             raise RequestError(f"batch {batch_id} already exists")
         self.admit(requests, router_blocks or {})
         try:
             want_all = any(r.prefill_logprobs for r in requests)
             logits = self.forward(requests, [r.prompt_length for r in requests], prefill=True, all_logits=want_all)
+            if want_all:
+                per_request = list(logits.split([r.prompt_length for r in requests]))
+                results = self.choose(requests, [lg[-1] for lg in per_request], per_request)
+            else:
+                results = self.choose(requests, list(logits), None)
         except Exception:
             self.release(requests)
             raise
-        if want_all:
-            per_request = list(logits.split([r.prompt_length for r in requests]))
-            results = self.choose(requests, [lg[-1] for lg in per_request], per_request)
-        else:
-            results = self.choose(requests, list(logits), None)
         return results, self.keep(Batch(batch_id, requests))
 
     @torch.no_grad()
     def decode(self, batch_ids: Sequence[int]) -> Tuple[List[StepResult], Optional[Batch]]:
+        """One token for every request of these batches (merged into the first)."""
         batch = self.concatenate(batch_ids)
-        logits = self.forward(batch.requests, [1] * len(batch.requests), prefill=False)
-        results = self.choose(batch.requests, list(logits), None)
+        try:
+            logits = self.forward(batch.requests, [1] * len(batch.requests), prefill=False)
+            results = self.choose(batch.requests, list(logits), None)
+        except Exception:
+            # Half a step cannot be resumed: the batch is dropped and its blocks freed; other batches are untouched.
+            self.clear(batch.id)
+            raise
         return results, self.keep(batch)
 
     def forward(self, requests: List[Request], counts: List[int], prefill: bool, all_logits=False) -> torch.Tensor:
@@ -195,15 +201,16 @@ class FlashCausalLM:
         return logits
 
     def choose(self, requests: List[Request], last_logits, prompt_logits) -> List[StepResult]:
+        choices = [r.chooser(logits, torch.tensor(r.seq.tokens, dtype=torch.int64, device=logits.device))
+                   for r, logits in zip(requests, last_logits)]
         results = []
-        for i, (r, logits) in enumerate(zip(requests, last_logits)):
-            previous = torch.tensor(r.seq.tokens, dtype=torch.int64, device=logits.device)
-            token, logprob, alternatives = r.chooser(logits, previous)
+        for i, (r, (token, logprob, alternatives)) in enumerate(zip(requests, choices)):
             r.seq.tokens.append(token)
             text = self.decode_increment(r)
             result = StepResult(r.id, TokenChoice(token, logprob, text, token in self.special_ids,
-                                                  [(t, lp, self.token_text(t)) for t, lp in alternatives]),
-                                prompt_length=r.prompt_length)
+                                                  [(t, lp, self.token_text(t)) for t, lp in alternatives]))
+            if len(r.generated) == 1:  # the prefill step reports the prompt
+                result.prompt_length = r.prompt_length
             if prompt_logits is not None and r.prefill_logprobs:
                 result.prompt_tokens = self.prompt_choices(r, prompt_logits[i])
             r.finish_reason = result.finish_reason = r.stopping(token, text, len(r.generated))
@@ -246,9 +253,11 @@ class FlashCausalLM:
         return batch
 
     def concatenate(self, batch_ids: Sequence[int]) -> Batch:
+        if not batch_ids or len(set(batch_ids)) != len(batch_ids):
+            raise RequestError(f"batches to decode must be given once each, got {list(batch_ids)}")
         missing = [i for i in batch_ids if i not in self.batches]
-        if missing or not batch_ids:
-            raise BatchNotFound(f"batch {missing[0] if missing else '(none given)'} is not in the cache")
+        if missing:
+            raise BatchNotFound(f"batch {missing[0]} is not in the cache")
         batches = [self.batches.pop(i) for i in batch_ids]
         merged = Batch(batches[0].id, [r for b in batches for r in b.requests])
         self.batches[merged.id] = merged

@@ -11,13 +11,15 @@ from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
     ATTN_Q_PROJ,
     ATTN_V_PROJ,
     LM_HEAD,
+    ROUTER,
     FlashMixtralForCausalLM,
     MixtralConfig,
 )
 from lorax_server.models.flash_causal_lm import DEFAULT_BLOCK_SIZE, FlashCausalLM, kv_cache_blocks
 from lorax_server.utils.weights import Weights, weight_files
 
-ADAPTER_LAYERS = [ATTN_Q_PROJ, ATTN_K_PROJ, ATTN_V_PROJ, ATTN_O_PROJ, LM_HEAD]
+# LoRA targets this model serves (see lorax_server/adapters/peft.py for the experts' two formats).
+ADAPTER_LAYERS = [ATTN_Q_PROJ, ATTN_K_PROJ, ATTN_V_PROJ, ATTN_O_PROJ, LM_HEAD, ROUTER, "experts.w13", "experts.w2"]
 # KV-cache budget when none is given: a fixed slice of RAM on a CPU; on a GPU, most of what the weights left free.
 CPU_KV_CACHE_BYTES = 256 << 20
 GPU_KV_CACHE_FRACTION = 0.85
@@ -33,14 +35,17 @@ class FlashMixtral(FlashCausalLM):
         model = FlashMixtralForCausalLM("", config, weights).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         budget = kv_cache_bytes or default_kv_cache_bytes(torch.device(device))
-        num_blocks = kv_cache_blocks(model, block_size, budget, dtype)
+        num_blocks = agreed_num_blocks(kv_cache_blocks(model, block_size, budget, dtype), process_group, device)
         super().__init__(model, tokenizer, dtype, device, num_blocks, block_size)
-        self.model_dir = Path(model_dir)
-        self.process_group = process_group
 
-    @property
-    def adapter_layers(self):
-        return ADAPTER_LAYERS
+
+def agreed_num_blocks(num_blocks: int, process_group, device) -> int:
+    """The smallest cache of all ranks: every rank must admit exactly the same requests."""
+    if process_group.size() == 1:
+        return num_blocks
+    count = torch.tensor([num_blocks], device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN, group=process_group)
+    return int(count.item())
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:

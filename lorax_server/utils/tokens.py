@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from lorax_server.utils.errors import RequestError
+
 NEG_INF = float("-inf")
 
 
@@ -33,19 +35,15 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 < self.typical_p <= 1:
-            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+            raise RequestError(f"typical_p must be in (0, 1], got {self.typical_p}")
         if self.top_k < 0 or self.return_k_alternatives < 0:
-            raise ValueError("top_k and return_k_alternatives must be >= 0")
+            raise RequestError("top_k and return_k_alternatives must be >= 0")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    @classmethod
-    def greedy(cls) -> "SamplingParams":
-        return cls()
+            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def samples(self) -> bool:
@@ -77,7 +75,7 @@ def typical_filter(scores: torch.Tensor, mass: float) -> torch.Tensor:
     logp = scores.log_softmax(-1)
     entropy = -(logp.exp() * logp).nansum(-1, keepdim=True)
     distance = (-logp - entropy).abs()
-    sorted_distance, order = distance.sort(dim=-1)
+    order = distance.argsort(dim=-1)
     probs = logp.gather(-1, order).exp()
     outside = probs.cumsum(-1) - probs >= mass
     return scores.scatter(-1, order, scores.gather(-1, order).masked_fill(outside, NEG_INF))
@@ -121,23 +119,13 @@ class NextTokenChooser:
         return token, float(logprobs[token]), alternatives
 
 
-def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Batched choice for requests that share one SamplingParams (the `generate` command): [B, V] -> [B]."""
-    if not params.samples:
-        return logits.argmax(-1)
-    chooser = NextTokenChooser(params)
-    chooser.generator = generator or chooser.generator
-    scores = chooser.warp(logits.float())
-    return torch.multinomial(scores.softmax(-1), 1, generator=chooser.generator).squeeze(1)
-
-
 class StoppingCriteria:
     """Stops on max_new_tokens, on EOS (unless ignored) and on any stop sequence in the generated text."""
 
     def __init__(self, max_new_tokens: int, eos_token_ids: Sequence[int], stop_sequences: Sequence[str] = (),
                  ignore_eos: bool = False):
         if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+            raise RequestError(f"max_new_tokens must be positive, got {max_new_tokens}")
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = set() if ignore_eos else set(eos_token_ids)
         self.stop_sequences = [s for s in stop_sequences if s]

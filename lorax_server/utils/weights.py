@@ -68,9 +68,6 @@ class Weights:
 
     # -- lookup -------------------------------------------------------------------------------------
 
-    def has_tensor(self, name: str) -> bool:
-        return self._resolve(name) is not None
-
     def _resolve(self, name: str) -> Optional[str]:
         for candidate in (name, *self.aliases.get(name, ())):
             if candidate in self.routing:
@@ -153,9 +150,6 @@ class MetaWeights(Weights):
     def __init__(self, process_group, dtype: torch.dtype = torch.bfloat16):
         super().__init__([], "meta", dtype, process_group)
         self.expected: Dict[str, List[int]] = {}
-
-    def has_tensor(self, name: str) -> bool:
-        return False
 
     def _check_shape(self, name: str, expected: Optional[Sequence[int]]) -> List[int]:
         if expected is None:

@@ -1,7 +1,6 @@
 """The engine on the GPU: decode steps replayed from CUDA graphs give the tokens of eager decode steps."""
 
 import pytest
-import torch
 
 from tests.gpu.conftest import skip_without_gpu
 
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.gpu
 PROMPTS = ["The for statement", "A list is", "Exceptions are", "def f(x):", "Beautiful is"]
 
 
-def test_cuda_graph_decode_equals_eager(monkeypatch):
+def test_cuda_graph_decode_equals_eager():
     model = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=64 << 20)
     assert model.graphs is not None
     with_graphs = [r.generated_ids for r in model.generate(PROMPTS, 20)]

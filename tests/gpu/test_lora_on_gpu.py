@@ -25,20 +25,24 @@ def model_and_adapters(tmp_path_factory):
     return load_ours(root / "base", dtype=torch.bfloat16, device="cuda"), root
 
 
-def logits_with(model, root, kernels: bool):
-    store = store_for(model, dtype=torch.bfloat16, device="cuda")
+def logits_with(model, root, kernels: bool, dtype=torch.bfloat16):
+    store = store_for(model, dtype=dtype, device="cuda")
     store.use_kernels = kernels
     for i in (1, 2, 3):
         store.load(i, root / f"a{i}")
     assert (store.stacks is not None) == kernels
     return paged_logits(model, SEQUENCES, [9, 4, 14, 6], adapters=store, adapter_indices=[0, 1, 2, 3],
-                        device="cuda", dtype=torch.bfloat16)
+                        device="cuda", dtype=dtype)
 
 
-def test_kernels_match_the_torch_loop(model_and_adapters):
+def test_kernels_are_as_accurate_as_the_torch_loop(model_and_adapters):
+    """Both bf16 paths against the fp32 model with the torch loop (bf16 rounding differs between them:
+    the kernels accumulate the shrink in fp32, the loop rounds it to bf16)."""
     model, root = model_and_adapters
-    for got, want in zip(logits_with(model, root, True), logits_with(model, root, False)):
-        assert relative_error(got, want) < 1e-2
+    reference = logits_with(load_ours(root / "base", dtype=torch.float32, device="cuda"), root, False, torch.float32)
+    for kernel, loop, want in zip(logits_with(model, root, True), logits_with(model, root, False), reference):
+        kernel_error, loop_error = relative_error(kernel, want), relative_error(loop, want)
+        assert kernel_error < 3e-2 and kernel_error <= 1.5 * loop_error + 1e-3
 
 
 def test_decode_with_adapters_is_capturable(model_and_adapters):

@@ -1,7 +1,5 @@
 """The other RPCs, and bad input: each refused with a clear status, and the next request is served."""
 
-from pathlib import Path
-
 import grpc
 import pytest
 
@@ -27,7 +25,7 @@ def assert_still_serves(client, model):
 
 
 def test_info_health_discovery(served):
-    client, model = served
+    client, _ = served
     info, call = client.stub.Info.with_call(pb.InfoRequest())
     assert info.dtype == "float32" and info.device_type == "cpu" and info.block_size == 16
     assert info.supports_generation and not info.supports_embeddings and not info.requires_block_allocator
@@ -122,3 +120,33 @@ def test_adapter_lifecycle_over_grpc(served, adapters, tmp_path):
     assert client.stub.OffloadAdapter(offload).offloaded
     assert_status(lambda: client.stub.OffloadAdapter(offload), grpc.StatusCode.INVALID_ARGUMENT, "not loaded")
     assert_still_serves(client, model)
+
+
+def test_empty_batch_duplicate_decode_and_unknown_cached_batch_are_refused(served):
+    client, model = served
+    assert_status(lambda: prefill(client, 64, []), grpc.StatusCode.INVALID_ARGUMENT, "at least one request")
+    batch = prefill(client, 65, [make_request(0, "A list is", max_new_tokens=5)]).batch
+    assert_status(lambda: client.stub.Decode(pb.DecodeRequest(batches=[batch, batch])),
+                  grpc.StatusCode.INVALID_ARGUMENT, "given once each")
+    unknown = pb.PrefillRequest(batch=pb.Batch(id=66, requests=[make_request(0, "A list is")], size=1),
+                                cached_batch=pb.CachedBatch(id=4242))
+    assert_status(lambda: client.stub.Prefill(unknown), grpc.StatusCode.NOT_FOUND, "batch 4242")
+    assert list(model.batches) == [65]  # neither refusal touched the live batch or added one
+    client.stub.ClearCache(pb.ClearCacheRequest())
+    assert_still_serves(client, model)
+
+
+def test_a_failure_mid_step_frees_the_batch_and_the_server_goes_on(served, monkeypatch):
+    client, model = served
+    batch = prefill(client, 67, [make_request(i, "A list is", max_new_tokens=8) for i in range(3)]).batch
+
+    def broken(self, logits, previous):
+        raise RuntimeError("sampler exploded")
+
+    monkeypatch.setattr("lorax_server.utils.tokens.NextTokenChooser.__call__", broken)
+    assert_status(lambda: client.stub.Decode(pb.DecodeRequest(batches=[batch])), grpc.StatusCode.INTERNAL,
+                  "sampler exploded")
+    assert_status(lambda: prefill(client, 68, [make_request(0, "A list is")]), grpc.StatusCode.INTERNAL,
+                  "sampler exploded")
+    monkeypatch.undo()
+    assert_still_serves(client, model)  # both batches are gone and every block is free again

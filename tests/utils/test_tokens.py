@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from lorax_server.utils.tokens import SamplingParams, next_tokens, top_p_filter
+from lorax_server.utils.errors import RequestError
+from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, top_p_filter
 
 
 def test_greedy_is_argmax():
-    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
-    assert next_tokens(logits, SamplingParams(), None).tolist() == [1, 0]
+    chooser = NextTokenChooser(SamplingParams())
+    token, logprob, _ = chooser(torch.tensor([0.1, 2.0, -1.0]), torch.tensor([], dtype=torch.int64))
+    assert token == 1 and abs(logprob - torch.tensor([0.1, 2.0, -1.0]).log_softmax(-1)[1].item()) < 1e-6
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -20,5 +22,5 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)])
 def test_bad_sampling_parameters_are_refused(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(RequestError):
         SamplingParams(**kwargs)

@@ -5,7 +5,7 @@ the oracle and the fallback everywhere.
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -28,11 +28,18 @@ def load_cuda_ops() -> AttentionOps:
     return AttentionOps(cuda.write_kv, cuda.prefill_attention, cuda.paged_attention)
 
 
-ATTENTION_BACKENDS = (
-    Backend("triton", load_cuda_ops, needs_cuda_and_triton, lazy=True),
-    Backend("torch", TORCH_OPS),
-)
+def triton_unavailable(device: torch.device, head_dim: int) -> Optional[str]:
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"the decode kernel needs a power-of-two head_dim of at least 16, not {head_dim}"
+    return needs_cuda_and_triton(device)
 
 
-def attention_ops(device: torch.device) -> AttentionOps:
-    return choose("attention", ATTENTION_BACKENDS, device)
+def attention_backends(head_dim: int):
+    return (
+        Backend("triton", load_cuda_ops, lambda device: triton_unavailable(device, head_dim), lazy=True),
+        Backend("torch", TORCH_OPS),
+    )
+
+
+def attention_ops(device: torch.device, head_dim: int) -> AttentionOps:
+    return choose("attention", attention_backends(head_dim), device)

@@ -40,8 +40,6 @@ ATTN_O_PROJ = "self_attn.o_proj"
 LM_HEAD = "lm_head"
 ROUTER = "block_sparse_moe.gate"
 LM_HEAD_LAYER_ID = -1  # lm_head is not in a decoder layer
-EXPERTS_W13 = "block_sparse_moe.experts.w13"  # every expert's w1 and w3, fused
-EXPERTS_W2 = "block_sparse_moe.experts.w2"
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -133,6 +131,13 @@ class BatchMetadata:
     prefill_cache_indices: Optional[torch.Tensor]  # tokens whose K/V go to the cache (sliding window)
     adapter_data: object  # AdapterBatchData or None
     prefill_without_prefix: bool  # prefill in which no sequence has cached tokens: attend to fresh K/V
+
+
+def make_batch_metadata(cos, sin, cu_seqlen_prefill, block_tables, slots, seqlen: Seqlen, max_s,
+                        prefill_cache_indices, adapter_data) -> BatchMetadata:
+    no_prefix = cu_seqlen_prefill is not None and not bool(seqlen.cache_lengths.any())
+    return BatchMetadata(cos, sin, cu_seqlen_prefill, block_tables, slots, seqlen, max_s,
+                         prefill_cache_indices, adapter_data, no_prefix)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,7 +271,7 @@ class MixtralAttention(nn.Module):
         o_proj = TensorParallelRowLinear.load(weights, f"{prefix}.o_proj", (hidden, config.num_attention_heads * d),
                                               reduce=False)
         self.o_proj = MultiAdapterLinear(o_proj, layer_id, [ATTN_O_PROJ], [hidden], reduce_group=weights.process_group)
-        self.ops = attention_ops(o_proj.weight.device)
+        self.ops = attention_ops(o_proj.weight.device, self.head_dim)
 
     def forward(self, x: torch.Tensor, batch: BatchMetadata, kv_cache: Tuple[torch.Tensor, torch.Tensor]):
         q, k, v = self.query_key_value(x, batch.adapter_data).split(self.split, dim=-1)
@@ -334,13 +339,6 @@ class MixtralModel(nn.Module):
         for layer, layer_cache in zip(self.layers, kv_cache):
             x, residual = layer(x, residual, batch, layer_cache)
         return self.norm(x, residual)[0]
-
-
-def make_batch_metadata(cos, sin, cu_seqlen_prefill, block_tables, slots, seqlen: Seqlen, max_s,
-                        prefill_cache_indices, adapter_data) -> BatchMetadata:
-    no_prefix = cu_seqlen_prefill is not None and not bool(seqlen.cache_lengths.any())
-    return BatchMetadata(cos, sin, cu_seqlen_prefill, block_tables, slots, seqlen, max_s,
-                         prefill_cache_indices, adapter_data, no_prefix)
 
 
 class FlashMixtralForCausalLM(nn.Module):
