@@ -63,17 +63,18 @@ class AdapterBatchData:
         return any(i != BASE_MODEL_ADAPTER_INDEX and any(k[0] == layer_id for k in a.experts)
                    for i, a in self.adapters.items())
 
-    def expert_lora(self, layer_id: int, dispatch) -> Optional["ExpertLoraBatch"]:
-        """The expert-LoRA deltas of one MoE layer for this batch's routing, or None when no adapter has any."""
+    def expert_lora(self, layer_id: int, row_tokens: torch.Tensor, row_experts: torch.Tensor):
+        """The expert-LoRA deltas of one MoE layer for rows (token, expert) in whatever order the caller
+        computes them (expert-sorted for grouped GEMMs, t * K + k for the fused kernels), or None."""
         present = {i: a.experts for i, a in self.adapters.items()
                    if i != BASE_MODEL_ADAPTER_INDEX and any(k[0] == layer_id for k in a.experts)}
-        if self.stacks is not None:
-            row_slots = self.token_slots[dispatch.token_index]
-            rows = torch.where(row_slots >= 0, row_slots * self.stacks.num_experts + dispatch.expert_ids, -1)
-            return StackedExpertLora(rows.to(torch.int32), layer_id, self.stacks)
         if not present:
             return None
-        return ExpertLoraBatch(self.token_adapters[dispatch.token_index], dispatch.expert_ids, layer_id, present)
+        if self.stacks is not None:
+            row_slots = self.token_slots[row_tokens]
+            rows = torch.where(row_slots >= 0, row_slots * self.stacks.num_experts + row_experts, -1)
+            return StackedExpertLora(rows.to(torch.int32), layer_id, self.stacks)
+        return ExpertLoraBatch(self.token_adapters[row_tokens], row_experts, layer_id, present)
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,8 @@ class ExpertLoraBatch:
     layer_id: int
     adapters: Dict[int, Dict]
 
-    def add(self, y: torch.Tensor, x: torch.Tensor, name: str) -> None:
-        """y [N, out] += b[e] @ (a[e] @ x) for each row's adapter and expert ("w13" or "w2")."""
+    def add(self, y: torch.Tensor, x: torch.Tensor, name: str, row_scale: Optional[torch.Tensor] = None) -> None:
+        """y [N, out] += row_scale * b[e] @ (a[e] @ x) for each row's adapter and expert ("w13" or "w2")."""
         for index, experts in self.adapters.items():
             lora = experts.get((self.layer_id, name))
             if lora is None:
@@ -96,6 +97,8 @@ class ExpertLoraBatch:
                 continue
             e = self.row_experts[rows]
             shrunk = torch.bmm(lora.a[e], x[rows].unsqueeze(2))  # [n, r, 1]
+            if row_scale is not None:
+                shrunk = shrunk * row_scale[rows].view(-1, 1, 1).to(shrunk.dtype)
             y.index_add_(0, rows, torch.bmm(lora.b[e], shrunk).squeeze(2).to(y.dtype))
 
 
@@ -107,7 +110,10 @@ class StackedExpertLora:
     layer_id: int
     stacks: LoraStacks
 
-    def add(self, y: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    def add(self, y: torch.Tensor, x: torch.Tensor, name: str, row_scale: Optional[torch.Tensor] = None) -> None:
         stacked = self.stacks.experts.get((self.layer_id, name))
         if stacked is not None:
-            self.stacks.expand(y, self.stacks.shrink(x, stacked.a, self.rows), stacked.b, self.rows)
+            shrunk = self.stacks.shrink(x, stacked.a, self.rows)  # [N, R] fp32
+            if row_scale is not None:
+                shrunk = shrunk * row_scale.unsqueeze(1)
+            self.stacks.expand(y, shrunk, stacked.b, self.rows)

@@ -34,6 +34,7 @@ MOE_TILE_CONFIGS = (
 @dataclass(frozen=True)
 class Alignment:
     sorted_rows: torch.Tensor  # [P] assignment id (t * K + k) at each padded position, T*K for padding
+    position: torch.Tensor  # [T*K] padded position of each assignment (the inverse of sorted_rows)
     block_expert: torch.Tensor  # [P / BLOCK_M] expert of each row block, -1 past the last real block
     padded_rows: int  # P
 
@@ -58,13 +59,13 @@ def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> Al
     block_starts = torch.arange(0, padded_rows, block_m, device=flat.device)
     block_expert = torch.searchsorted(padded_end, block_starts, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1)
-    return Alignment(sorted_rows, block_expert, padded_rows)
+    return Alignment(sorted_rows, position, block_expert, padded_rows)
 
 
 @triton.jit
-def gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_rows_ptr, block_expert_ptr, num_assignments, top_k, hidden, ffn,
-                   stride_x, stride_we, stride_wn, stride_h,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def gate_up_kernel(x_ptr, w13_ptr, h_ptr, delta_ptr, sorted_rows_ptr, block_expert_ptr, num_assignments, top_k,
+                   hidden, ffn, stride_x, stride_we, stride_wn, stride_h, stride_d,
+                   HAS_DELTA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -90,6 +91,11 @@ def gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_rows_ptr, block_expert_ptr, num
         x_tile += BLOCK_K
         gate_tile += BLOCK_K
         up_tile += BLOCK_K
+    if HAS_DELTA:  # expert LoRA: per-assignment deltas of the gate and up pre-activations
+        delta = delta_ptr + assignment[:, None] * stride_d + cols[None, :]
+        ok = real[:, None] & col_ok[None, :]
+        gate += tl.load(delta, mask=ok, other=0.0).to(tl.float32)
+        up += tl.load(delta + ffn, mask=ok, other=0.0).to(tl.float32)
     h = gate * tl.sigmoid(gate) * up
     tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=col_ok[None, :])
 
@@ -132,10 +138,13 @@ def tile_config(num_tokens: int, element_size: int):
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weights: torch.Tensor,
-              experts: torch.Tensor, configs=None) -> torch.Tensor:
+              experts: torch.Tensor, configs=None, lora=None) -> torch.Tensor:
     """x [T, H], w13 [E, 2F, H], w2 [E, H, F], routing_weights / experts [T, K] -> [T, H] (this rank's partial).
 
-    SiLU gating, as Mixtral uses; `configs` overrides the tile table (for tuning).
+    SiLU gating, as Mixtral uses; `configs` overrides the tile table (for tuning). `lora`, when given,
+    adds expert-LoRA deltas over the assignments in t * K + k order (`lora.add(y, x, name, row_scale)`):
+    the gate/up deltas enter the first kernel before the activation, the down deltas join each
+    assignment's output with its routing weight. The expert weights are still read once.
     """
     T, H = x.shape
     E, two_f, _ = w13.shape
@@ -145,14 +154,20 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weig
     aligned = align_by_expert(experts, E, bm1)
     h = torch.empty(aligned.padded_rows, F, dtype=x.dtype, device=x.device)
     blocks = aligned.padded_rows // bm1
+    delta = None
+    if lora is not None:
+        delta = torch.zeros(T * K, 2 * F, dtype=torch.float32, device=x.device)
+        lora.add(delta, x.repeat_interleave(K, dim=0), "w13")
     gate_up_kernel[(blocks, triton.cdiv(F, bn1))](
-        x, w13, h, aligned.sorted_rows, aligned.block_expert, T * K, K, H, F,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=s1)
+        x, w13, h, delta if delta is not None else h, aligned.sorted_rows, aligned.block_expert, T * K, K, H, F,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), delta.stride(0) if delta is not None else 0,
+        HAS_DELTA=delta is not None, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=s1)
     out = torch.empty(T * K, H, dtype=x.dtype, device=x.device)
     weights = routing_weights.flatten().to(torch.float32).contiguous()
     down_kernel[(blocks, triton.cdiv(H, bn2))](
         h, w2, out, weights, aligned.sorted_rows, aligned.block_expert, T * K, H, F,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=s2)
+    if lora is not None:
+        lora.add(out, h[aligned.position], "w2", row_scale=weights)
     return out.view(T, K, H).sum(dim=1)

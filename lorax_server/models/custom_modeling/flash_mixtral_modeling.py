@@ -190,14 +190,24 @@ class MoEBlock(nn.Module):
             adapter_data.add_lora(router_logits, x, self.layer_id, ROUTER)
         routing = route(router_logits, self.top_k)
         has_lora = adapter_data is not None and adapter_data.has_expert_lora(self.layer_id)
-        fused = self.experts_impl.fused
-        if fused is not None and not has_lora and x.shape[0] <= self.experts_impl.fused_max_tokens:
-            out = fused(x, self.expert_w13, self.expert_w2, routing.weights, routing.experts)
+        if self.use_fused(x.shape[0], adapter_data if has_lora else None):
+            lora = None
+            if has_lora:  # rows in t * K + k order, as the fused kernels walk them
+                rows = torch.arange(routing.experts.numel(), device=x.device) // self.top_k
+                lora = adapter_data.expert_lora(self.layer_id, rows, routing.experts.flatten())
+            out = self.experts_impl.fused(x, self.expert_w13, self.expert_w2, routing.weights, routing.experts,
+                                          lora=lora)
         else:
             d = dispatch(routing, self.num_experts)
-            lora = adapter_data.expert_lora(self.layer_id, d) if has_lora else None
+            lora = adapter_data.expert_lora(self.layer_id, d.token_index, d.expert_ids) if has_lora else None
             out = moe_experts(x, self.expert_w13, self.expert_w2, d, self.act, self.experts_impl.linear, lora)
         return all_reduce(out, self.process_group)
+
+    def use_fused(self, num_tokens: int, expert_lora_data) -> bool:
+        """Fused kernels for small batches; with expert LoRA only when its deltas come from the GPU kernels."""
+        impl = self.experts_impl
+        fits = impl.fused is not None and num_tokens <= impl.fused_max_tokens
+        return fits and (expert_lora_data is None or expert_lora_data.stacks is not None)
 
 
 class BlockSparseMoE(MoEBlock):
