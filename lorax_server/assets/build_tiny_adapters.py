@@ -32,6 +32,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorax_server.assets.training import train
+
 BASE_DIR = Path(__file__).parent / "tiny_mixtral"
 SAMPLE_PROMPTS = ("The for statement", "Beautiful is")
 MAX_TOTAL_BYTES = 2_000_000  # both adapters together must stay below this
@@ -79,41 +81,18 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 30) -> str:
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
+def lm_loss(model, batch):
+    loss = model(input_ids=batch, labels=batch).loss  # the router is frozen: no aux loss to report apart
+    return loss, loss.item()
+
+
 def train_adapter(name: str, data: torch.Tensor, args) -> float:
     """Train one LoRA adapter on ``data`` (fp32), save it to OUT_DIR/name; return the final loss."""
     torch.manual_seed(args.seed)  # same LoRA init and batches whatever was trained before
     model = get_peft_model(load_base(), ADAPTERS[name])
     model.print_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed)
-    budget_s = args.minutes * 60 or math.inf
-    warmup, losses, step, t_train = 20, [], 0, time.time()
-    model.train()
-    while step < args.steps:
-        # Same schedule as the base build: warmup, then cosine to 10% by steps or time.
-        progress = max(step / args.steps, (time.time() - t_train) / budget_s)
-        if progress >= 1:
-            break
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        starts = torch.randint(0, len(data) - args.seq_len, (args.batch,), generator=gen)
-        body = torch.stack([data[s : s + args.seq_len] for s in starts.tolist()])
-        batch = torch.cat([torch.ones(args.batch, 1, dtype=torch.long), body], dim=1)  # prepend <s>
-        loss = model(input_ids=batch, labels=batch).loss  # LM loss only (router is frozen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        if step % 25 == 0:
-            print(f"[{name}] step {step:4d}  lr {lr:.2e}  loss {sum(losses[-25:]) / 25:.3f}  "
-                  f"{time.time() - t_train:.0f}s", flush=True)
-    final = sum(losses[-25:]) / len(losses[-25:])
-    print(f"[{name}] final training loss (mean of last {min(25, len(losses))} steps): {final:.3f} "
-          f"after {step} steps, {time.time() - t_train:.0f}s")
+    final, _ = train(model, params, data, args, lm_loss, warmup=20, weight_decay=0.0, log_every=25, tag=f"[{name}] ")
     # A repo-relative base path instead of this machine's absolute one; drop PEFT's boilerplate model card.
     model.peft_config["default"].base_model_name_or_path = "lorax_server/assets/tiny_mixtral"
     model.save_pretrained(args.out_dir / name)

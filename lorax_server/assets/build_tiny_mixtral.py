@@ -21,13 +21,14 @@ when the run is bounded by ``--steps`` rather than ``--minutes``, the same weigh
 
 import argparse
 import importlib
-import math
 import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+
+from lorax_server.assets.training import train
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 (Mixtral: bos=1, eos=2)
 DOCSTRING_MODULES = (  # only used with --with-docstrings; a fixed list keeps it deterministic
@@ -98,6 +99,11 @@ def make_model(vocab_size: int, args) -> MixtralForCausalLM:
     return MixtralForCausalLM(config)
 
 
+def lm_and_aux_loss(model, batch):
+    out = model(input_ids=batch, labels=batch, output_router_logits=True)
+    return out.loss, out.loss.item() - model.config.router_aux_loss_coef * out.aux_loss.item()
+
+
 @torch.no_grad()
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     model.eval()
@@ -135,38 +141,10 @@ def main():
     data = torch.tensor(stream, dtype=torch.long)
     print(f"{len(docs)} documents, {sum(map(len, docs))} chars, {len(data)} tokens, vocab {len(tokenizer)}")
 
-    # 3. Model and training. Every window starts with <s>, as prompts do at inference.
+    # 3. Model and training. The reported loss is the LM loss alone (without the router's aux loss).
     model = make_model(len(tokenizer), args)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
-    budget_s = args.minutes * 60 or math.inf
-    warmup, losses, step, t_train = 100, [], 0, time.time()
-    model.train()
-    while step < args.steps:
-        # Progress in [0, 1] by steps or by time, whichever is further: drives the LR schedule.
-        progress = max(step / args.steps, (time.time() - t_train) / budget_s)
-        if progress >= 1:
-            break
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        starts = torch.randint(0, len(data) - args.seq_len, (args.batch,), generator=gen)
-        body = torch.stack([data[s : s + args.seq_len] for s in starts.tolist()])
-        batch = torch.cat([torch.ones(args.batch, 1, dtype=torch.long), body], dim=1)  # prepend <s>
-        out = model(input_ids=batch, labels=batch, output_router_logits=True)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        lm_loss = out.loss.item() - model.config.router_aux_loss_coef * out.aux_loss.item()
-        losses.append(lm_loss)
-        step += 1
-        if step % 50 == 0:
-            print(f"step {step:5d}  lr {lr:.2e}  loss {sum(losses[-50:]) / len(losses[-50:]):.3f}  "
-                  f"{time.time() - t_train:.0f}s", flush=True)
-    final = sum(losses[-50:]) / len(losses[-50:])
-    print(f"final training loss (mean of last {min(50, len(losses))} steps): {final:.3f} after {step} steps")
+    train(model, model.parameters(), data, args, lm_and_aux_loss, warmup=100, weight_decay=0.1, log_every=50)
 
     # 4. Save: tokenizer files + bf16 weights (transformers writes Mixtral's per-expert w1/w2/w3 names).
     for prompt in SAMPLE_PROMPTS:

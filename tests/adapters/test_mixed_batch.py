@@ -1,5 +1,6 @@
 """One batch mixing the base model and three adapters of different ranks gives each request what it gets alone."""
 
+import pytest
 import torch
 
 from lorax_server.utils.dist import FakeGroup
@@ -17,13 +18,20 @@ def make_three_adapters(tmp_path, hf):
     return {1: tmp_path / "a1", 2: tmp_path / "a2", 3: tmp_path / "a3"}
 
 
-def test_mixed_batch_equals_each_request_alone(tmp_path):
+@pytest.fixture
+def served_adapters(tmp_path):
+    """(model, store with adapters 1-3 loaded, {index: adapter dir})."""
     hf = save_tiny_mixtral(tmp_path / "base")
     paths = make_three_adapters(tmp_path, hf)
     model = load_ours(tmp_path / "base")
     store = store_for(model)
     for index, path in paths.items():
         store.load(index, path)
+    return model, store, paths
+
+
+def test_mixed_batch_equals_each_request_alone(served_adapters):
+    model, store, _ = served_adapters
     mixed = paged_logits(model, SEQUENCES, PROMPT_LENS, adapters=store, adapter_indices=[0, 1, 2, 3])
     for i, adapter in enumerate([0, 1, 2, 3]):
         alone = paged_logits(model, [SEQUENCES[i]], [PROMPT_LENS[i]], adapters=store, adapter_indices=[adapter])[0]
@@ -33,13 +41,8 @@ def test_mixed_batch_equals_each_request_alone(tmp_path):
     assert all(relative_error(mixed[i], base[i]) > 1e-2 for i in (1, 2, 3))
 
 
-def test_offload_while_serving_others_and_report_memory(tmp_path):
-    hf = save_tiny_mixtral(tmp_path / "base")
-    paths = make_three_adapters(tmp_path, hf)
-    model = load_ours(tmp_path / "base")
-    store = store_for(model)
-    for index, path in paths.items():
-        store.load(index, path)
+def test_offload_while_serving_others_and_report_memory(served_adapters):
+    model, store, paths = served_adapters
     before = paged_logits(model, SEQUENCES[:2], PROMPT_LENS[:2], adapters=store, adapter_indices=[0, 1])
     assert store.memory_bytes(2) > store.memory_bytes(1) > 0
     store.offload(2)

@@ -51,7 +51,7 @@ def test_paged_attention_over_shuffled_blocks_matches_naive(window, block_size):
     free = torch.randperm(num_blocks).tolist()
     keys = [torch.randn(t, KVH, D) for t in total]
     values = [torch.randn(t, KVH, D) for t in total]
-    tables, slots = [], []
+    tables = []
     for t, kk, vv in zip(total, keys, values):
         blocks = [free.pop() for _ in range(-(-t // block_size))]
         tables.append(blocks + [0] * (16 - len(blocks)))

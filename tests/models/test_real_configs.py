@@ -18,13 +18,9 @@ MIXTRAL_8X7B = {
     "transformers_version": "4.36.0.dev0", "use_cache": True, "vocab_size": 32000,
 }
 MIXTRAL_8X22B = {
-    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
-    "hidden_act": "silu", "hidden_size": 6144, "initializer_range": 0.02, "intermediate_size": 16384,
-    "max_position_embeddings": 65536, "model_type": "mixtral", "num_attention_heads": 48,
-    "num_experts_per_tok": 2, "num_hidden_layers": 56, "num_key_value_heads": 8, "num_local_experts": 8,
-    "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1e6, "router_aux_loss_coef": 0.001,
-    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "transformers_version": "4.38.0", "use_cache": True, "vocab_size": 32768,
+    **MIXTRAL_8X7B, "hidden_size": 6144, "intermediate_size": 16384, "max_position_embeddings": 65536,
+    "num_attention_heads": 48, "num_hidden_layers": 56, "router_aux_loss_coef": 0.001,
+    "transformers_version": "4.38.0", "vocab_size": 32768,
 }
 
 
