@@ -2,7 +2,7 @@
 
 Oracle: `lorax_server.layers.moe.experts.moe_experts(..., linear_per_expert)`.
 
-1. `align_by_expert` (torch, on the device): the T*K assignments sorted by expert, each expert's run
+1. `align_by_expert` (one Triton program; torch ops for large batches): the T*K assignments sorted by expert, each expert's run
    padded to a multiple of BLOCK_M, in a buffer whose size is fixed by T, K and E alone (so the launch
    grid never depends on the routing and the whole thing can be captured in a CUDA graph).
 2. `gate_up_kernel`: for a tile of BLOCK_M rows of one expert, both gate and up columns at once,
@@ -37,6 +37,49 @@ class Alignment:
     position: torch.Tensor  # [T*K] padded position of each assignment (the inverse of sorted_rows)
     block_expert: torch.Tensor  # [P / BLOCK_M] expert of each row block, -1 past the last real block
     padded_rows: int  # P
+
+
+@triton.jit
+def align_kernel(experts_ptr, sorted_rows_ptr, position_ptr, block_expert_ptr, n, padded_rows, num_blocks,
+                 NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, FILL: tl.constexpr):
+    """`align_by_expert` in one program: small batches spend more time launching its ~18 torch ops than
+    computing them. Each assignment's place = its expert's padded start + its rank among that expert's."""
+    i = tl.arange(0, N_PAD)
+    real = i < n
+    expert = tl.load(experts_ptr + i, mask=real, other=NUM_EXPERTS)
+    for start in range(0, padded_rows, FILL):  # padding rows point one past the last assignment
+        fill = start + tl.arange(0, FILL)
+        tl.store(sorted_rows_ptr + fill, tl.zeros((FILL,), tl.int64) + n, mask=fill < padded_rows)
+    tl.debug_barrier()
+    position = tl.zeros((N_PAD,), tl.int32)
+    padded_start = tl.sum(tl.zeros((N_PAD,), tl.int32), 0)  # an int32 scalar, as the loop keeps it
+    b = tl.arange(0, N_PAD)  # row blocks (there are at most N_PAD of them)
+    block_expert = tl.zeros((N_PAD,), tl.int32) - 1
+    for e in tl.static_range(NUM_EXPERTS):  # unrolled: E is small
+        mine = (expert == e).to(tl.int32)
+        rank = tl.cumsum(mine, 0) - 1
+        position = tl.where(mine > 0, padded_start + rank, position)
+        padded_end = padded_start + (tl.sum(mine, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        block_expert = tl.where((b * BLOCK_M >= padded_start) & (b * BLOCK_M < padded_end), e, block_expert)
+        padded_start = padded_end
+    tl.store(position_ptr + i, position.to(tl.int64), mask=real)
+    tl.store(sorted_rows_ptr + position, i.to(tl.int64), mask=real)
+    tl.store(block_expert_ptr + b, block_expert, mask=b < num_blocks)
+
+
+def align_by_expert_triton(experts: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+    """The same alignment as `align_by_expert`, in one kernel launch (for up to 8192 assignments)."""
+    flat = experts.flatten()
+    n = flat.numel()
+    padded_rows = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    num_blocks = padded_rows // block_m
+    sorted_rows = torch.empty(padded_rows, dtype=torch.int64, device=flat.device)
+    position = torch.empty(n, dtype=torch.int64, device=flat.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=flat.device)
+    n_pad = max(16, triton.next_power_of_2(max(n, num_blocks)))
+    align_kernel[(1,)](flat, sorted_rows, position, block_expert, n, padded_rows, num_blocks,
+                       NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=n_pad, FILL=1024, num_warps=4)
+    return Alignment(sorted_rows, position, block_expert, padded_rows)
 
 
 def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
@@ -151,7 +194,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weig
     F, K = two_f // 2, experts.shape[1]
     (bm1, bn1, bk1, w1, s1), (bm2, bn2, bk2, w2_, s2) = configs or tile_config(T, x.element_size())
     assert bm1 == bm2, "both kernels walk the same padded row blocks"
-    aligned = align_by_expert(experts, E, bm1)
+    aligned = (align_by_expert_triton if T * K <= 8192 else align_by_expert)(experts, E, bm1)
     h = torch.empty(aligned.padded_rows, F, dtype=x.dtype, device=x.device)
     blocks = aligned.padded_rows // bm1
     delta = None

@@ -8,7 +8,7 @@ from tests.gpu.conftest import relative_error, skip_without_gpu
 
 skip_without_gpu()
 
-from lorax_server.kernels.fused_moe import MOE_TILE_CONFIGS, fused_moe
+from lorax_server.kernels.fused_moe import MOE_TILE_CONFIGS, align_by_expert, align_by_expert_triton, fused_moe
 from lorax_server.kernels.paged_attention import paged_decode_attention, write_kv
 from lorax_server.kernels.rmsnorm import add_rms_norm
 from lorax_server.layers.attention import cuda as cuda_attention
@@ -56,6 +56,15 @@ def test_fused_moe_with_an_expert_nobody_chose_and_one_expert_everyone_chose():
     routing = route(torch.full((50, 8), -1e4, device=DEV).index_fill_(1, torch.tensor([5], device=DEV), 0.0), 1)
     want = moe_experts(x.float(), w13.float(), w2.float(), dispatch(routing, 8), F.silu, linear_per_expert)
     assert relative_error(fused_moe(x, w13, w2, routing.weights, routing.experts), want) < 1e-2
+
+
+@pytest.mark.parametrize("T, K, E, block_m", [(1, 2, 8, 16), (37, 2, 8, 32), (512, 2, 8, 64), (4096, 2, 8, 128)])
+def test_one_program_alignment_equals_the_torch_one(T, K, E, block_m):
+    experts = torch.randint(0, E, (T, K), device=DEV)
+    experts[:, 0] %= 2  # skewed: some experts get nothing
+    want, got = align_by_expert(experts, E, block_m), align_by_expert_triton(experts, E, block_m)
+    assert torch.equal(got.sorted_rows, want.sorted_rows) and torch.equal(got.position, want.position)
+    assert torch.equal(got.block_expert.long(), want.block_expert.long()) and got.padded_rows == want.padded_rows
 
 
 def paged_problem(lengths, block_size, KVH=8, H=32, D=128, seed=0):
