@@ -199,10 +199,13 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
 
     @rpc
     def Warmup(self, request, context):
-        """Runs the router's warm-up batch once, then gives everything back and reports the cache size."""
+        """Runs the router's warm-up batch once, gives everything back, captures the decode CUDA graphs (on a
+        GPU) for the longest context the router will send, and reports the cache size."""
         requests, router_blocks = engine_requests(self.model, request.batch)
         self.model.prefill(request.batch.id, requests, router_blocks)
         self.model.clear(request.batch.id)
+        if self.model.graphs is not None and request.max_input_length:
+            self.model.graphs.prepare(request.max_input_length + request.max_new_tokens)
         return pb.WarmupResponse(max_supported_total_tokens=self.model.cache.num_blocks * self.model.cache.block_size)
 
     @rpc

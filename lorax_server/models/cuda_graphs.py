@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps: one graph per (batch bucket, context bucket), captured on first use.
+"""CUDA graphs for decode steps: one graph per (batch bucket, context bucket), captured at warm-up for the
+router's longest context, and on first use for any other bucket.
 
 A decode step of the base model (no adapters) is a fixed sequence of kernels once the batch size and
 the longest context are fixed, and at small batches launching them costs more than running them. A
@@ -48,6 +49,14 @@ class DecodeGraphs:
         if context > self.max_positions:
             context = self.max_positions
         return next(b for b in BATCH_BUCKETS if b >= batch), context
+
+    def prepare(self, max_context: int) -> int:
+        """Captures every batch bucket for contexts up to `max_context` now (at warm-up); returns how many."""
+        for batch in BATCH_BUCKETS:
+            key = self.bucket(batch, max_context)
+            if key is not None and key not in self.steps:
+                self.capture(*key)
+        return len(self.steps)
 
     def run(self, inputs: dict) -> Optional[torch.Tensor]:
         """Logits of this decode step from a graph replay, or None when it must run eagerly."""

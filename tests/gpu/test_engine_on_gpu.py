@@ -22,3 +22,9 @@ def test_cuda_graph_decode_equals_eager():
     eager = [r.generated_ids for r in model.generate(PROMPTS, 20)]
     assert with_graphs == eager
     assert len(model.cache.free_blocks) == model.cache.num_blocks
+
+
+def test_warmup_captures_every_batch_bucket():
+    model = get_model(str(DEFAULT_MODEL_DIR), dtype="bfloat16", kv_cache_bytes=64 << 20)
+    assert model.graphs.prepare(300) == 8 and not model.graphs.broken  # 8 batch buckets x context 512
+    assert [r.generated_ids for r in model.generate(PROMPTS, 5)]
