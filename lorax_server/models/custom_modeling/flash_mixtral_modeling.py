@@ -171,7 +171,7 @@ def load_expert_w2(prefix: str, config: MixtralConfig, weights) -> torch.Tensor:
 class MoEBlock(nn.Module):
     """Routing, (optional) router and expert LoRA, the experts, and the block's one all-reduce.
 
-    Subclasses say how the experts are stored (`expert_w13`, `expert_w2`) and computed (`experts`, an
+    Subclasses say how the experts are stored (`expert_w13`, `expert_w2`) and computed (`experts_impl`, an
     ExpertsImpl).
     """
 
