@@ -17,7 +17,12 @@ import torch.distributed as dist
 
 from bench.common import card, time_graph_ms, time_ms
 from bench.layer_stack import MIXTRAL_8X7B, RandomWeights, decode_inputs, decode_floor_ms
-from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
+from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
+    BlockSparseMoE,
+    ExpertParallelMoE,
+    FlashMixtralForCausalLM,
+    MixtralConfig,
+)
 from lorax_server.utils.dist import initialize_torch_distributed
 
 SEQUENCES = [list(range(3, 20)), list(range(50, 58)), list(range(20, 43))]
@@ -47,11 +52,11 @@ def tiny_logits(directory: Path, group, device, with_adapters: bool):
                         device=device, dtype=torch.bfloat16)
 
 
-def decode_ms(group, layers: int):
+def decode_ms(group, layers: int, moe_cls=BlockSparseMoE):
     """(eager ms, graph ms) of one decode step; graph is NaN if the collectives cannot be captured."""
     config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=layers)
     with torch.no_grad():
-        model = FlashMixtralForCausalLM("", config, RandomWeights(group)).eval()
+        model = FlashMixtralForCausalLM("", config, RandomWeights(group), moe_cls).eval()
         inputs = decode_inputs(model, config, 32)
         eager = time_ms(lambda: model(**inputs), warmup=3, repeat=10)
         graph = time_graph_ms(lambda: model(**inputs), repeat=10)
@@ -83,6 +88,8 @@ def main():
         dist.barrier()
     tp = decode_ms(group, args.layers)
     dist.barrier()
+    ep = decode_ms(group, args.layers, ExpertParallelMoE)
+    dist.barrier()
     if rank == 0:
         one = decode_ms(FakeGroup(0, 1), args.layers)
         config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers)
@@ -90,6 +97,8 @@ def main():
               f"TP={world} {tp[0]:.2f} / {tp[1]:.2f}, 1 GPU {one[0]:.2f} / {one[1]:.2f}; ratio eager {tp[0] / one[0]:.2f}, "
               f"graph {tp[1] / one[1]:.2f} (1-GPU floor {decode_floor_ms(config, args.layers, 32, 3.0e12):.2f} ms at 3.0 TB/s)",
               flush=True)
+        print(f"expert parallel (attention split by heads, experts by rank): eager / graph ms {ep[0]:.2f} / "
+              f"{ep[1]:.2f}; ratio to 1 GPU graph {ep[1] / one[1]:.2f}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -53,6 +53,7 @@ def serve(
     preloaded_adapter_ids: List[str] = typer.Option([], help="More local adapters, preloaded at the next indices."),
     sharded: bool = typer.Option(False, help="Tensor parallel over the torchrun ranks (gloo on CPU, NCCL on GPU)."),
     kv_cache_mib: Optional[int] = typer.Option(None, help="KV-cache budget (default: 256 MiB on CPU, 85% of free GPU memory)."),
+    expert_parallel: bool = typer.Option(False, help="With --sharded: split the experts over ranks, not their ffn."),
     log_level: str = typer.Option("INFO"),
 ):
     """Serves LoRAX's shard protocol (generate.v1.LoraxService) until terminated."""
@@ -63,7 +64,7 @@ def serve(
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     adapters = ([adapter_id] if adapter_id else []) + list(preloaded_adapter_ids)
     load_and_serve(str(model_dir), uds_path, dtype, adapters, sharded,
-                   kv_cache_mib << 20 if kv_cache_mib else None)
+                   kv_cache_mib << 20 if kv_cache_mib else None, expert_parallel=expert_parallel)
 
 
 @app.command()

@@ -32,11 +32,12 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
 def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = None, sharded: bool = False,
               quantize: Optional[str] = None, compile: bool = False, dtype: Optional[str] = None,
               trust_remote_code: bool = False, kv_cache_bytes: Optional[int] = None, block_size: int = 16,
-              **unused):
+              expert_parallel: bool = False, **unused):
     """Loads the model in local directory `model_id` (no hub is reachable from a serving machine).
 
     `adapter_id`, a local PEFT adapter directory, is loaded at adapter index 1; `trust_remote_code` has no
-    effect (no remote code is ever run)."""
+    effect (no remote code is ever run); `expert_parallel` splits the experts over the ranks instead of
+    every expert's ffn (sharded runs only)."""
     model_dir = Path(model_id)
     config_file = model_dir / "config.json"
     if not config_file.is_file():
@@ -53,7 +54,8 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
     process_group = initialize_torch_distributed()[0] if sharded else FakeGroup(0, 1)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
     model = MODEL_TYPES[model_type]()(model_dir, resolve_dtype(dtype, device), device, process_group,
-                                      kv_cache_bytes=kv_cache_bytes, block_size=block_size)
+                                      kv_cache_bytes=kv_cache_bytes, block_size=block_size,
+                                      expert_parallel=expert_parallel)
     if adapter_id:  # upstream's default adapter: served here at index 1
         model.adapters.load(1, adapter_id, adapter_id)
     return model

@@ -12,6 +12,8 @@ from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
     ATTN_V_PROJ,
     LM_HEAD,
     ROUTER,
+    BlockSparseMoE,
+    ExpertParallelMoE,
     FlashMixtralForCausalLM,
     MixtralConfig,
 )
@@ -27,12 +29,14 @@ GPU_KV_CACHE_FRACTION = 0.85
 
 class FlashMixtral(FlashCausalLM):
     def __init__(self, model_dir: Path, dtype: torch.dtype, device, process_group,
-                 kv_cache_bytes: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE):
+                 kv_cache_bytes: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 expert_parallel: bool = False):
         from transformers import AutoTokenizer
 
         config = MixtralConfig.from_pretrained(model_dir)
         weights = Weights(weight_files(model_dir), device, dtype, process_group)
-        model = FlashMixtralForCausalLM("", config, weights).eval()
+        moe_cls = ExpertParallelMoE if expert_parallel else BlockSparseMoE
+        model = FlashMixtralForCausalLM("", config, weights, moe_cls).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         budget = kv_cache_bytes or default_kv_cache_bytes(torch.device(device))
         num_blocks = agreed_num_blocks(kv_cache_blocks(model, block_size, budget, dtype), process_group, device)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lorax_server.models.custom_modeling.flash_mixtral_modeling import DenseMoE
+from lorax_server.models.custom_modeling.flash_mixtral_modeling import DenseMoE, ExpertParallelMoE
 from lorax_server.utils.dist import initialize_torch_distributed
 from tests.adapters.peft_adapters import ATTENTION_AND_HEAD, make_peft_adapter, store_for, write_per_expert_adapter
 from tests.tiny_mixtral import load_ours, paged_logits, relative_error, save_tiny_mixtral
@@ -25,8 +25,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MOE_CLASSES = {"dense": DenseMoE, "expert_parallel": ExpertParallelMoE}
+
+
 def logits_of(directory, moe, with_adapters, group=None):
-    model = load_ours(directory / "base", group=group, **({"moe_cls": DenseMoE} if moe == "dense" else {}))
+    model = load_ours(directory / "base", group=group, **({"moe_cls": MOE_CLASSES[moe]} if moe in MOE_CLASSES else {}))
     if not with_adapters:
         return paged_logits(model, SEQUENCES, PROMPT_LENS, block_size=4)
     store = store_for(model, group)
@@ -45,7 +48,8 @@ def run_rank(rank, world_size, port, directory, moe, with_adapters):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("moe, with_adapters", [("sparse", False), ("dense", False), ("sparse", True)])
+@pytest.mark.parametrize("moe, with_adapters", [("sparse", False), ("dense", False), ("expert_parallel", False),
+                                                ("sparse", True)])
 def test_two_ranks_match_one(tmp_path, moe, with_adapters):
     # vocab 97 does not split evenly: the last rank's vocabulary block is padded.
     hf = save_tiny_mixtral(tmp_path / "base", vocab_size=97, sliding_window=9)
@@ -53,6 +57,9 @@ def test_two_ranks_match_one(tmp_path, moe, with_adapters):
         make_peft_adapter(hf, tmp_path / "a1", seed=1, target_modules=ATTENTION_AND_HEAD + ["gate", "w1", "w2", "w3"])
         write_per_expert_adapter(hf, tmp_path / "a2", seed=2)
     single = logits_of(tmp_path, moe, with_adapters)
+    if moe == "expert_parallel":  # on one rank it is the ordinary MoE
+        for got, want in zip(single, logits_of(tmp_path, "sparse", False)):
+            assert relative_error(got, want) <= 1e-6
     mp.start_processes(run_rank, args=(2, free_port(), tmp_path, moe, with_adapters), nprocs=2, start_method="spawn")
     for rank in range(2):  # every rank ends with the same, complete logits
         for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), single):

@@ -25,7 +25,15 @@ from lorax_server.layers.linear import (
     TensorParallelRowLinear,
 )
 from lorax_server.layers.lora import MultiAdapterLinear
-from lorax_server.layers.moe import ExpertsImpl, dispatch, expert_backend, linear_per_expert, moe_experts, route
+from lorax_server.layers.moe import (
+    ExpertsImpl,
+    Routing,
+    dispatch,
+    expert_backend,
+    linear_per_expert,
+    moe_experts,
+    route,
+)
 from lorax_server.layers.rmsnorm import RMSNorm
 from lorax_server.layers.rotary import RotaryEmbedding, apply_rotary
 from lorax_server.utils.attention.common import Seqlen
@@ -188,7 +196,7 @@ class MoEBlock(nn.Module):
         router_logits = F.linear(x, self.gate)  # [T, E]
         if adapter_data is not None:
             adapter_data.add_lora(router_logits, x, self.layer_id, ROUTER)
-        routing = route(router_logits, self.top_k)
+        routing = self.localise(route(router_logits, self.top_k))
         has_lora = adapter_data is not None and adapter_data.has_expert_lora(self.layer_id)
         if self.use_fused(x.shape[0], adapter_data if has_lora else None):
             lora = None
@@ -203,6 +211,10 @@ class MoEBlock(nn.Module):
             out = moe_experts(x, self.expert_w13, self.expert_w2, d, self.act, self.experts_impl.linear, lora)
         return all_reduce(out, self.process_group)
 
+    def localise(self, routing: Routing) -> Routing:
+        """The routing this rank computes (all of it, unless experts are split over ranks)."""
+        return routing
+
     def use_fused(self, num_tokens: int, expert_lora_data) -> bool:
         """Fused kernels for small batches; with expert LoRA only when its deltas come from the GPU kernels."""
         impl = self.experts_impl
@@ -215,10 +227,13 @@ class BlockSparseMoE(MoEBlock):
 
     def __init__(self, prefix: str, config: MixtralConfig, weights, layer_id: int = 0):
         super().__init__(prefix, config, weights, layer_id)
-        self.expert_w13 = nn.Parameter(load_expert_w13(prefix, config, weights), requires_grad=False)
-        self.expert_w2 = nn.Parameter(load_expert_w2(prefix, config, weights), requires_grad=False)
-        w2 = self.expert_w2
+        w13, w2 = self.load_experts(prefix, config, weights)
+        self.expert_w13 = nn.Parameter(w13, requires_grad=False)
+        self.expert_w2 = nn.Parameter(w2, requires_grad=False)
         self.experts_impl = expert_backend(config.hidden_size, w2.shape[2], w2.dtype, w2.device, config.hidden_act)
+
+    def load_experts(self, prefix: str, config: MixtralConfig, weights):
+        return load_expert_w13(prefix, config, weights), load_expert_w2(prefix, config, weights)
 
 
 class DenseExpert(nn.Module):
@@ -250,6 +265,40 @@ class DenseMoE(MoEBlock):
     @property
     def expert_w2(self):
         return [expert.w2 for expert in self.experts]
+
+
+class ExpertParallelMoE(BlockSparseMoE):
+    """Experts split over ranks instead of every expert's ffn: rank r holds experts [r E/n, (r+1) E/n)
+    whole. Every rank routes every token; an assignment to another rank's expert gets weight 0 on this
+    rank (its row is computed and discarded), and the block's all-reduce sums the ranks' parts. A decode
+    step then reads only this rank's experts; prefill computes every assignment on every rank.
+    Expert LoRA is not supported in this layout (its loader shards the ffn)."""
+
+    def __init__(self, prefix: str, config: MixtralConfig, weights, layer_id: int = 0):
+        group = weights.process_group
+        check_divisible("num_local_experts", config.num_local_experts, group.size())
+        self.experts_per_rank = config.num_local_experts // group.size()
+        self.first_expert = group.rank() * self.experts_per_rank
+        super().__init__(prefix, config, weights, layer_id)
+        self.num_experts = self.experts_per_rank
+
+    def load_experts(self, prefix: str, config: MixtralConfig, weights):
+        h, f = config.hidden_size, config.intermediate_size
+        local = range(self.first_expert, self.first_expert + self.experts_per_rank)
+        w13 = torch.stack([torch.cat([weights.get_tensor(f"{prefix}.experts.{e}.{w}.weight", shape=(f, h))
+                                      for w in ("w1", "w3")]) for e in local])
+        w2 = torch.stack([weights.get_tensor(f"{prefix}.experts.{e}.w2.weight", shape=(h, f)) for e in local])
+        return w13, w2
+
+    def localise(self, routing: Routing) -> Routing:
+        local = routing.experts - self.first_expert
+        mine = (local >= 0) & (local < self.experts_per_rank)
+        return Routing(torch.where(mine, routing.weights, 0.0), torch.where(mine, local, 0))
+
+    def forward(self, x: torch.Tensor, adapter_data=None) -> torch.Tensor:
+        if adapter_data is not None and adapter_data.has_expert_lora(self.layer_id):
+            raise NotImplementedError("expert LoRA is not supported with expert parallelism")
+        return super().forward(x, adapter_data)
 
 
 # ---------------------------------------------------------------------------------------------------
