@@ -132,3 +132,19 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_sequences_stop(served):
     stopped, _ = run(client, 13, [make_request(0, PROMPTS[0], max_new_tokens=20, stop_sequences=[stop])])
     assert stopped[0].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
     assert stop in stopped[0].text and len(stopped[0].text) < len(greedy[0].text)
+
+
+def test_concurrent_calls_are_served_one_step_at_a_time(served):
+    """Several clients at once (as a router with many connections would): every batch completes, each with
+    the tokens it gets alone, and every block comes back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, model = served
+    alone = {i: run(client, 200 + i, [make_request(0, p, max_new_tokens=6, ignore_eos_token=True)])[1][0]
+             for i, p in enumerate(PROMPTS)}
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda i: run(client, 300 + i, [make_request(0, PROMPTS[i], max_new_tokens=6,
+                                                                             ignore_eos_token=True)])[1][0],
+                                 range(len(PROMPTS))))
+    assert together == [alone[i] for i in range(len(PROMPTS))]
+    assert len(model.cache.free_blocks) == model.cache.num_blocks and not model.batches
