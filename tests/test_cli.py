@@ -40,3 +40,12 @@ def test_generate_command_prints_text():
     )
     assert result.returncode == 0, result.stderr
     assert "A list is" in result.stdout and "tokens/s" in result.stdout
+
+
+def test_merging_an_embedded_adapter_into_the_engine(tmp_path):
+    ours = get_model(str(DEFAULT_MODEL_DIR), dtype="float32")
+    ours.adapters.load(1, DEFAULT_MODEL_DIR.parent / "adapters" / "zen")
+    with_adapter = [r.generated_ids for r in ours.generate(PROMPTS, 10, adapter_indices=[1] * len(PROMPTS))]
+    ours.merge_adapter(1)
+    assert 1 not in ours.adapters.loaded
+    assert [r.generated_ids for r in ours.generate(PROMPTS, 10)] == with_adapter

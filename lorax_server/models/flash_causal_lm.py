@@ -284,7 +284,13 @@ class FlashCausalLM:
             if i in self.batches:
                 self.release(self.batches.pop(i).requests)
 
-    def adapters_in_use(self) -> Dict[int, List[int]]:
+    def merge_adapter(self, index: int) -> None:
+        """Folds adapter `index` into the base weights (every base request then gets it) and frees the index."""
+        from lorax_server.adapters.merge import merge_into
+
+        if self.adapters_in_use().get(index) or self.batches:
+            raise RequestError("merging changes the base model under live requests: clear the cache first")
+        merge_into(self.model, self.adapters.offload(index))
         used: Dict[int, List[int]] = {}
         for batch in self.batches.values():
             for r in batch.requests:

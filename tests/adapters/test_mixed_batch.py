@@ -63,3 +63,15 @@ def test_tp_shards_of_an_adapter_add_up(tmp_path):
     torch.testing.assert_close(torch.cat([s.linear[q].b for s in shards], 1), whole.linear[q].b)
     torch.testing.assert_close(torch.cat([s.linear[o].a for s in shards], 0), whole.linear[o].a)
     torch.testing.assert_close(torch.cat([s.experts[(0, "w2")].a for s in shards], 2), whole.experts[(0, "w2")].a)
+
+
+def test_merging_an_adapter_makes_the_base_model_give_its_outputs(served_adapters):
+    from lorax_server.adapters.merge import merge_into
+
+    model, store, _ = served_adapters
+    for index in (1, 2, 3):  # attention + lm_head, experts + router, per-expert experts
+        want = paged_logits(model, SEQUENCES[:2], PROMPT_LENS[:2], adapters=store, adapter_indices=[index] * 2)
+        merge_into(model, store.offload(index))
+        got = paged_logits(model, SEQUENCES[:2], PROMPT_LENS[:2])
+        for g, w in zip(got, want):
+            assert relative_error(g, w) <= 1e-5
