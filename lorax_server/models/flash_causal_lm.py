@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from lorax_server.adapters.merge import merge_into
 from lorax_server.adapters.store import AdapterStore
 from lorax_server.models.cuda_graphs import DecodeGraphs
 from lorax_server.models.paged_cache import CacheFull, PagedKVCache, PagedSequence, mark_cached, pack_forward
@@ -286,11 +287,11 @@ class FlashCausalLM:
 
     def merge_adapter(self, index: int) -> None:
         """Folds adapter `index` into the base weights (every base request then gets it) and frees the index."""
-        from lorax_server.adapters.merge import merge_into
-
-        if self.adapters_in_use().get(index) or self.batches:
+        if self.batches:
             raise RequestError("merging changes the base model under live requests: clear the cache first")
         merge_into(self.model, self.adapters.offload(index))
+
+    def adapters_in_use(self) -> Dict[int, List[int]]:
         used: Dict[int, List[int]] = {}
         for batch in self.batches.values():
             for r in batch.requests:
