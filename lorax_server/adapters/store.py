@@ -65,9 +65,11 @@ class AdapterStore:
         if missing:
             raise AdapterError(f"adapter index {missing[0]} is not loaded")
 
-    def batch_data(self, token_adapters: torch.Tensor) -> Optional[AdapterBatchData]:
-        """The AdapterBatchData for these per-token indices; None when every token uses the base model."""
-        indices = set(token_adapters.unique().tolist()) - {BASE_MODEL_ADAPTER_INDEX}
+    def batch_data(self, token_adapters: torch.Tensor, present=None) -> Optional[AdapterBatchData]:
+        """The AdapterBatchData for these per-token indices; None when every token uses the base model.
+        `present`, the set of indices in the batch when the caller knows it, saves a device round trip."""
+        present = set(token_adapters.unique().tolist()) if present is None else set(present)
+        indices = present - {BASE_MODEL_ADAPTER_INDEX}
         if not indices:
             return None
         with self.lock:

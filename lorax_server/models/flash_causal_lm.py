@@ -192,7 +192,7 @@ class FlashCausalLM:
     def forward(self, requests: List[Request], counts: List[int], prefill: bool, all_logits=False) -> torch.Tensor:
         seqs = [r.seq for r in requests]
         inputs = pack_forward(seqs, counts, self.cache, prefill, self.device, all_logits=all_logits)
-        adapter_data = self.adapters.batch_data(inputs.pop("token_adapters"))
+        adapter_data = self.adapters.batch_data(inputs.pop("token_adapters"), {s.adapter_index for s in seqs})
         logits = None
         if not prefill and adapter_data is None and self.graphs is not None:
             logits = self.graphs.run(inputs)
@@ -202,8 +202,7 @@ class FlashCausalLM:
         return logits
 
     def choose(self, requests: List[Request], last_logits, prompt_logits) -> List[StepResult]:
-        choices = [r.chooser(logits, torch.tensor(r.seq.tokens, dtype=torch.int64, device=logits.device))
-                   for r, logits in zip(requests, last_logits)]
+        choices = [r.chooser(logits, r.seq.tokens) for r, logits in zip(requests, last_logits)]
         results = []
         for i, (r, (token, logprob, alternatives)) in enumerate(zip(requests, choices)):
             r.seq.tokens.append(token)

@@ -87,11 +87,12 @@ class NextTokenChooser:
         self.seed = params.seed if params.seed else random.randrange(2**63)
         self.generator = torch.Generator(device=device).manual_seed(self.seed) if params.samples else None
 
-    def penalise(self, logits: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    def penalise(self, logits: torch.Tensor, previous: Sequence[int]) -> torch.Tensor:
         p = self.params
-        if previous.numel() == 0 or (p.repetition_penalty == 1 and not p.frequency_penalty and not p.presence_penalty):
-            return logits
-        counts = torch.bincount(previous, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        if not previous or (p.repetition_penalty == 1 and not p.frequency_penalty and not p.presence_penalty):
+            return logits  # the common case copies nothing to the device
+        ids = torch.tensor(previous, dtype=torch.int64, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
         seen = counts > 0
         if p.repetition_penalty != 1:
             penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
@@ -104,7 +105,7 @@ class NextTokenChooser:
             scores = scores / p.temperature
         return typical_filter(top_p_filter(top_k_filter(scores, p.top_k), p.top_p), p.typical_p)
 
-    def __call__(self, logits: torch.Tensor, previous: torch.Tensor) -> Tuple[int, float, List[Tuple[int, float]]]:
+    def __call__(self, logits: torch.Tensor, previous: Sequence[int]) -> Tuple[int, float, List[Tuple[int, float]]]:
         """logits [vocab] of one position, previous [n] token ids so far -> (token, logprob, alternatives)."""
         scores = self.warp(self.penalise(logits.float(), previous))
         logprobs = scores.log_softmax(-1)

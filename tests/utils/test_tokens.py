@@ -9,7 +9,7 @@ from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, top_p_fi
 
 def test_greedy_is_argmax():
     chooser = NextTokenChooser(SamplingParams())
-    token, logprob, _ = chooser(torch.tensor([0.1, 2.0, -1.0]), torch.tensor([], dtype=torch.int64))
+    token, logprob, _ = chooser(torch.tensor([0.1, 2.0, -1.0]), [])
     assert token == 1 and abs(logprob - torch.tensor([0.1, 2.0, -1.0]).log_softmax(-1)[1].item()) < 1e-6
 
 
