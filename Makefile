@@ -26,10 +26,15 @@ run: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q tests/gpu
 
+# On a GPU machine; the two-GPU benchmark runs when the machine has two GPUs (NVLink multicast stays off).
 bench: $(STAMP)
 	$(BIN)/python -m bench.moe_layer
 	$(BIN)/python -m bench.paged_attention
 	$(BIN)/python -m bench.layer_stack
+	$(BIN)/python -m bench.adapters
+	if [ "$$($(BIN)/python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then \
+	  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+	  $(BIN)/python -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl; fi
 
 # Regenerates lorax_server/pb/generate_pb2*.py from generate.proto (grpcio-tools).
 proto: $(STAMP)

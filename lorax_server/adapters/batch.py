@@ -5,8 +5,9 @@ rows are gathered, shrunk through A, expanded through B and added back. GPU kern
 LoRA inside the grouped GEMMs) take the same inputs: per-token adapter indices and per-adapter weights.
 """
 
+import itertools
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -45,11 +46,24 @@ class AdapterBatchData:
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, layer_id: int, name: str) -> None:
         """y [T, out] += each token's delta (x @ a) @ b for (layer_id, name), in place."""
+        self.add_fused_lora(y, x, layer_id, (name,), (y.shape[1],))
+
+    def add_fused_lora(self, y: torch.Tensor, x: torch.Tensor, layer_id: int, names: Sequence[str],
+                       sizes: Sequence[int]) -> None:
+        """The LoRA of several targets computed in one matmul (q/k/v): y's columns are the targets' outputs
+        side by side, `sizes[i]` columns for `names[i]`. In place."""
+        starts = dict(zip(names, itertools.accumulate(sizes, initial=0)))
         if self.stacks is not None:
-            stacked = self.stacks.linear.get((layer_id, name))
+            stacked = self.stacks.linear.get((layer_id, tuple(names)))
             if stacked is not None:
-                self.stacks.expand(y, self.stacks.shrink(x, stacked.a, self.token_slots), stacked.b, self.token_slots)
+                v = self.stacks.shrink(x, stacked.a, self.token_slots, sections=len(stacked.names))
+                self.stacks.expand(y, v, stacked.b, self.token_slots, stacked.section_ends, stacked.y_shifts(starts))
             return
+        for name, size in zip(names, sizes):
+            self.add_lora_loop(y[:, starts[name]:starts[name] + size], x, layer_id, name)
+
+    def add_lora_loop(self, y: torch.Tensor, x: torch.Tensor, layer_id: int, name: str) -> None:
+        """The pure-PyTorch path (and the kernels' oracle): one gather, shrink, expand and add per adapter."""
         for index, adapter in self.adapters.items():
             lora = adapter.linear.get((layer_id, name))
             if index == BASE_MODEL_ADAPTER_INDEX or lora is None:
@@ -57,6 +71,12 @@ class AdapterBatchData:
             rows = self.rows_of(index)
             if rows.numel():
                 y.index_add_(0, rows, ((x[rows] @ lora.a) @ lora.b).to(y.dtype))
+
+    def expert_lora_layers(self) -> frozenset:
+        """The layers where an adapter of this batch has expert LoRA: with the stacks and the batch size,
+        this fixes every kernel a decode step launches (what a CUDA graph of the step depends on)."""
+        return frozenset(layer for i, a in self.adapters.items() if i != BASE_MODEL_ADAPTER_INDEX
+                         for layer, _ in a.experts)
 
     def has_expert_lora(self, layer_id: int) -> bool:
         """Whether an adapter of this batch has expert LoRA in this layer (host-side, no synchronisation)."""
@@ -110,10 +130,20 @@ class StackedExpertLora:
     layer_id: int
     stacks: LoraStacks
 
-    def add(self, y: torch.Tensor, x: torch.Tensor, name: str, row_scale: Optional[torch.Tensor] = None) -> None:
+    def add(self, y: torch.Tensor, x: torch.Tensor, name: str, row_scale: Optional[torch.Tensor] = None,
+            x_index: Optional[torch.Tensor] = None) -> None:
+        """y [N, out] += row_scale * b @ (a @ x[x_index]) per row (x[i] when x_index is None), in place."""
         stacked = self.stacks.experts.get((self.layer_id, name))
         if stacked is not None:
-            shrunk = self.stacks.shrink(x, stacked.a, self.rows)  # [N, R] fp32
-            if row_scale is not None:
-                shrunk = shrunk * row_scale.unsqueeze(1)
-            self.stacks.expand(y, shrunk, stacked.b, self.rows)
+            v = self.stacks.shrink(x, stacked.a, self.rows, x_index=x_index)
+            self.stacks.expand(y, v, stacked.b, self.rows, row_scale=row_scale)
+
+    def deltas(self, x: torch.Tensor, name: str, x_row_div: int = 1) -> Optional[torch.Tensor]:
+        """[N, out] fp32: row i's delta b @ (a @ x[i // x_row_div]), or None when no adapter has `name` here."""
+        stacked = self.stacks.experts.get((self.layer_id, name))
+        if stacked is None:
+            return None
+        out = torch.empty(len(self.rows), stacked.b.shape[1], dtype=torch.float32, device=x.device)
+        v = self.stacks.shrink(x, stacked.a, self.rows, x_row_div=x_row_div)
+        self.stacks.expand(out, v, stacked.b, self.rows, accumulate=False)
+        return out

@@ -184,10 +184,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weig
               experts: torch.Tensor, configs=None, lora=None) -> torch.Tensor:
     """x [T, H], w13 [E, 2F, H], w2 [E, H, F], routing_weights / experts [T, K] -> [T, H] (this rank's partial).
 
-    SiLU gating, as Mixtral uses; `configs` overrides the tile table (for tuning). `lora`, when given,
-    adds expert-LoRA deltas over the assignments in t * K + k order (`lora.add(y, x, name, row_scale)`):
-    the gate/up deltas enter the first kernel before the activation, the down deltas join each
-    assignment's output with its routing weight. The expert weights are still read once.
+    SiLU gating, as Mixtral uses; `configs` overrides the tile table (for tuning). `lora`, when given (a
+    StackedExpertLora), adds expert-LoRA deltas over the assignments in t * K + k order: the gate/up
+    deltas enter the first kernel before the activation, the down deltas join each assignment's output
+    with its routing weight. The expert weights are still read once.
     """
     T, H = x.shape
     E, two_f, _ = w13.shape
@@ -197,10 +197,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weig
     aligned = (align_by_expert_triton if T * K <= 8192 else align_by_expert)(experts, E, bm1)
     h = torch.empty(aligned.padded_rows, F, dtype=x.dtype, device=x.device)
     blocks = aligned.padded_rows // bm1
-    delta = None
-    if lora is not None:
-        delta = torch.zeros(T * K, 2 * F, dtype=torch.float32, device=x.device)
-        lora.add(delta, x.repeat_interleave(K, dim=0), "w13")
+    delta = lora.deltas(x, "w13", x_row_div=K) if lora is not None else None  # [T*K, 2F] fp32
     gate_up_kernel[(blocks, triton.cdiv(F, bn1))](
         x, w13, h, delta if delta is not None else h, aligned.sorted_rows, aligned.block_expert, T * K, K, H, F,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), delta.stride(0) if delta is not None else 0,
@@ -212,5 +209,5 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weig
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=s2)
     if lora is not None:
-        lora.add(out, h[aligned.position], "w2", row_scale=weights)
+        lora.add(out, h, "w2", row_scale=weights, x_index=aligned.position)
     return out.view(T, K, H).sum(dim=1)

@@ -31,8 +31,5 @@ class MultiAdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_data=None) -> torch.Tensor:
         y = self.base(x)
         if adapter_data is not None:
-            start = 0
-            for name, size in zip(self.layer_names, self.sizes):
-                adapter_data.add_lora(y[:, start:start + size], x, self.layer_id, name)
-                start += size
+            adapter_data.add_fused_lora(y, x, self.layer_id, self.layer_names, self.sizes)
         return y if self.reduce_group is None else all_reduce(y, self.reduce_group)

@@ -1,16 +1,23 @@
-"""CUDA graphs for decode steps: one graph per (batch bucket, context bucket), captured at warm-up for the
-router's longest context, and on first use for any other bucket.
+"""CUDA graphs for decode steps: one graph per (batch bucket, context bucket, LoRA signature), captured at
+warm-up for the base model and the router's longest context, and on first use for any other key.
 
-A decode step of the base model (no adapters) is a fixed sequence of kernels once the batch size and
-the longest context are fixed, and at small batches launching them costs more than running them. A
-step is padded up to its bucket (padding rows write no cache slot and read one harmless key), its
-inputs are copied into the graph's static buffers, and the graph is replayed. The context bucket fixes
-how the attention kernel splits the sequence, so it is rounded up to a power of two.
+A decode step is a fixed sequence of kernels once the batch size and the longest context are fixed,
+and at small batches launching them costs more than running them. A step is padded up to its bucket
+(padding rows write no cache slot, read one harmless key and use no adapter), its inputs are copied
+into the graph's static buffers, and the graph is replayed. The context bucket fixes how the attention
+kernel splits the sequence, so it is rounded up to a power of two.
+
+Steps with adapters replay too when the LoRA kernels serve them (stacked adapters): which slot each
+row uses is a static input, and the kernels launched depend only on the stacks and on the layers where
+the batch's adapters have expert LoRA (the signature). Loading or offloading an adapter rebuilds the
+stacks, and the graphs that read the old ones are dropped.
 """
 
 import logging
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
+
+from lorax_server.adapters.batch import AdapterBatchData
 
 import torch
 
@@ -32,13 +39,17 @@ class CapturedStep:
     kept_alive: dict
 
 
+StepKey = Tuple[int, int, Optional[frozenset]]  # batch bucket, context bucket, LoRA signature (None: base)
+
+
 class DecodeGraphs:
     def __init__(self, model, kv_cache, block_size: int, max_positions: int):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.max_positions = max_positions
-        self.steps: Dict[Tuple[int, int], CapturedStep] = {}
+        self.steps: Dict[StepKey, CapturedStep] = {}
+        self.stacks = None  # the adapter stacks the LoRA graphs in `steps` read
         self.pool = None
         self.broken = False  # set when a capture failed (a backend that synchronises): stay eager
 
@@ -51,28 +62,39 @@ class DecodeGraphs:
         return next(b for b in BATCH_BUCKETS if b >= batch), context
 
     def prepare(self, max_context: int) -> int:
-        """Captures every batch bucket for contexts up to `max_context` now (at warm-up); returns how many."""
+        """Captures every batch bucket of the base model for contexts up to `max_context` now (at warm-up);
+        returns how many graphs there are."""
         for batch in BATCH_BUCKETS:
             key = self.bucket(batch, max_context)
-            if key is not None and key not in self.steps:
-                self.capture(*key)
+            if key is not None and key + (None,) not in self.steps:
+                self.capture(key + (None,), None)
         return len(self.steps)
 
-    def run(self, inputs: dict) -> Optional[torch.Tensor]:
+    def run(self, inputs: dict, adapter_data: Optional[AdapterBatchData] = None) -> Optional[torch.Tensor]:
         """Logits of this decode step from a graph replay, or None when it must run eagerly."""
         seqlen: Seqlen = inputs["seqlen"]
-        key = self.bucket(len(seqlen.input_lengths), seqlen.max_k)
-        if key is None:
-            return None
-        step = self.steps.get(key) or self.capture(*key)
+        bucket = self.bucket(len(seqlen.input_lengths), seqlen.max_k)
+        if bucket is None or (adapter_data is not None and adapter_data.stacks is None):
+            return None  # too large, or adapters served by the per-adapter loop (it synchronises)
+        signature = None
+        if adapter_data is not None:
+            self.forget_other_stacks(adapter_data.stacks)
+            signature = adapter_data.expert_lora_layers()
+        key = bucket + (signature,)
+        step = self.steps.get(key) or self.capture(key, adapter_data)
         if step is None:
             return None
-        self.load(step.inputs, inputs)
+        self.load(step.inputs, inputs, adapter_data)
         step.graph.replay()
         return step.logits[: len(seqlen.input_lengths)]
 
+    def forget_other_stacks(self, stacks) -> None:
+        if stacks is not self.stacks:
+            self.steps = {key: step for key, step in self.steps.items() if key[2] is None}
+            self.stacks = stacks
+
     @staticmethod
-    def load(static: Dict[str, torch.Tensor], inputs: dict) -> None:
+    def load(static: Dict[str, torch.Tensor], inputs: dict, adapter_data: Optional[AdapterBatchData]) -> None:
         batch = len(inputs["input_ids"])
         # Requests reserve blocks for all their future tokens; the graph only needs those of its context bucket.
         tables = inputs["block_tables"][:, : static["block_tables"].shape[1]]
@@ -81,8 +103,11 @@ class DecodeGraphs:
         static["slots"].fill_(-1)[:batch].copy_(inputs["slots"])
         static["cache_lengths"].zero_()[:batch].copy_(inputs["seqlen"].cache_lengths)
         static["block_tables"].zero_()[:batch, : tables.shape[1]].copy_(tables)
+        if adapter_data is not None:
+            static["token_slots"].fill_(-1)[:batch].copy_(adapter_data.token_slots)
 
-    def capture(self, batch: int, context: int) -> Optional[CapturedStep]:
+    def capture(self, key: StepKey, adapter_data: Optional[AdapterBatchData]) -> Optional[CapturedStep]:
+        batch, context, _ = key
         device = self.kv_cache[0][0].device
         static = {
             "input_ids": torch.zeros(batch, dtype=torch.int64, device=device),
@@ -97,6 +122,11 @@ class DecodeGraphs:
         kwargs = dict(input_ids=static["input_ids"], position_ids=static["position_ids"], cu_seqlen_prefill=None,
                       kv_cache=self.kv_cache, block_tables=static["block_tables"], slots=static["slots"],
                       seqlen=seqlen, max_s=context, lm_head_indices=torch.arange(batch, device=device))
+        if adapter_data is not None:  # same adapters and stacks; every row's slot becomes a static input
+            static["token_slots"] = torch.full((batch,), -1, dtype=torch.int32, device=device)
+            kwargs["adapter_data"] = AdapterBatchData(torch.zeros(batch, dtype=torch.int64, device=device),
+                                                      adapter_data.adapters, adapter_data.stacks,
+                                                      static["token_slots"])
         try:
             step = self.record(kwargs, static)
         except Exception as error:  # a backend that synchronises with the host cannot be captured
@@ -104,7 +134,7 @@ class DecodeGraphs:
             self.broken = True
             torch.cuda.synchronize()
             return None
-        self.steps[(batch, context)] = step
+        self.steps[key] = step
         return step
 
     def record(self, kwargs: dict, static: Dict[str, torch.Tensor]) -> CapturedStep:

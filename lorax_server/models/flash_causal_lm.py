@@ -194,8 +194,8 @@ class FlashCausalLM:
         inputs = pack_forward(seqs, counts, self.cache, prefill, self.device, all_logits=all_logits)
         adapter_data = self.adapters.batch_data(inputs.pop("token_adapters"), {s.adapter_index for s in seqs})
         logits = None
-        if not prefill and adapter_data is None and self.graphs is not None:
-            logits = self.graphs.run(inputs)
+        if not prefill and self.graphs is not None:
+            logits = self.graphs.run(inputs, adapter_data)
         if logits is None:
             logits, _ = self.model(**inputs, adapter_data=adapter_data)
         mark_cached(seqs, counts)

@@ -5,12 +5,21 @@ when `size() > 1`, so one process can run with `FakeGroup(0, 1)` and tests can b
 rank with `FakeGroup(rank, size)` without starting a process group.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Dict
 
 import torch
 import torch.distributed as dist
+
+from lorax_server.layers.backends import CHOSEN, Backend, choose
+
+logger = logging.getLogger(__name__)
+
+# group name -> the one-shot all-reduce that sums small tensors on that group (utils/one_shot_all_reduce.py)
+SMALL_ALL_REDUCE: Dict[str, object] = {}
 
 
 @dataclass(frozen=True)
@@ -44,12 +53,41 @@ def initialize_torch_distributed(timeout_s: int = 600):
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    if backend == "nccl":
+        setup_small_all_reduce(dist.group.WORLD, torch.device("cuda", torch.cuda.current_device()))
     return dist.group.WORLD, rank, world_size
+
+
+def setup_small_all_reduce(group, device: torch.device) -> None:
+    """Chooses how small tensors are summed over `group` ("allreduce" backend family): the one-shot
+    all-reduce over NVLink peer memory when it is available and passes its self-check on every rank,
+    else NCCL. Collective: every rank of the group calls it."""
+    from lorax_server.utils import one_shot_all_reduce as one_shot
+
+    backends = (
+        Backend("one_shot", lambda: one_shot.OneShotAllReduce(group, device),
+                lambda d: one_shot.why_unavailable(group, d), lazy=True),
+        Backend("nccl", None),
+    )
+    reduce = choose("allreduce", backends, device)
+    if reduce is None:
+        return
+    reason = one_shot.self_check(reduce, group, device)
+    passed = torch.tensor([reason is None], dtype=torch.int32, device=device)
+    dist.all_reduce(passed, op=dist.ReduceOp.MIN, group=group)
+    if not passed.item():
+        logger.warning("one-shot all-reduce disabled, NCCL sums every tensor: %s", reason or "failed on a peer")
+        CHOSEN["allreduce"] = "nccl"
+        return
+    SMALL_ALL_REDUCE[group.group_name] = reduce
 
 
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     """Sums `x` over the ranks of `group` in place (a no-op for one rank)."""
     if group.size() > 1:
+        small = SMALL_ALL_REDUCE.get(getattr(group, "group_name", None))
+        if small is not None and small.fits(x):
+            return small(x)
         dist.all_reduce(x, group=group)
     return x
 

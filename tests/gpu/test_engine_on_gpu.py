@@ -28,3 +28,26 @@ def test_warmup_captures_every_batch_bucket():
     model = get_model(str(DEFAULT_MODEL_DIR), dtype="bfloat16", kv_cache_bytes=64 << 20)
     assert model.graphs.prepare(300) == 8 and not model.graphs.broken  # 8 batch buckets x context 512
     assert [r.generated_ids for r in model.generate(PROMPTS, 5)]
+
+
+def test_cuda_graph_decode_with_adapters_equals_eager():
+    """Base, `zen` (attention and experts) and `shout` (attention and lm_head) in one batch; then an
+    offload and a load, which rebuild the stacks and must drop the graphs that read the old ones."""
+    from lorax_server.demo import ASSETS
+
+    model = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=64 << 20)
+    for index, name in ((1, "zen"), (2, "shout")):
+        model.adapters.load(index, ASSETS / "adapters" / name)
+    mix = [0, 1, 2, 1, 2]
+    with_graphs = [r.generated_ids for r in model.generate(PROMPTS, 12, adapter_indices=mix)]
+    lora_steps = [key for key in model.graphs.steps if key[2] is not None]
+    assert lora_steps and not model.graphs.broken
+    model.adapters.offload(2)
+    model.adapters.load(3, ASSETS / "adapters" / "shout")
+    moved = [0, 1, 3, 1, 3]
+    after_reload = [r.generated_ids for r in model.generate(PROMPTS, 12, adapter_indices=moved)]
+    assert model.graphs.stacks is model.adapters.stacks
+    model.graphs = None
+    eager = [r.generated_ids for r in model.generate(PROMPTS, 12, adapter_indices=moved)]
+    assert with_graphs == after_reload == eager
+    assert len(model.cache.free_blocks) == model.cache.num_blocks

@@ -48,6 +48,8 @@ ATTN_O_PROJ = "self_attn.o_proj"
 LM_HEAD = "lm_head"
 ROUTER = "block_sparse_moe.gate"
 LM_HEAD_LAYER_ID = -1  # lm_head is not in a decoder layer
+ATTN_QKV = (ATTN_Q_PROJ, ATTN_K_PROJ, ATTN_V_PROJ)  # computed in one matmul, so their LoRA is applied together
+LORA_TARGET_GROUPS = (ATTN_QKV,)
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -326,7 +328,7 @@ class MixtralAttention(nn.Module):
             weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"],
             shapes=[(config.num_attention_heads * d, hidden)] + [(config.num_key_value_heads * d, hidden)] * 2,
         )
-        self.query_key_value = MultiAdapterLinear(qkv, layer_id, [ATTN_Q_PROJ, ATTN_K_PROJ, ATTN_V_PROJ], self.split)
+        self.query_key_value = MultiAdapterLinear(qkv, layer_id, ATTN_QKV, self.split)
         o_proj = TensorParallelRowLinear.load(weights, f"{prefix}.o_proj", (hidden, config.num_attention_heads * d),
                                               reduce=False)
         self.o_proj = MultiAdapterLinear(o_proj, layer_id, [ATTN_O_PROJ], [hidden], reduce_group=weights.process_group)
