@@ -26,8 +26,6 @@ class OneShotAllReduce:
 
         self.group_name = group.group_name
         self.max_bytes = max_bytes
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required before rendezvous by older PyTorch
-            symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buffers = [symm_mem.empty(max_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
         for buffer in self.buffers:
             symm_mem.rendezvous(buffer, self.group_name)

@@ -33,7 +33,7 @@ def test_warmup_captures_every_batch_bucket():
 def test_cuda_graph_decode_with_adapters_equals_eager():
     """Base, `zen` (attention and experts) and `shout` (attention and lm_head) in one batch; then an
     offload and a load, which rebuild the stacks and must drop the graphs that read the old ones."""
-    from lorax_server.demo import ASSETS
+    ASSETS = DEFAULT_MODEL_DIR.parent  # lorax_server/assets (no gRPC import)
 
     model = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=64 << 20)
     for index, name in ((1, "zen"), (2, "shout")):

@@ -18,8 +18,7 @@ if torch.cuda.device_count() < 2:
     pytest.skip("needs two CUDA devices", allow_module_level=True)
 
 from lorax_server.cli import DEFAULT_MODEL_DIR  # noqa: E402
-from lorax_server.client import ShardClient, generated_ids, make_request  # noqa: E402
-from lorax_server.demo import ASSETS  # noqa: E402
+ASSETS = DEFAULT_MODEL_DIR.parent  # lorax_server/assets
 from lorax_server.models import get_model  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -60,6 +59,8 @@ def test_sharded_logits_within_bf16_bounds_of_one_gpu(parity):
 
 def test_serve_sharded_over_nccl_generates_what_one_gpu_does(tmp_path):
     """Base, `zen` (attention + experts) and `shout` (attention + lm_head) in one batch, fp32, greedy."""
+    from lorax_server.client import ShardClient, generated_ids, make_request
+
     prompts = ["The for statement", "A list is", "Exceptions are", "def f(x):"]
     adapters = [0, 1, 2, 1]
     single = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=16 << 20)
@@ -69,9 +70,10 @@ def test_serve_sharded_over_nccl_generates_what_one_gpu_does(tmp_path):
     del single
     socket = str(tmp_path / "lorax")
     env = {**os.environ, **NO_MULTICAST}
+    log = open(tmp_path / "server.log", "w")  # a file, not a pipe: a full pipe would block the server
     server = subprocess.Popen(TORCHRUN + ["-m", "lorax_server.cli", "serve", str(DEFAULT_MODEL_DIR), "--uds-path", socket,
                                           "--sharded", "--dtype", "float32", "--kv-cache-mib", "16"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         clients = [ShardClient(f"unix://{socket}-{rank}") for rank in range(2)]
         for client in clients:
@@ -90,6 +92,10 @@ def test_serve_sharded_over_nccl_generates_what_one_gpu_does(tmp_path):
         with ThreadPoolExecutor(2) as pool:
             for got in pool.map(generate, clients):
                 assert [got[i] for i in range(len(prompts))] == want
+    except Exception:
+        print((tmp_path / "server.log").read_text()[-5000:])
+        raise
     finally:
         server.terminate()
         server.wait(timeout=60)
+        log.close()
