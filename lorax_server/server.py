@@ -8,6 +8,7 @@ The kernel backends in use are logged at start-up and sent back as the
 `lorax-backends` trailing metadata of `Info` (the wire format has no field for them).
 """
 
+import contextlib
 import logging
 import threading
 from concurrent import futures
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import grpc
+import torch
 
 from lorax_server.adapters.weights import AdapterError
 from lorax_server.layers.backends import CHOSEN
@@ -42,12 +44,16 @@ def status_of(error: Exception) -> grpc.StatusCode:
 
 
 def rpc(handler):
-    """Runs a handler under the service lock; any exception becomes a status with its message."""
+    """Runs a handler under the service lock, on the model's GPU; any exception becomes a status with its message.
+
+    gRPC runs handlers on its own threads, and a thread starts on GPU 0: without selecting the model's
+    device, rank 1 of a sharded server would launch Triton kernels and capture CUDA graphs on GPU 0."""
 
     @wraps(handler)
     def wrapper(self, request, context):
+        device = self.model.device
         try:
-            with self.lock:
+            with self.lock, torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 return handler(self, request, context)
         except Exception as error:  # every failure is answered, none takes the server down
             code = status_of(error)
