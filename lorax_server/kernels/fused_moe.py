@@ -34,7 +34,8 @@ MOE_TILE_CONFIGS = (
 @dataclass(frozen=True)
 class Alignment:
     sorted_rows: torch.Tensor  # [P] assignment id (t * K + k) at each padded position, T*K for padding
-    position: torch.Tensor  # [T*K] padded position of each assignment (the inverse of sorted_rows)
+    position: torch.Tensor  # [T*K] padded position of each assignment (the inverse of sorted_rows; undefined
+    # for an assignment another rank computes)
     block_expert: torch.Tensor  # [P / BLOCK_M] expert of each row block, -1 past the last real block
     padded_rows: int  # P
 
@@ -62,8 +63,9 @@ def align_kernel(experts_ptr, sorted_rows_ptr, position_ptr, block_expert_ptr, n
         padded_end = padded_start + (tl.sum(mine, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         block_expert = tl.where((b * BLOCK_M >= padded_start) & (b * BLOCK_M < padded_end), e, block_expert)
         padded_start = padded_end
-    tl.store(position_ptr + i, position.to(tl.int64), mask=real)
-    tl.store(sorted_rows_ptr + position, i.to(tl.int64), mask=real)
+    here = real & (expert < NUM_EXPERTS)  # an expert id of E: computed by another rank
+    tl.store(position_ptr + i, position.to(tl.int64), mask=here)
+    tl.store(sorted_rows_ptr + position, i.to(tl.int64), mask=here)
     tl.store(block_expert_ptr + b, block_expert, mask=b < num_blocks)
 
 
@@ -91,14 +93,18 @@ def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> Al
     flat = experts.flatten()
     n = flat.numel()
     padded_rows = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
-    one_hot = torch.nn.functional.one_hot(flat, num_experts)  # [n, E]
-    rank = one_hot.cumsum(0).gather(1, flat.unsqueeze(1)).squeeze(1) - 1  # [n]
+    here = flat < num_experts  # an expert id of E: computed by another rank
+    expert = torch.where(here, flat, 0)
+    one_hot = torch.nn.functional.one_hot(expert, num_experts) * here.unsqueeze(1)  # [n, E]
+    rank = one_hot.cumsum(0).gather(1, expert.unsqueeze(1)).squeeze(1) - 1  # [n]
     counts = one_hot.sum(0)
     padded_counts = (counts + block_m - 1) // block_m * block_m
     padded_end = padded_counts.cumsum(0)
-    position = (padded_end - padded_counts).gather(0, flat) + rank
+    # assignments of other ranks go to one extra slot past the end, dropped below
+    position = torch.where(here, (padded_end - padded_counts).gather(0, expert) + rank, padded_rows)
     assignments = torch.arange(n, device=flat.device)
-    sorted_rows = torch.full((padded_rows,), n, dtype=torch.int64, device=flat.device).scatter_(0, position, assignments)
+    sorted_rows = torch.full((padded_rows + 1,), n, dtype=torch.int64, device=flat.device)
+    sorted_rows = sorted_rows.scatter_(0, position, assignments)[:padded_rows]
     block_starts = torch.arange(0, padded_rows, block_m, device=flat.device)
     block_expert = torch.searchsorted(padded_end, block_starts, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1)
@@ -181,13 +187,14 @@ def tile_config(num_tokens: int, element_size: int):
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weights: torch.Tensor,
-              experts: torch.Tensor, configs=None, lora=None) -> torch.Tensor:
+              experts: torch.Tensor, configs=None, lora=None, elsewhere: bool = False) -> torch.Tensor:
     """x [T, H], w13 [E, 2F, H], w2 [E, H, F], routing_weights / experts [T, K] -> [T, H] (this rank's partial).
 
     SiLU gating, as Mixtral uses; `configs` overrides the tile table (for tuning). `lora`, when given (a
     StackedExpertLora), adds expert-LoRA deltas over the assignments in t * K + k order: the gate/up
     deltas enter the first kernel before the activation, the down deltas join each assignment's output
-    with its routing weight. The expert weights are still read once.
+    with its routing weight. The expert weights are still read once. With `elsewhere`, an expert id of
+    E marks an assignment another rank computes (expert parallelism): it is skipped and adds zero.
     """
     T, H = x.shape
     E, two_f, _ = w13.shape
@@ -202,7 +209,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing_weig
         x, w13, h, delta if delta is not None else h, aligned.sorted_rows, aligned.block_expert, T * K, K, H, F,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), delta.stride(0) if delta is not None else 0,
         HAS_DELTA=delta is not None, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=s1)
-    out = torch.empty(T * K, H, dtype=x.dtype, device=x.device)
+    out = (torch.zeros if elsewhere else torch.empty)(T * K, H, dtype=x.dtype, device=x.device)  # skipped rows: 0
     weights = routing_weights.flatten().to(torch.float32).contiguous()
     down_kernel[(blocks, triton.cdiv(H, bn2))](
         h, w2, out, weights, aligned.sorted_rows, aligned.block_expert, T * K, H, F,

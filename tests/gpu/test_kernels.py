@@ -13,7 +13,7 @@ from lorax_server.kernels.paged_attention import paged_decode_attention, write_k
 from lorax_server.kernels.rmsnorm import add_rms_norm
 from lorax_server.layers.attention import cuda as cuda_attention
 from lorax_server.layers.attention import reference
-from lorax_server.layers.moe import dispatch, linear_per_expert, moe_experts, route
+from lorax_server.layers.moe import Routing, dispatch, linear_per_expert, moe_experts, route
 from lorax_server.layers.moe.experts import linear_grouped_mm
 from lorax_server.layers.rmsnorm import rms_norm_reference
 from lorax_server.utils.attention.common import Seqlen
@@ -65,6 +65,22 @@ def test_one_program_alignment_equals_the_torch_one(T, K, E, block_m):
     want, got = align_by_expert(experts, E, block_m), align_by_expert_triton(experts, E, block_m)
     assert torch.equal(got.sorted_rows, want.sorted_rows) and torch.equal(got.position, want.position)
     assert torch.equal(got.block_expert.long(), want.block_expert.long()) and got.padded_rows == want.padded_rows
+
+
+@pytest.mark.parametrize("T", [3, 64, 5000])  # 5000 tokens: the torch alignment (over 8192 assignments)
+def test_fused_moe_skips_the_assignments_of_other_ranks(T):
+    """Expert parallelism, rank 0 of 2: experts 0-3 here, id 4 marks the others' assignments. The oracle
+    is the full MoE restricted to local experts (the dispatch computes the others with weight 0)."""
+    x, w13, w2, routing = moe_problem(T, seed=T)
+    here = routing.experts < 4
+    local = Routing(routing.weights, torch.where(here, routing.experts, 4), elsewhere=True)
+    masked = Routing(torch.where(here, routing.weights, 0.0), torch.where(here, routing.experts, 0))
+    want = moe_experts(x.float(), w13[:4].float(), w2[:4].float(), dispatch(masked, 4), F.silu, linear_per_expert)
+    via_dispatch = moe_experts(x.float(), w13[:4].float(), w2[:4].float(), dispatch(local, 4), F.silu,
+                               linear_per_expert)
+    assert torch.equal(via_dispatch, want)
+    got = fused_moe(x, w13[:4], w2[:4], local.weights, local.experts, elsewhere=True)
+    assert relative_error(got, want) < 1e-2
 
 
 def paged_problem(lengths, block_size, KVH=8, H=32, D=128, seed=0):

@@ -12,6 +12,9 @@ import torch
 class Routing:
     weights: torch.Tensor  # [T, K] fp32, each row sums to 1
     experts: torch.Tensor  # [T, K] int64 expert ids
+    # Expert parallelism: expert id E (one past this rank's last expert) marks an assignment that another
+    # rank computes. The fused kernels skip those; the dispatch gives them to expert 0 with weight 0.
+    elsewhere: bool = False
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> Routing:
@@ -34,6 +37,10 @@ class Dispatch:
 
 def dispatch(routing: Routing, num_experts: int) -> Dispatch:
     flat_experts = routing.experts.flatten()  # [T*K]
+    flat_weights = routing.weights.flatten()
+    if routing.elsewhere:  # computed here with weight 0: shapes stay fixed, the other rank adds the real part
+        here = flat_experts < num_experts
+        flat_experts, flat_weights = torch.where(here, flat_experts, 0), torch.where(here, flat_weights, 0.0)
     order = torch.argsort(flat_experts, stable=True)
     # scatter_add rather than bincount: no host synchronisation, so the step can be captured in a CUDA graph
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_experts.device)
@@ -41,7 +48,7 @@ def dispatch(routing: Routing, num_experts: int) -> Dispatch:
     return Dispatch(
         token_index=order // routing.experts.shape[1],
         expert_ids=flat_experts[order],
-        weights=routing.weights.flatten()[order],
+        weights=flat_weights[order],
         counts=counts,
         offsets=counts.cumsum(0).to(torch.int32),
     )

@@ -206,7 +206,7 @@ class MoEBlock(nn.Module):
                 rows = torch.arange(routing.experts.numel(), device=x.device) // self.top_k
                 lora = adapter_data.expert_lora(self.layer_id, rows, routing.experts.flatten())
             out = self.experts_impl.fused(x, self.expert_w13, self.expert_w2, routing.weights, routing.experts,
-                                          lora=lora)
+                                          lora=lora, elsewhere=routing.elsewhere)
         else:
             d = dispatch(routing, self.num_experts)
             lora = adapter_data.expert_lora(self.layer_id, d.token_index, d.expert_ids) if has_lora else None
@@ -271,10 +271,10 @@ class DenseMoE(MoEBlock):
 
 class ExpertParallelMoE(BlockSparseMoE):
     """Experts split over ranks instead of every expert's ffn: rank r holds experts [r E/n, (r+1) E/n)
-    whole. Every rank routes every token; an assignment to another rank's expert gets weight 0 on this
-    rank (its row is computed and discarded), and the block's all-reduce sums the ranks' parts. A decode
-    step then reads only this rank's experts; prefill computes every assignment on every rank.
-    Expert LoRA is not supported in this layout (its loader shards the ffn)."""
+    whole. Every rank routes every token and computes only its own experts' assignments; the block's
+    all-reduce sums the ranks' parts. The fused kernels (decode, small batches) skip the other ranks'
+    assignments; the grouped path (large batches) computes them on expert 0 with weight 0, to keep its
+    shapes fixed. Expert LoRA is not supported in this layout (its loader shards the ffn)."""
 
     def __init__(self, prefix: str, config: MixtralConfig, weights, layer_id: int = 0):
         group = weights.process_group
@@ -295,7 +295,7 @@ class ExpertParallelMoE(BlockSparseMoE):
     def localise(self, routing: Routing) -> Routing:
         local = routing.experts - self.first_expert
         mine = (local >= 0) & (local < self.experts_per_rank)
-        return Routing(torch.where(mine, routing.weights, 0.0), torch.where(mine, local, 0))
+        return Routing(routing.weights, torch.where(mine, local, self.experts_per_rank), elsewhere=True)
 
     def forward(self, x: torch.Tensor, adapter_data=None) -> torch.Tensor:
         if adapter_data is not None and adapter_data.has_expert_lora(self.layer_id):
