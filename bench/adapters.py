@@ -1,6 +1,7 @@
 """Decode step of a stack of full-size Mixtral-8x7B layers, batch 32, context 2048, with 1, 8 and 32
 distinct rank-16 adapters (random weights) on q/k/v/o, and on q/k/v/o plus every expert, against the
-base model in the same run. CUDA-graph replays; the adapters go through the Triton LoRA kernels.
+base model in the same run (CUDA-graph replays); then a 2048-token prefill (eager) with 8 adapters, each
+on a run of 256 tokens. The adapters go through the Triton LoRA kernels.
 
     python -m bench.adapters [--layers 8]
 """
@@ -9,8 +10,9 @@ import argparse
 
 import torch
 
-from bench.common import card, print_table, time_graph_ms
-from bench.layer_stack import MIXTRAL_8X7B, RandomWeights, decode_inputs
+from bench.common import card, print_table, time_graph_ms, time_ms
+from bench.layer_stack import MIXTRAL_8X7B, RandomWeights, decode_inputs, prefill_inputs
+from lorax_server.adapters import batch as lora_batch
 from lorax_server.adapters.store import AdapterStore
 from lorax_server.adapters.weights import AdapterWeights, ExpertLoraWeights, LoraWeights
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
@@ -23,7 +25,7 @@ from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
 )
 from lorax_server.utils.dist import FakeGroup
 
-RANK, BATCH = 16, 32
+RANK, BATCH, PREFILL = 16, 32, 2048
 
 
 def random_adapter(config, layers: int, experts: bool) -> AdapterWeights:
@@ -48,6 +50,13 @@ def random_adapter(config, layers: int, experts: bool) -> AdapterWeights:
     return adapter
 
 
+def random_store(config, layers: int, experts: bool, distinct: int) -> AdapterStore:
+    """`distinct` random adapters at indices 1, 2, ..., stacked for the kernels."""
+    store = AdapterStore(config, FakeGroup(0, 1), torch.bfloat16, "cuda")
+    store.publish({i + 1: random_adapter(config, layers, experts) for i in range(distinct)})
+    return store
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
@@ -61,18 +70,36 @@ def main():
         rows.append(["base model", "-", f"{base:.2f}", "1.00x"])
         for experts in (False, True):
             for distinct in (1, 8, 32):
-                store = AdapterStore(config, FakeGroup(0, 1), torch.bfloat16, "cuda")
-                store.publish({i + 1: random_adapter(config, args.layers, experts) for i in range(distinct)})
-                token_adapters = torch.arange(BATCH, device="cuda") % distinct + 1
-                data = store.batch_data(token_adapters)
+                store = random_store(config, args.layers, experts, distinct)
+                data = store.batch_data(torch.arange(BATCH, device="cuda") % distinct + 1)
                 ms = time_graph_ms(lambda: model(**inputs, adapter_data=data), repeat=10)
                 where = "q/k/v/o + experts" if experts else "q/k/v/o"
                 rows.append([where, str(distinct), f"{ms:.2f}", f"{ms / base:.2f}x"])
                 del store, data
                 torch.cuda.empty_cache()
-    print_table(f"{args.layers} Mixtral-8x7B layers, decode batch {BATCH}, context 2048, rank-{RANK} adapters, "
-                f"bf16, {card()}, CUDA-graph replays",
-                ["adapters on", "distinct adapters", "ms", "vs base"], rows)
+        print_table(f"{args.layers} Mixtral-8x7B layers, decode batch {BATCH}, context 2048, rank-{RANK} adapters, "
+                    f"bf16, {card()}, CUDA-graph replays",
+                    ["adapters on", "distinct adapters", "ms", "vs base"], rows)
+        print_table(f"the same layers, prefill of {PREFILL} tokens, eager", ["adapters on", "distinct adapters", "ms",
+                                                                            "vs base"], prefill_rows(model, config, args.layers))
+
+
+def prefill_rows(model, config, layers: int):
+    inputs = prefill_inputs(config, PREFILL)
+    base = time_ms(lambda: model(**inputs), warmup=2, repeat=5)
+    rows = [["base model", "-", f"{base:.2f}", "1.00x"]]
+    sgmv_min_rows = lora_batch.SGMV_MIN_ROWS
+    for where, experts, per_row in (("q/k/v/o", False, False), ("q/k/v/o + experts", True, False),
+                                    ("q/k/v/o + experts, per-row kernels (BGMV) for the experts", True, True)):
+        lora_batch.SGMV_MIN_ROWS = 1 << 62 if per_row else sgmv_min_rows
+        store = random_store(config, layers, experts, 8)
+        data = store.batch_data(torch.arange(PREFILL, device="cuda") // 256 % 8 + 1)
+        ms = time_ms(lambda: model(**inputs, adapter_data=data), warmup=2, repeat=5)
+        rows.append([where, "8", f"{ms:.2f}", f"{ms / base:.2f}x"])
+        del store, data
+        torch.cuda.empty_cache()
+    lora_batch.SGMV_MIN_ROWS = sgmv_min_rows
+    return rows
 
 
 if __name__ == "__main__":

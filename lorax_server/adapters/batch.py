@@ -5,6 +5,7 @@ rows are gathered, shrunk through A, expanded through B and added back. GPU kern
 LoRA inside the grouped GEMMs) take the same inputs: per-token adapter indices and per-adapter weights.
 """
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
@@ -13,6 +14,11 @@ import torch
 
 from lorax_server.adapters.stacked import LoraStacks
 from lorax_server.adapters.weights import BASE_MODEL_ADAPTER_INDEX, AdapterWeights
+
+# Rows of expert LoRA from which grouping them by adapter and expert (SGMV) replaces per-row kernels
+# (BGMV). A guess, not measured: decode batches (at most 2 x 512 rows reach the fused MoE path) keep BGMV,
+# prefill chunks get SGMV.
+SGMV_MIN_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,10 @@ class ExpertLoraBatch:
 
 @dataclass(frozen=True)
 class StackedExpertLora:
-    """Expert LoRA through the Triton kernels: row i uses stack row `rows[i]` (slot * E + expert, or -1)."""
+    """Expert LoRA through the Triton kernels: row i uses stack row `rows[i]` (slot * E + expert, or -1).
+
+    Up to `SGMV_MIN_ROWS` rows (decode) each row reads its own A and B (BGMV); above, the rows are grouped
+    by stack row once per layer and each group's weights are read once per tile of rows (SGMV)."""
 
     rows: torch.Tensor  # [T*K] int32
     layer_id: int
@@ -134,9 +143,24 @@ class StackedExpertLora:
             x_index: Optional[torch.Tensor] = None) -> None:
         """y [N, out] += row_scale * b @ (a @ x[x_index]) per row (x[i] when x_index is None), in place."""
         stacked = self.stacks.experts.get((self.layer_id, name))
-        if stacked is not None:
-            v = self.stacks.shrink(x, stacked.a, self.rows, x_index=x_index)
-            self.stacks.expand(y, v, stacked.b, self.rows, row_scale=row_scale)
+        if stacked is None:
+            return
+        if row_scale is None and x_index is None and len(self.rows) >= SGMV_MIN_ROWS:
+            sorted_rows, block_group = self.groups
+            self.stacks.sgmv(y, x, stacked.a, stacked.b, sorted_rows, block_group)
+            return
+        v = self.stacks.shrink(x, stacked.a, self.rows, x_index=x_index)
+        self.stacks.expand(y, v, stacked.b, self.rows, row_scale=row_scale)
+
+    @functools.cached_property
+    def groups(self):
+        """(sorted_rows, block_group): the rows grouped by stack row, shared by the layer's w13 and w2."""
+        from lorax_server.kernels.lora import SGMV_BLOCK_M
+
+        stack_rows = next(iter(self.stacks.experts.values())).a.shape[0]  # slots * E, in every expert stack
+        rows = torch.where(self.rows >= 0, self.rows.long(), stack_rows)  # no LoRA: in no group
+        aligned = self.stacks.group_rows(rows, stack_rows, SGMV_BLOCK_M)
+        return aligned.sorted_rows, aligned.block_expert
 
     def deltas(self, x: torch.Tensor, name: str, x_row_div: int = 1) -> Optional[torch.Tensor]:
         """[N, out] fp32: row i's delta b @ (a @ x[i // x_row_div]), or None when no adapter has `name` here."""

@@ -40,6 +40,8 @@ class LoraStacks:
     num_experts: int
     shrink: Callable  # lorax_server.kernels.lora.lora_shrink
     expand: Callable  # lorax_server.kernels.lora.lora_expand
+    sgmv: Callable  # lorax_server.kernels.lora.sgmv_lora
+    group_rows: Callable  # lorax_server.kernels.fused_moe.align_by_expert: rows grouped for `sgmv`
 
 
 def padded_rank(rank: int) -> int:
@@ -70,7 +72,8 @@ def group_of(name: str, groups: Sequence[Tuple[str, ...]]) -> Tuple[str, ...]:
 
 def build_stacks(loaded: Dict[int, AdapterWeights], num_experts: int, device,
                  groups: Sequence[Tuple[str, ...]] = LORA_TARGET_GROUPS) -> LoraStacks:
-    from lorax_server.kernels.lora import lora_expand, lora_shrink
+    from lorax_server.kernels.fused_moe import align_by_expert
+    from lorax_server.kernels.lora import lora_expand, lora_shrink, sgmv_lora
 
     order = sorted(loaded)
     slot_of = torch.full((max(order, default=0) + 1,), -1, dtype=torch.int32)
@@ -89,5 +92,5 @@ def build_stacks(loaded: Dict[int, AdapterWeights], num_experts: int, device,
         slot_of.to(device),
         {key: stack(sections, 1, len(order)) for key, sections in in_group_order.items()},
         {key: stack(sections, num_experts, len(order)) for key, sections in experts.items()},
-        num_experts, lora_shrink, lora_expand,
+        num_experts, lora_shrink, lora_expand, sgmv_lora, align_by_expert,
     )

@@ -109,3 +109,78 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, slots: torch.
             v, b, slots, row_scale if row_scale is not None else v, y, out_features, ends[0], ends[1], *shifts,
             v.stride(0), b.stride(0), b.stride(1), y.stride(0),
             RANK=rank, BLOCK_N=block_n, HAS_SCALE=row_scale is not None, ACCUMULATE=accumulate, num_warps=4)
+
+
+# -- SGMV: rows grouped by stack row, for large batches ------------------------------------------------
+# BGMV re-reads a row's A and B for every row; with thousands of rows (prefill) over expert LoRA, whose B
+# for gate/up is 2 x 14336 x R per expert, that is gigabytes per layer. Grouping the rows by stack row
+# (adapter slot x expert) and padding each group to BLOCK_M rows lets one program multiply a whole tile
+# of rows by its group's A or B with tensor cores, reading each weight once per tile.
+
+SGMV_BLOCK_M = 32
+
+
+@triton.jit
+def sgmv_shrink_kernel(x_ptr, a_ptr, sorted_rows_ptr, block_group_ptr, v_ptr, n_rows, in_features,
+                       stride_x, stride_as, stride_ar, stride_v,
+                       RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    group = tl.load(block_group_ptr + pid)
+    if group < 0:
+        return
+    row = tl.load(sorted_rows_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
+    real = row < n_rows
+    r = tl.arange(0, RANK_PAD)
+    ks = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + row[:, None] * stride_x + ks[None, :]
+    a_tile = a_ptr + group.to(tl.int64) * stride_as + r[None, :] * stride_ar + ks[:, None]  # [K, R] view of A
+    acc = tl.zeros((BLOCK_M, RANK_PAD), tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        ok = ks < in_features - k0
+        x = tl.load(x_tile, mask=real[:, None] & ok[None, :], other=0.0)
+        a = tl.load(a_tile, mask=ok[:, None] & (r[None, :] < RANK), other=0.0)
+        acc += tl.dot(x, a.to(x.dtype))
+        x_tile += BLOCK_K
+        a_tile += BLOCK_K
+    tl.store(v_ptr + row[:, None] * stride_v + r[None, :], acc, mask=real[:, None] & (r[None, :] < RANK))
+
+
+@triton.jit
+def sgmv_expand_kernel(v_ptr, b_ptr, sorted_rows_ptr, block_group_ptr, y_ptr, n_rows, out_features,
+                       stride_v, stride_bs, stride_bn, stride_y,
+                       RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    group = tl.load(block_group_ptr + pid_m)
+    if group < 0:
+        return
+    row = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    real = row < n_rows
+    r = tl.arange(0, RANK_PAD)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = n < out_features
+    v = tl.load(v_ptr + row[:, None] * stride_v + r[None, :], mask=real[:, None] & (r[None, :] < RANK), other=0.0)
+    b = tl.load(b_ptr + group.to(tl.int64) * stride_bs + n[None, :] * stride_bn + r[:, None],
+                mask=ok[None, :] & (r[:, None] < RANK), other=0.0)  # [R, N] view of B
+    delta = tl.dot(v.to(b.dtype), b)  # v rounded to the weights' dtype, as the torch loop does
+    y = y_ptr + row[:, None] * stride_y + n[None, :]
+    mask = real[:, None] & ok[None, :]
+    tl.store(y, (tl.load(y, mask=mask, other=0.0).to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def sgmv_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sorted_rows: torch.Tensor,
+              block_group: torch.Tensor) -> None:
+    """y [N, out] += B[g] @ (A[g] @ x) per row, in place, where the rows are grouped by stack row
+    g: `sorted_rows` / `block_group` as `kernels.fused_moe.align_by_expert` makes them with SGMV_BLOCK_M
+    (rows without LoRA in no group). a [G, R, in], b [G, out, R]."""
+    N, rank = x.shape[0], a.shape[1]
+    rank_pad = max(16, rank)  # tensor-core tiles are at least 16 deep
+    blocks = block_group.shape[0]
+    if not N:
+        return
+    v = torch.empty(N, rank, dtype=torch.float32, device=x.device)
+    sgmv_shrink_kernel[(blocks,)](x, a, sorted_rows, block_group, v, N, x.shape[1], x.stride(0), a.stride(0),
+                                  a.stride(1), v.stride(0), RANK=rank, RANK_PAD=rank_pad, BLOCK_M=SGMV_BLOCK_M,
+                                  BLOCK_K=64, num_warps=4)
+    sgmv_expand_kernel[(blocks, triton.cdiv(b.shape[1], 128))](
+        v, b, sorted_rows, block_group, y, N, b.shape[1], v.stride(0), b.stride(0), b.stride(1), y.stride(0),
+        RANK=rank, RANK_PAD=rank_pad, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=128, num_warps=4)
