@@ -57,11 +57,27 @@ def random_store(config, layers: int, experts: bool, distinct: int) -> AdapterSt
     return store
 
 
+def profile_prefill(model, config, layers: int) -> None:
+    """The CUDA kernels of a prefill with 8 adapters on q/k/v/o and the experts, by total time."""
+    inputs = prefill_inputs(config, PREFILL)
+    store = random_store(config, layers, True, 8)
+    data = store.batch_data(torch.arange(PREFILL, device="cuda") // 256 % 8 + 1)
+    model(**inputs, adapter_data=data)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        model(**inputs, adapter_data=data)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--profile-prefill", action="store_true", help="only list the kernels of a prefill")
     args = parser.parse_args()
     config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers)
+    if args.profile_prefill:
+        with torch.no_grad():
+            return profile_prefill(FlashMixtralForCausalLM("", config, RandomWeights()).eval(), config, args.layers)
     rows = []
     with torch.no_grad():
         model = FlashMixtralForCausalLM("", config, RandomWeights()).eval()
