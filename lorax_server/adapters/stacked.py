@@ -13,6 +13,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 
 from lorax_server.adapters.weights import AdapterWeights, LayerKey
+from lorax_server.layers.moe.alignment import align_by_expert
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import LORA_TARGET_GROUPS
 
 MIN_STACK_RANK = 8
@@ -41,7 +42,7 @@ class LoraStacks:
     shrink: Callable  # lorax_server.kernels.lora.lora_shrink
     expand: Callable  # lorax_server.kernels.lora.lora_expand
     sgmv: Callable  # lorax_server.kernels.lora.sgmv_lora
-    group_rows: Callable  # lorax_server.kernels.fused_moe.align_by_expert: rows grouped for `sgmv`
+    group_rows: Callable  # lorax_server.layers.moe.alignment.align_by_expert: rows grouped for `sgmv`
 
 
 def padded_rank(rank: int) -> int:
@@ -72,7 +73,6 @@ def group_of(name: str, groups: Sequence[Tuple[str, ...]]) -> Tuple[str, ...]:
 
 def build_stacks(loaded: Dict[int, AdapterWeights], num_experts: int, device,
                  groups: Sequence[Tuple[str, ...]] = LORA_TARGET_GROUPS) -> LoraStacks:
-    from lorax_server.kernels.fused_moe import align_by_expert
     from lorax_server.kernels.lora import lora_expand, lora_shrink, sgmv_lora
 
     order = sorted(loaded)

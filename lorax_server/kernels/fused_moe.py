@@ -12,11 +12,11 @@ Oracle: `lorax_server.layers.moe.experts.moe_experts(..., linear_per_expert)`.
 Tile shapes are chosen per token count from `MOE_TILE_CONFIGS` (measured on the device, see docs/PERF.md).
 """
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
+
+from lorax_server.layers.moe.alignment import Alignment, align_by_expert
 
 # (max tokens, gate/up kernel tiles, down kernel tiles); a tile is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
 # num_stages). The first row whose bound is >= the token count is used. Chosen by `python -m bench.moe_layer
@@ -29,15 +29,6 @@ MOE_TILE_CONFIGS = (
     (512, (64, 64, 64, 4, 4), (64, 64, 64, 4, 4)),
     (1 << 62, (128, 128, 64, 8, 3), (128, 128, 64, 8, 3)),
 )
-
-
-@dataclass(frozen=True)
-class Alignment:
-    sorted_rows: torch.Tensor  # [P] assignment id (t * K + k) at each padded position, T*K for padding
-    position: torch.Tensor  # [T*K] padded position of each assignment (the inverse of sorted_rows; undefined
-    # for an assignment another rank computes)
-    block_expert: torch.Tensor  # [P / BLOCK_M] expert of each row block, -1 past the last real block
-    padded_rows: int  # P
 
 
 @triton.jit
@@ -81,33 +72,6 @@ def align_by_expert_triton(experts: torch.Tensor, num_experts: int, block_m: int
     n_pad = max(16, triton.next_power_of_2(max(n, num_blocks)))
     align_kernel[(1,)](flat, sorted_rows, position, block_expert, n, padded_rows, num_blocks,
                        NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=n_pad, FILL=1024, num_warps=4)
-    return Alignment(sorted_rows, position, block_expert, padded_rows)
-
-
-def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
-    """experts [T, K] -> the assignments grouped by expert, each group padded to a multiple of block_m.
-
-    Sort-free: an assignment's place in its expert's group is its rank among the assignments of that
-    expert (a running count over a one-hot matrix), so every op has a fixed shape.
-    """
-    flat = experts.flatten()
-    n = flat.numel()
-    padded_rows = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
-    here = flat < num_experts  # an expert id of E: computed by another rank
-    expert = torch.where(here, flat, 0)
-    one_hot = torch.nn.functional.one_hot(expert, num_experts) * here.unsqueeze(1)  # [n, E]
-    rank = one_hot.cumsum(0).gather(1, expert.unsqueeze(1)).squeeze(1) - 1  # [n]
-    counts = one_hot.sum(0)
-    padded_counts = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded_counts.cumsum(0)
-    # assignments of other ranks go to one extra slot past the end, dropped below
-    position = torch.where(here, (padded_end - padded_counts).gather(0, expert) + rank, padded_rows)
-    assignments = torch.arange(n, device=flat.device)
-    sorted_rows = torch.full((padded_rows + 1,), n, dtype=torch.int64, device=flat.device)
-    sorted_rows = sorted_rows.scatter_(0, position, assignments)[:padded_rows]
-    block_starts = torch.arange(0, padded_rows, block_m, device=flat.device)
-    block_expert = torch.searchsorted(padded_end, block_starts, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1)
     return Alignment(sorted_rows, position, block_expert, padded_rows)
 
 
