@@ -96,8 +96,8 @@ def main():
         print_table(f"{args.layers} Mixtral-8x7B layers, decode batch {BATCH}, context 2048, rank-{RANK} adapters, "
                     f"bf16, {card()}, CUDA-graph replays",
                     ["adapters on", "distinct adapters", "ms", "vs base"], rows)
-        print_table(f"the same layers, prefill of {PREFILL} tokens, eager", ["adapters on", "distinct adapters", "ms",
-                                                                            "vs base"], prefill_rows(model, config, args.layers))
+        print_table(f"the same layers, prefill of {PREFILL} tokens, eager",
+                    ["adapters on", "distinct adapters", "ms", "vs base"], prefill_rows(model, config, args.layers))
 
 
 def prefill_rows(model, config, layers: int):
