@@ -15,9 +15,10 @@ import torch
 from lorax_server.adapters.stacked import LoraStacks
 from lorax_server.adapters.weights import BASE_MODEL_ADAPTER_INDEX, AdapterWeights
 
-# Rows of expert LoRA from which grouping them by adapter and expert (SGMV) replaces per-row kernels
-# (BGMV). A guess, not measured: decode batches (at most 2 x 512 rows reach the fused MoE path) keep BGMV,
-# prefill chunks get SGMV.
+# Rows of expert LoRA from which the two-stage MoE path (`moe_experts`) groups them by adapter and expert
+# (SGMV) instead of running per-row kernels (BGMV). The fused MoE path (up to TRITON_MOE_MAX_TOKENS = 512
+# tokens) always takes per-row deltas, so with the Triton backend the two-stage path starts above 1024
+# rows and always groups; with other backends smaller batches keep BGMV. Not tuned.
 SGMV_MIN_ROWS = 1024
 
 
@@ -132,8 +133,9 @@ class ExpertLoraBatch:
 class StackedExpertLora:
     """Expert LoRA through the Triton kernels: row i uses stack row `rows[i]` (slot * E + expert, or -1).
 
-    Up to `SGMV_MIN_ROWS` rows (decode) each row reads its own A and B (BGMV); above, the rows are grouped
-    by stack row once per layer and each group's weights are read once per tile of rows (SGMV)."""
+    Below `SGMV_MIN_ROWS` rows, and always inside the fused MoE kernels (`deltas`, and `add` with a row
+    scale or an index), each row reads its own A and B (BGMV); otherwise the rows are grouped by stack
+    row once per layer and each group's weights are read once per tile of rows (SGMV)."""
 
     rows: torch.Tensor  # [T*K] int32
     layer_id: int

@@ -67,7 +67,8 @@ def expand_kernel(v_ptr, b_ptr, slots_ptr, scale_ptr, y_ptr, out_features, end0,
             tl.store(y, tl.zeros((BLOCK_N,), tl.float32).to(y_ptr.dtype.element_ty), mask=ok)
         return
     r = tl.arange(0, RANK)
-    v = tl.load(v_ptr + row * stride_v + section[:, None] * RANK + r[None, :])  # [BLOCK_N, R], from L1
+    # [BLOCK_N, R], from L1; masked: past out_features `section` counts past the last section of v
+    v = tl.load(v_ptr + row * stride_v + section[:, None] * RANK + r[None, :], mask=ok[:, None], other=0.0)
     b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + n[:, None] * stride_bn + r[None, :], mask=ok[:, None],
                 other=0.0).to(tl.float32)
     delta = tl.sum(b * v, 1)

@@ -70,15 +70,18 @@ class DecodeGraphs:
                 self.capture(key + (None,), None)
         return len(self.steps)
 
-    def run(self, inputs: dict, adapter_data: Optional[AdapterBatchData] = None) -> Optional[torch.Tensor]:
-        """Logits of this decode step from a graph replay, or None when it must run eagerly."""
+    def run(self, inputs: dict, adapter_data: Optional[AdapterBatchData] = None,
+            stacks=None) -> Optional[torch.Tensor]:
+        """Logits of this decode step from a graph replay, or None when it must run eagerly. `stacks`: the
+        adapter store's current stacks (LoRA graphs over older ones are dropped, freeing what they hold)."""
+        self.use_stacks(stacks)
         seqlen: Seqlen = inputs["seqlen"]
         bucket = self.bucket(len(seqlen.input_lengths), seqlen.max_k)
         if bucket is None or (adapter_data is not None and adapter_data.stacks is None):
             return None  # too large, or adapters served by the per-adapter loop (it synchronises)
         signature = None
         if adapter_data is not None:
-            self.forget_other_stacks(adapter_data.stacks)
+            assert adapter_data.stacks is stacks, "the batch's adapter data predates a load or offload"
             signature = adapter_data.expert_lora_layers()
         key = bucket + (signature,)
         step = self.steps.get(key) or self.capture(key, adapter_data)
@@ -88,7 +91,7 @@ class DecodeGraphs:
         step.graph.replay()
         return step.logits[: len(seqlen.input_lengths)]
 
-    def forget_other_stacks(self, stacks) -> None:
+    def use_stacks(self, stacks) -> None:
         if stacks is not self.stacks:
             self.steps = {key: step for key, step in self.steps.items() if key[2] is None}
             self.stacks = stacks

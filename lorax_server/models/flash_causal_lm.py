@@ -195,7 +195,7 @@ class FlashCausalLM:
         adapter_data = self.adapters.batch_data(inputs.pop("token_adapters"), {s.adapter_index for s in seqs})
         logits = None
         if not prefill and self.graphs is not None:
-            logits = self.graphs.run(inputs, adapter_data)
+            logits = self.graphs.run(inputs, adapter_data, self.adapters.stacks)
         if logits is None:
             logits, _ = self.model(**inputs, adapter_data=adapter_data)
         mark_cached(seqs, counts)

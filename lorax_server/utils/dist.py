@@ -60,26 +60,33 @@ def initialize_torch_distributed(timeout_s: int = 600):
 
 def setup_small_all_reduce(group, device: torch.device) -> None:
     """Chooses how small tensors are summed over `group` ("allreduce" backend family): the one-shot
-    all-reduce over NVLink peer memory when it is available and passes its self-check on every rank,
-    else NCCL. Collective: every rank of the group calls it."""
+    all-reduce over NVLink peer memory when every rank can run it and it passes its self-check on every
+    rank, else NCCL. Collective: every rank of the group calls it, and all take the same branch (the
+    buffers' rendezvous and the one-shot calls themselves wait for every rank)."""
     from lorax_server.utils import one_shot_all_reduce as one_shot
 
+    local = one_shot.why_unavailable(device)
+    reason = None if agreed(local is None, group, device) else local or "unavailable on another rank"
     backends = (
-        Backend("one_shot", lambda: one_shot.OneShotAllReduce(group, device),
-                lambda d: one_shot.why_unavailable(group, d), lazy=True),
+        Backend("one_shot", lambda: one_shot.OneShotAllReduce(group, device), lambda d: reason, lazy=True),
         Backend("nccl", None),
     )
     reduce = choose("allreduce", backends, device)
     if reduce is None:
         return
-    reason = one_shot.self_check(reduce, group, device)
-    passed = torch.tensor([reason is None], dtype=torch.int32, device=device)
-    dist.all_reduce(passed, op=dist.ReduceOp.MIN, group=group)
-    if not passed.item():
-        logger.warning("one-shot all-reduce disabled, NCCL sums every tensor: %s", reason or "failed on a peer")
+    failure = one_shot.self_check(reduce, group, device)
+    if not agreed(failure is None, group, device):
+        logger.warning("one-shot all-reduce disabled, NCCL sums every tensor: %s", failure or "failed on a peer")
         CHOSEN["allreduce"] = "nccl"
         return
     SMALL_ALL_REDUCE[group.group_name] = reduce
+
+
+def agreed(ok: bool, group, device: torch.device) -> bool:
+    """Whether `ok` holds on every rank of `group` (one NCCL all-reduce)."""
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
 
 
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:

@@ -7,8 +7,13 @@ one NVLink read of the data and one barrier. It uses peer-to-peer loads only, ne
 (which is off on the lent machines and must stay off).
 
 Two buffers alternate: a rank may start the next all-reduce (copy into its buffer) while a slower peer
-still reads the previous one from the other buffer; the barrier inside the next all-reduce on that
-buffer orders the two. Messages above `ONE_SHOT_MAX_BYTES` go to NCCL, which is faster for bulk data.
+still reads the previous one from the other buffer. Two calls on the same buffer are therefore
+separated by a call on the other buffer, whose barrier every rank passes only after finishing the
+first: except where a CUDA graph ends with an odd number of calls and the next replay starts on the
+same buffer. There the NCCL all-gather of the logits, which ends every sharded forward pass, orders
+them. Which buffer a call uses is host state fixed at capture, so every rank must make the same calls
+in the same order (as for any collective). Messages above `ONE_SHOT_MAX_BYTES` go to NCCL, which is
+faster for bulk data.
 """
 
 from typing import Optional
@@ -44,8 +49,9 @@ class OneShotAllReduce:
         return x
 
 
-def why_unavailable(group, device: torch.device) -> Optional[str]:
-    """None when a one-shot all-reduce can run on this group, else why not (checked on every rank alike)."""
+def why_unavailable(device: torch.device) -> Optional[str]:
+    """None when this rank can run one-shot all-reduces, else why not. A local check (peer access to every
+    GPU this process sees): the caller agrees on the answer across ranks."""
     if device.type != "cuda":
         return "needs CUDA devices"
     if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
@@ -57,13 +63,15 @@ def why_unavailable(group, device: torch.device) -> Optional[str]:
 
 
 def self_check(reduce: OneShotAllReduce, group, device: torch.device) -> Optional[str]:
-    """Runs a few all-reduces against the known sum; None when every one is exact."""
+    """Runs a few all-reduces against the known sum; None when every one is exact. Every rank runs all of
+    them whatever it finds (they are collective), then reports the first failure."""
     world, rank = group.size(), group.rank()
+    failures = []
     for numel in (8, 4096 * 3, reduce.max_bytes // 4):
         x = torch.full((numel,), float(rank + 1), device=device)
         x[: world] += torch.arange(world, device=device, dtype=torch.float32)
         want = torch.full((numel,), world * (world + 1) / 2, device=device)
         want[: world] += world * torch.arange(world, device=device, dtype=torch.float32)
         if not torch.equal(reduce(x), want):
-            return f"self-check failed: a {numel}-element all-reduce gave a wrong sum"
-    return None
+            failures.append(f"self-check failed: a {numel}-element all-reduce gave a wrong sum")
+    return failures[0] if failures else None
