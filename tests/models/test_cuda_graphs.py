@@ -1,0 +1,29 @@
+"""The bookkeeping of decode CUDA graphs (captures themselves need a GPU: tests/gpu/test_engine_on_gpu.py)."""
+
+from lorax_server.models.cuda_graphs import DecodeGraphs
+
+
+def graphs_with_steps():
+    graphs = DecodeGraphs(model=None, kv_cache=None, block_size=16, max_positions=4096)
+    graphs.steps = {(8, 256, None): "base", (8, 256, frozenset()): "lora", (8, 256, frozenset({0, 1})): "experts"}
+    return graphs
+
+
+def test_changed_stacks_drop_only_the_lora_graphs():
+    graphs, old, new = graphs_with_steps(), object(), object()
+    graphs.stacks = old
+    graphs.use_stacks(old)
+    assert len(graphs.steps) == 3
+    graphs.use_stacks(new)  # an adapter was loaded or offloaded
+    assert graphs.steps == {(8, 256, None): "base"} and graphs.stacks is new
+    graphs.steps[(8, 256, frozenset())] = "lora"
+    graphs.use_stacks(None)  # every adapter offloaded
+    assert graphs.steps == {(8, 256, None): "base"}
+
+
+def test_buckets_round_up_and_stop_at_the_largest():
+    graphs = DecodeGraphs(model=None, kv_cache=None, block_size=16, max_positions=4096)
+    assert graphs.bucket(5, 300) == (8, 512)
+    assert graphs.bucket(1, 10) == (1, 256)
+    assert graphs.bucket(3, 5000) == (4, 4096)  # never past the model's positions
+    assert graphs.bucket(129, 300) is None  # larger than the largest batch bucket: eager
