@@ -20,6 +20,18 @@ from lorax_server.layers.backends import Backend, choose, needs_cuda_and_triton
 LORA_BACKENDS = (Backend("triton", True, needs_cuda_and_triton), Backend("torch", False))
 
 
+# The largest LoRA rank the Triton kernels take (a transformers-4 expert adapter of rank r has rank 2r on
+# the fused gate/up). Their tiles grow with the rank; the GPU tests cover ranks up to 32.
+MAX_KERNEL_RANK = 256
+
+
+def check_kernel_rank(weights: AdapterWeights) -> None:
+    ranks = [w.a.shape[1] for w in weights.linear.values()] + [w.a.shape[1] for w in weights.experts.values()]
+    if ranks and max(ranks) > MAX_KERNEL_RANK:
+        raise AdapterError(f"adapter {weights.adapter_id} has LoRA rank {max(ranks)}; the GPU LoRA kernels take at "
+                           f"most {MAX_KERNEL_RANK} (LORAX_LORA_BACKEND=torch serves any rank, more slowly)")
+
+
 class AdapterStore:
     def __init__(self, model_config, process_group, dtype: torch.dtype, device):
         self.loader = PeftLoraLoader(model_config, process_group, dtype, device)
@@ -39,6 +51,8 @@ class AdapterStore:
                 raise AdapterError(f"adapter index {index} already holds {self.loaded[index].adapter_id}; "
                                    "offload it first")
         weights = self.loader.load(adapter_dir, adapter_id)
+        if self.use_kernels:
+            check_kernel_rank(weights)
         with self.lock:
             self.publish({**self.loaded, index: weights})
         return weights

@@ -104,3 +104,20 @@ def test_index_rules(tmp_path):
         store.offload(3)
     with pytest.raises(AdapterError, match="not a PEFT adapter directory"):
         store.load(2, tmp_path / "nowhere")
+
+
+def test_rank_beyond_the_kernels_is_refused_when_they_serve(tmp_path):
+    """With the GPU kernels (forced on here; the check precedes any kernel) a rank above MAX_KERNEL_RANK
+    is refused by name; the torch loop takes it."""
+    from lorax_server.adapters.store import MAX_KERNEL_RANK
+
+    hf = save_tiny_mixtral(tmp_path / "base")
+    make_peft_adapter(hf, tmp_path / "wide", seed=1, r=MAX_KERNEL_RANK + 1, target_modules=["q_proj"])
+    model = load_ours(tmp_path / "base")
+    store = store_for(model)
+    store.use_kernels = True
+    with pytest.raises(AdapterError, match=f"rank {MAX_KERNEL_RANK + 1}; the GPU LoRA kernels take at most"):
+        store.load(1, tmp_path / "wide")
+    assert not store.loaded and store.stacks is None
+    store.use_kernels = False
+    store.load(1, tmp_path / "wide")
