@@ -7,6 +7,11 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISA
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# The lent image has grpcio 1.84; the stubs need 1.85.1. Carry the wheels in .wheels (`pip download grpcio
+# protobuf --only-binary=:all: --python-version 3.12 --no-deps -d .wheels`, an ignored folder) and name it in `carry`.
+if [ -d .wheels ] && ! python3 -c "import grpc, sys; sys.exit(tuple(map(int, grpc.__version__.split('.')[:2])) < (1, 85))"; then
+  python3 -m pip install -q --no-index --no-deps --find-links .wheels --upgrade grpcio protobuf
+fi
 for step in "$@"; do
   case $step in
     tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
