@@ -14,6 +14,7 @@ import torch
 
 from lorax_server.adapters.stacked import LoraStacks
 from lorax_server.adapters.weights import BASE_MODEL_ADAPTER_INDEX, AdapterWeights
+from lorax_server.layers.moe.alignment import align_by_expert
 
 # Rows of expert LoRA from which the two-stage MoE path (`moe_experts`) groups them by adapter and expert
 # (SGMV) instead of running per-row kernels (BGMV). The fused MoE path (up to TRITON_MOE_MAX_TOKENS = 512
@@ -161,7 +162,7 @@ class StackedExpertLora:
 
         stack_rows = next(iter(self.stacks.experts.values())).a.shape[0]  # slots * E, in every expert stack
         rows = torch.where(self.rows >= 0, self.rows.long(), stack_rows)  # no LoRA: in no group
-        aligned = self.stacks.group_rows(rows, stack_rows, SGMV_BLOCK_M)
+        aligned = align_by_expert(rows, stack_rows, SGMV_BLOCK_M)
         return aligned.sorted_rows, aligned.block_expert
 
     def deltas(self, x: torch.Tensor, name: str, x_row_div: int = 1) -> Optional[torch.Tensor]:

@@ -13,7 +13,6 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 
 from lorax_server.adapters.weights import AdapterWeights, LayerKey
-from lorax_server.layers.moe.alignment import align_by_expert
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import LORA_TARGET_GROUPS
 
 MIN_STACK_RANK = 8
@@ -42,7 +41,6 @@ class LoraStacks:
     shrink: Callable  # lorax_server.kernels.lora.lora_shrink
     expand: Callable  # lorax_server.kernels.lora.lora_expand
     sgmv: Callable  # lorax_server.kernels.lora.sgmv_lora
-    group_rows: Callable  # lorax_server.layers.moe.alignment.align_by_expert: rows grouped for `sgmv`
 
 
 def padded_rank(rank: int) -> int:
@@ -92,5 +90,5 @@ def build_stacks(loaded: Dict[int, AdapterWeights], num_experts: int, device,
         slot_of.to(device),
         {key: stack(sections, 1, len(order)) for key, sections in in_group_order.items()},
         {key: stack(sections, num_experts, len(order)) for key, sections in experts.items()},
-        num_experts, lora_shrink, lora_expand, sgmv_lora, align_by_expert,
+        num_experts, lora_shrink, lora_expand, sgmv_lora,
     )
