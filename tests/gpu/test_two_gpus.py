@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -59,7 +58,8 @@ def test_sharded_logits_within_bf16_bounds_of_one_gpu(parity):
 
 def test_serve_sharded_over_nccl_generates_what_one_gpu_does(tmp_path):
     """Base, `zen` (attention + experts) and `shout` (attention + lm_head) in one batch, fp32, greedy."""
-    from lorax_server.client import ShardClient, generated_ids, make_request
+    from lorax_server.client import ShardClient, make_request  # here: the device's gRPC may need the carried wheels
+    from tests.server.test_sharded_serving import load_everywhere, run_everywhere
 
     prompts = ["The for statement", "A list is", "Exceptions are", "def f(x):"]
     adapters = [0, 1, 2, 1]
@@ -78,20 +78,12 @@ def test_serve_sharded_over_nccl_generates_what_one_gpu_does(tmp_path):
         clients = [ShardClient(f"unix://{socket}-{rank}") for rank in range(2)]
         for client in clients:
             client.wait_ready(timeout=180)
-        with ThreadPoolExecutor(2) as pool:  # the router loads adapters on every shard
-            for index, name in ((1, "zen"), (2, "shout")):
-                list(pool.map(lambda c: c.load_adapter(index, str(ASSETS / "adapters" / name)), clients))
+        for index, name in ((1, "zen"), (2, "shout")):  # the router loads adapters on every shard
+            load_everywhere(clients, index, name)
         requests = [make_request(i, p, max_new_tokens=8, adapter_index=a)
                     for i, (p, a) in enumerate(zip(prompts, adapters))]
-
-        def generate(client):
-            steps = []
-            client.run_to_completion(5, requests, on_step=steps.append)
-            return generated_ids(steps)
-
-        with ThreadPoolExecutor(2) as pool:
-            for got in pool.map(generate, clients):
-                assert [got[i] for i in range(len(prompts))] == want
+        for got in run_everywhere(clients, 5, requests):
+            assert [got[i] for i in range(len(prompts))] == want
     except Exception:
         print((tmp_path / "server.log").read_text()[-5000:])
         raise
