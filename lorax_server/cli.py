@@ -59,7 +59,7 @@ def serve(
     """Serves LoRAX's shard protocol (generate.v1.LoraxService) until terminated."""
     import logging
 
-    from lorax_server.server import load_and_serve
+    from lorax_server.launch import load_and_serve
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     adapters = ([adapter_id] if adapter_id else []) + list(preloaded_adapter_ids)
