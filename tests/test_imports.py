@@ -24,3 +24,32 @@ def test_import_without_gpu_packages():
     assert result.returncode == 0, result.stderr
     # The modeling module itself does not even need transformers (only the tokenizer does).
     assert result.stdout.strip() == "False"
+
+
+# Every public name of upstream's flash_mixtral_modeling.py (predibase/lorax @ a7394ba), plus LM_HEAD.
+UPSTREAM_NAMES = ("MixtralConfig", "MixtralRMSNorm", "MixtralAttention", "BlockSparseMoE", "DenseMoE", "MixtralLayer",
+                  "MixtralModel", "FlashMixtralForCausalLM", "ATTN_Q_PROJ", "ATTN_K_PROJ", "ATTN_V_PROJ",
+                  "ATTN_O_PROJ", "MOE_W1", "MOE_W2", "MOE_W3", "LM_HEAD")
+
+
+def test_upstream_public_names_are_importable():
+    import lorax_server.models.custom_modeling.flash_mixtral_modeling as m
+
+    assert [name for name in UPSTREAM_NAMES if not hasattr(m, name)] == []
+
+
+def test_mixtral_rms_norm_takes_upstreams_constructor():
+    import torch
+
+    from lorax_server.models.custom_modeling.flash_mixtral_modeling import MixtralRMSNorm
+
+    class OneTensor:
+        def get_tensor(self, name, shape=None):
+            assert name == "model.norm.weight"
+            return torch.full((8,), 2.0)
+
+    x, residual = torch.randn(3, 8), torch.randn(3, 8)
+    normed, summed = MixtralRMSNorm("model.norm", OneTensor(), eps=1e-6)(x, residual)
+    want = 2.0 * (x + residual) * torch.rsqrt((x + residual).pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(summed, x + residual)
+    torch.testing.assert_close(normed, want)

@@ -47,6 +47,10 @@ ATTN_V_PROJ = "self_attn.v_proj"
 ATTN_O_PROJ = "self_attn.o_proj"
 LM_HEAD = "lm_head"
 ROUTER = "block_sparse_moe.gate"
+# Upstream's names for the experts' linears (per-expert LoRA targets are "experts.w13"/"experts.w2" here).
+MOE_W1 = "moe.w1"
+MOE_W2 = "moe.w2"
+MOE_W3 = "moe.w3"
 LM_HEAD_LAYER_ID = -1  # lm_head is not in a decoder layer
 ATTN_QKV = (ATTN_Q_PROJ, ATTN_K_PROJ, ATTN_V_PROJ)  # computed in one matmul, so their LoRA is applied together
 LORA_TARGET_GROUPS = (ATTN_QKV,)
@@ -358,6 +362,14 @@ class MixtralAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 
+class MixtralRMSNorm(RMSNorm):
+    """Upstream's norm: weight `{prefix}.weight` from the checkpoint; forward(x, residual) -> (normed, x + residual)."""
+
+    def __init__(self, prefix: str, weights, eps: float = 1e-6, hidden_size: Optional[int] = None):
+        shape = (hidden_size,) if hidden_size is not None else None
+        super().__init__(weights.get_tensor(f"{prefix}.weight", shape=shape), eps)
+
+
 class MixtralLayer(nn.Module):
     def __init__(self, prefix: str, layer_id: int, config: MixtralConfig, weights, moe_cls=BlockSparseMoE):
         super().__init__()
@@ -365,8 +377,8 @@ class MixtralLayer(nn.Module):
         self.self_attn = MixtralAttention(f"{prefix}.self_attn", config, weights, layer_id)
         self.moe = moe_cls(f"{prefix}.block_sparse_moe", config, weights, layer_id)
         h, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = RMSNorm.load(weights, f"{prefix}.input_layernorm.weight", h, eps)
-        self.post_attention_layernorm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm.weight", h, eps)
+        self.input_layernorm = MixtralRMSNorm(f"{prefix}.input_layernorm", weights, eps, h)
+        self.post_attention_layernorm = MixtralRMSNorm(f"{prefix}.post_attention_layernorm", weights, eps, h)
 
     def forward(self, x, residual, batch: BatchMetadata, kv_cache):
         """x is the previous layer's output, residual the stream before it; returns the same pair."""
@@ -386,7 +398,7 @@ class MixtralModel(nn.Module):
         self.layers = nn.ModuleList(
             MixtralLayer(prefix, i, config, weights, moe_cls) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm.load(weights, f"{prefix}.norm.weight", config.hidden_size, config.rms_norm_eps)
+        self.norm = MixtralRMSNorm(f"{prefix}.norm", weights, config.rms_norm_eps, config.hidden_size)
         self.rotary = RotaryEmbedding(config.rope_parameters, config.head_dim, config.max_position_embeddings)
         self.rotary.to(self.norm.weight.device)
 
@@ -426,6 +438,9 @@ class FlashMixtralForCausalLM(nn.Module):
         Returns (logits [T or len(lm_head_indices), vocab], None); with skip_lm_head, the final hidden
         states in place of the logits. Speculative heads are not supported, hence None.
         """
+        if prefill_cache_indices is not None:
+            # As upstream's engine calls it: one slot per new token, but only the windowed tokens are cached.
+            slots = slots[prefill_cache_indices]
         fields = dict(cu_seqlen_prefill=cu_seqlen_prefill, block_tables=block_tables, slots=slots, seqlen=seqlen,
                       max_s=max_s, prefill_cache_indices=prefill_cache_indices, adapter_data=adapter_data)
         hidden = self.model(input_ids, position_ids, kv_cache, fields)
