@@ -1,20 +1,25 @@
-"""The LoRAX shard service (generate.v1.LoraxService) over a unix socket.
+"""The LoRAX shard service (generate.v1.LoraxService) over a unix socket, answering as upstream's shard does.
 
 Every handler runs under one lock (one batch step at a time) and turns failures into gRPC statuses with
 a message: bad input is INVALID_ARGUMENT, an unknown batch or adapter path NOT_FOUND, a full cache
-RESOURCE_EXHAUSTED. The engine checks a request before it touches any state, so the server keeps
-serving after any of them (a request that fails mid-step is dropped with its batch, freeing its blocks).
+RESOURCE_EXHAUSTED. The engine checks a batch before it touches any state, so the server keeps serving
+after any of them. One request never takes its batch down: a request this shard cannot serve (or that
+fails mid-generation) ends alone with a final Generation that names the error (the protocol has no
+per-request error, so the reason is its text), and its batch-mates go on; only a batch of nothing but
+such requests fails as a whole. What the router sends and expects is in ../shared/LORAX_ROUTER.md.
 The kernel backends in use are logged at start-up and sent back as the
 `lorax-backends` trailing metadata of `Info` (the wire format has no field for them).
 """
 
 import contextlib
 import logging
+import os
 import threading
 from concurrent import futures
+from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import grpc
 import torch
@@ -25,6 +30,7 @@ from lorax_server.models.flash_causal_lm import Batch, BatchNotFound, RequestErr
 from lorax_server.models.paged_cache import BlockInUse, CacheFull
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.pb import generate_pb2_grpc
+from lorax_server.utils.sources import SourceError, resolve, source_name
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +39,14 @@ STATUS_OF = (
     (FileNotFoundError, grpc.StatusCode.NOT_FOUND),
     (CacheFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
-    ((RequestError, AdapterError, BlockInUse), grpc.StatusCode.INVALID_ARGUMENT),
+    ((RequestError, AdapterError, BlockInUse, SourceError), grpc.StatusCode.INVALID_ARGUMENT),
 )
 FINISH_REASONS = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS_TOKEN,
-                  "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE}
+                  "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
+                  "error": pb.FINISH_REASON_EOS_TOKEN}  # no error reason on the wire: the text says it
+BASE_MODEL_ADAPTER_ID = "__base_model__"  # how the router names the base model in the adapter RPCs
+# Share of device memory set aside for adapters; DownloadAdapter's memory_fraction is relative to it (upstream's).
+ADAPTER_MEMORY_FRACTION = float(os.getenv("ADAPTER_MEMORY_FRACTION", "0.1"))
 
 
 def status_of(error: Exception) -> grpc.StatusCode:
@@ -71,15 +81,13 @@ def rpc(handler):
 def sampling_params(p: pb.NextTokenChooserParameters):
     from lorax_server.utils.tokens import SamplingParams
 
-    if p.watermark:
-        raise NotImplementedError("watermarking is not supported")
     if p.HasField("schema"):
-        raise NotImplementedError("structured generation (schema) is not supported")
+        raise RequestError("structured output (schema) is not served by this shard yet")
     return SamplingParams(
         temperature=p.temperature or 1.0, top_k=p.top_k, top_p=p.top_p or 1.0, typical_p=p.typical_p or 1.0,
-        do_sample=p.do_sample, seed=p.seed or None, repetition_penalty=p.repetition_penalty or 1.0,
+        do_sample=p.do_sample, seed=p.seed, repetition_penalty=p.repetition_penalty or 1.0,
         frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-        return_k_alternatives=p.return_k_alternatives,
+        return_k_alternatives=p.return_k_alternatives, watermark=p.watermark,
     )
 
 
@@ -94,23 +102,50 @@ def check_router_slots(r: pb.Request, prompt_length: int, block_size: int) -> No
         raise RequestError(f"request {r.id}: slots do not match its blocks for a block size of {block_size}")
 
 
-def engine_requests(model, batch: pb.Batch):
-    """pb.Batch -> (engine requests, {request id: router-allocated blocks}); refuses bad requests."""
-    requests, router_blocks = [], {}
+@dataclass
+class Admission:
+    """A pb.Batch as the engine takes it: the requests it serves, the blocks the router gave them, and
+    the final results of the requests it cannot serve (each ends alone)."""
+
+    requests: list = field(default_factory=list)
+    router_blocks: Dict[int, List[int]] = field(default_factory=dict)
+    refused: List[StepResult] = field(default_factory=list)
+
+
+def engine_request(model, r: pb.Request):
+    if r.cache_len or r.HasField("chunk_len"):
+        raise RequestError("prefix caching / chunked prefill is not served by this shard (Info says so)")
+    ids = model.tokenize(r.inputs, list(r.tokenized_inputs.ids), r.truncate)
+    if r.blocks:
+        check_router_slots(r, len(ids), model.cache.block_size)
+    stop = r.stopping_parameters
+    return model.new_request(r.id, ids, sampling_params(r.parameters), stop.max_new_tokens,
+                             list(stop.stop_sequences), stop.ignore_eos_token, r.adapter_index, r.prefill_logprobs)
+
+
+def admit(model, batch: pb.Batch, unique_ids: bool = True) -> Admission:
+    """pb.Batch -> Admission. A batch whose every request is refused fails as a whole (INVALID_ARGUMENT),
+    as do repeated request ids (only the router's Warmup batch repeats one, and nothing else reads them)."""
+    ids = [r.id for r in batch.requests]
+    if not ids:
+        raise RequestError("a batch needs at least one request")
+    if unique_ids and len(set(ids)) != len(ids):
+        raise RequestError(f"request ids in a batch must be unique, got {ids}")
+    admission, errors = Admission(), []
     for r in batch.requests:
-        if r.cache_len or r.HasField("chunk_len"):
-            raise NotImplementedError(f"request {r.id}: prefix caching / chunked prefill is not supported")
-        ids = model.tokenize(r.inputs, list(r.tokenized_inputs.ids), r.truncate)
-        stop = r.stopping_parameters
-        requests.append(model.new_request(r.id, ids, sampling_params(r.parameters), stop.max_new_tokens,
-                                          list(stop.stop_sequences), stop.ignore_eos_token, r.adapter_index,
-                                          r.prefill_logprobs))
+        try:
+            admission.requests.append(engine_request(model, r))
+        except RequestError as error:
+            errors.append(str(error))
+            admission.refused.append(model.failed(r.id, str(error)))
+            continue
         if r.blocks:
-            check_router_slots(r, len(ids), model.cache.block_size)
-            router_blocks[r.id] = list(r.blocks)
-    if len({r.id for r in requests}) != len(requests):
-        raise RequestError("request ids in a batch must be unique")
-    return requests, router_blocks
+            admission.router_blocks[r.id] = list(r.blocks)
+    if errors and not admission.requests:
+        raise RequestError("; ".join(f"request {i}: {e}" for i, e in zip(ids, errors)))
+    for result in admission.refused:
+        logger.warning("refused alone, its batch goes on: %s", result.error)
+    return admission
 
 
 def next_tokens_pb(tokens) -> pb.NextTokens:
@@ -124,17 +159,24 @@ def next_tokens_pb(tokens) -> pb.NextTokens:
     )
 
 
+def generated_text_pb(result: StepResult) -> pb.GeneratedText:
+    if result.finish_reason == "error":
+        return pb.GeneratedText(text=f"[error] {result.error}", generated_tokens=len(result.generated_ids) + 1,
+                                finish_reason=FINISH_REASONS["error"])
+    text = pb.GeneratedText(text=result.text, generated_tokens=len(result.generated_ids),
+                            finish_reason=FINISH_REASONS[result.finish_reason])
+    if result.seed is not None:
+        text.seed = result.seed
+    return text
+
+
 def generation_pb(result: StepResult) -> pb.Generation:
     generation = pb.Generation(request_id=result.request_id, next_tokens=next_tokens_pb([result.token]),
                                prefill_tokens_length=result.prompt_length)
     if result.prompt_tokens is not None:
         generation.prefill_tokens.CopyFrom(next_tokens_pb(result.prompt_tokens))
     if result.finish_reason:
-        text = pb.GeneratedText(text=result.text, generated_tokens=len(result.generated_ids),
-                                finish_reason=FINISH_REASONS[result.finish_reason])
-        if result.seed is not None:
-            text.seed = result.seed
-        generation.generated_text.CopyFrom(text)
+        generation.generated_text.CopyFrom(generated_text_pb(result))
     return generation
 
 
@@ -145,28 +187,67 @@ def cached_batch_pb(batch: Optional[Batch]) -> Optional[pb.CachedBatch]:
                           max_tokens=batch.max_tokens, current_tokens=batch.current_tokens)
 
 
-def local_adapter_dir(parameters: pb.AdapterParameters, source: int) -> Path:
-    if source != pb.LOCAL:
-        name = pb.AdapterSource.Name(source)
-        raise NotImplementedError(f"adapter source {name} is not reachable from this server; use LOCAL paths")
-    if len(parameters.adapter_ids) != 1:
-        raise NotImplementedError(f"exactly one adapter id per request is supported (merging {len(parameters.adapter_ids)} "
-                                  "adapters is not)")
-    path = Path(parameters.adapter_ids[0])
+def is_base_model(parameters: pb.AdapterParameters) -> bool:
+    return list(parameters.adapter_ids) == [BASE_MODEL_ADAPTER_ID]
+
+
+def adapter_dir(adapter_id: str, source: int) -> Path:
+    """The local PEFT directory of `adapter_id` from `source` (hub: a local directory or the HF cache)."""
+    if adapter_id == BASE_MODEL_ADAPTER_ID:
+        raise AdapterError(f"{BASE_MODEL_ADAPTER_ID} is the base model: it cannot be merged with adapters")
+    path = resolve(adapter_id, source_name(source))
     if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a local PEFT adapter directory (no adapter_config.json)")
+        raise FileNotFoundError(f"{adapter_id} ({path}) is not a PEFT adapter directory (no adapter_config.json)")
     return path
+
+
+def adapter_memory_budget(model) -> int:
+    """Bytes set aside for adapters: ADAPTER_MEMORY_FRACTION of the GPU's memory (or of RAM on a CPU)."""
+    if model.device.type == "cuda":
+        total = torch.cuda.get_device_properties(model.device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, int(ADAPTER_MEMORY_FRACTION * total))
+
+
+def adapter_file_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("adapter_model.*"))
 
 
 # -- the service --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Preloaded:
+    """An adapter loaded at start-up, reported in Info so the router maps its id to this index."""
+
+    index: int
+    adapter_id: str
+    source: str = "local"  # utils/sources.py's names
+
+
+def max_supported_total_tokens(model, request: pb.WarmupRequest) -> int:
+    """Warmup's answer: the tokens the router may budget, so that every batch it forms is admitted.
+
+    With its block allocator (no window) the router hands out blocks 1 .. answer/block_size - 1 itself
+    (block 0 is its probe's), so the answer is the whole cache. Otherwise our engine allocates, and the
+    router counts a new batch as n * longest prompt + sum of max_new_tokens, without the per-request
+    rounding to blocks; one prefill budget of blocks is kept back for that rounding, which covers it
+    whenever the longest prompt of a batch has at least block_size - 1 tokens."""
+    cache = model.cache
+    if model.config.sliding_window is None:
+        return cache.num_blocks * cache.block_size
+    headroom = cache.blocks_for(request.max_prefill_tokens) + len(cache.reserved)
+    return max(0, cache.num_blocks - headroom) * cache.block_size
+
+
 class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
-    def __init__(self, model, urls: Sequence[str], preloaded: Sequence[Tuple[int, str]] = ()):
+    def __init__(self, model, urls: Sequence[str], preloaded: Sequence = ()):
         self.model = model
         self.urls = list(urls)
         self.lock = threading.Lock()
-        self.preloaded = list(preloaded)
+        # (index, path) pairs are local directories; launch.py passes (index, adapter id, source).
+        self.preloaded = [p if isinstance(p, Preloaded) else Preloaded(*p) for p in preloaded]
 
     @rpc
     def Info(self, request, context):
@@ -175,10 +256,13 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         info = pb.InfoResponse(
             requires_padding=False, dtype=str(model.dtype).removeprefix("torch."), device_type=model.device.type,
             block_size=model.cache.block_size, speculate=0, supports_generation=True, supports_embeddings=False,
-            supports_classification=False, chunked_prefill=False, requires_block_allocator=False,
-            preloaded_adapters=[pb.PreloadedAdapter(adapter_parameters=pb.AdapterParameters(adapter_ids=[path]),
-                                                    adapter_source=pb.LOCAL, adapter_index=index)
-                                for index, path in self.preloaded],
+            supports_classification=False, chunked_prefill=False,
+            # The router's allocator lays a windowed request over a ring of blocks, which our kernels do not read.
+            requires_block_allocator=model.config.sliding_window is None,
+            preloaded_adapters=[pb.PreloadedAdapter(adapter_parameters=pb.AdapterParameters(adapter_ids=[p.adapter_id]),
+                                                    adapter_source=pb.AdapterSource.Value(p.source.upper()),
+                                                    adapter_index=p.index)
+                                for p in self.preloaded],
         )
         if model.config.sliding_window is not None:
             info.window_size = model.config.sliding_window
@@ -186,6 +270,8 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
 
     @rpc
     def Health(self, request, context):
+        if self.model.device.type == "cuda":
+            torch.zeros((2, 2), device=self.model.device)  # the device still takes work
         return pb.HealthResponse()
 
     @rpc
@@ -205,21 +291,30 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
 
     @rpc
     def Warmup(self, request, context):
-        """Runs the router's warm-up batch once, gives everything back, captures the decode CUDA graphs (on a
-        GPU) for the longest context the router will send, and reports the cache size."""
-        requests, router_blocks = engine_requests(self.model, request.batch)
-        self.model.prefill(request.batch.id, requests, router_blocks)
+        """Runs the router's warm-up batch once (its two requests share id 0), gives everything back,
+        captures the decode CUDA graphs (on a GPU) for the longest context the router will send, and
+        reports how many tokens the router may budget."""
+        admission = admit(self.model, request.batch, unique_ids=False)
+        self.model.prefill(request.batch.id, admission.requests, admission.router_blocks)
         self.model.clear(request.batch.id)
         if self.model.graphs is not None and request.max_input_length:
             self.model.graphs.prepare(request.max_input_length + request.max_new_tokens)
-        return pb.WarmupResponse(max_supported_total_tokens=self.model.cache.num_blocks * self.model.cache.block_size)
+        supported = max_supported_total_tokens(self.model, request)
+        needed = max(request.max_prefill_tokens, request.max_input_length + request.max_new_tokens)
+        if supported < needed:
+            raise CacheFull(f"the KV cache lets the router budget {supported} tokens, fewer than the "
+                            f"{needed} its limits need: give the cache more memory or lower the router's limits")
+        return pb.WarmupResponse(max_supported_total_tokens=supported)
 
     @rpc
     def Prefill(self, request, context):
         if request.HasField("cached_batch") and request.cached_batch.id not in self.model.batches:
             raise BatchNotFound(f"batch {request.cached_batch.id} is not in the cache")
-        requests, router_blocks = engine_requests(self.model, request.batch)
-        results, batch = self.model.prefill(request.batch.id, requests, router_blocks)
+        admission = admit(self.model, request.batch)
+        results, batch = admission.refused, None
+        if admission.requests:
+            served, batch = self.model.prefill(request.batch.id, admission.requests, admission.router_blocks)
+            results = results + served
         if request.HasField("cached_batch"):  # new requests join a batch already decoding
             ids = [request.cached_batch.id] + ([batch.id] if batch is not None else [])
             batch = self.model.concatenate(ids)
@@ -240,24 +335,47 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
 
     @rpc
     def DownloadAdapter(self, request, context):
-        """Nothing to download: checks the local adapter and estimates its share of memory."""
-        path = local_adapter_dir(request.adapter_parameters, request.adapter_source)
-        size = sum(f.stat().st_size for f in path.glob("adapter_model.*"))
-        weights = sum(p.numel() * p.element_size() for p in self.model.model.parameters())
-        return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=size / max(weights, 1))
+        """Nothing to download (no hub is reachable): checks the adapters are here and sizes them against
+        the adapter memory budget, which the router spends from (memory_fraction)."""
+        parameters = request.adapter_parameters
+        if is_base_model(parameters):
+            return pb.DownloadAdapterResponse(downloaded=False)
+        size = sum(adapter_file_bytes(adapter_dir(i, request.adapter_source)) for i in parameters.adapter_ids)
+        fraction = size / adapter_memory_budget(self.model)
+        preloaded = len(parameters.adapter_ids) == 1 and parameters.adapter_ids[0] in {p.adapter_id for p in self.preloaded}
+        if fraction > 1 and not preloaded:
+            raise AdapterError(f"adapters {list(parameters.adapter_ids)} take {size} bytes, more than the "
+                               f"{adapter_memory_budget(self.model)} set aside (ADAPTER_MEMORY_FRACTION)")
+        return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction)
 
     @rpc
     def LoadAdapter(self, request, context):
-        path = local_adapter_dir(request.adapter_parameters, request.adapter_source)
-        self.model.adapters.load(request.adapter_index, path, str(path))
+        parameters, index = request.adapter_parameters, request.adapter_index
+        if is_base_model(parameters):
+            return pb.LoadAdapterResponse(loaded=False)
+        if index in self.model.adapters.loaded:
+            return pb.LoadAdapterResponse(loaded=True)
+        ids = list(parameters.adapter_ids)
+        if not ids:
+            raise AdapterError("LoadAdapter names no adapter id")
+        dirs = [adapter_dir(i, request.adapter_source) for i in ids]
+        if len(ids) == 1:
+            self.model.adapters.load(index, dirs[0], ids[0])
+        else:
+            self.model.adapters.load_merged(index, dirs, ",".join(ids), parameters.merge_strategy,
+                                            list(parameters.weights), parameters.density,
+                                            parameters.majority_sign_method)
         return pb.LoadAdapterResponse(loaded=True)
 
     @rpc
     def OffloadAdapter(self, request, context):
-        users = self.model.adapters_in_use().get(request.adapter_index)
+        index = request.adapter_index
+        if is_base_model(request.adapter_parameters) or index not in self.model.adapters.loaded:
+            return pb.OffloadAdapterResponse(offloaded=False)
+        users = self.model.adapters_in_use().get(index)
         if users:
-            raise RequestError(f"adapter index {request.adapter_index} is in use by requests {sorted(users)}")
-        self.model.adapters.offload(request.adapter_index)
+            raise RequestError(f"adapter index {index} is in use by requests {sorted(users)}")
+        self.model.adapters.offload(index)
         return pb.OffloadAdapterResponse(offloaded=True)
 
 
@@ -265,8 +383,9 @@ def socket_urls(uds_path: str, world_size: int) -> List[str]:
     return [f"unix://{uds_path}-{rank}" for rank in range(world_size)]
 
 
-def start_server(model, uds_path: str, rank: int = 0, world_size: int = 1, preloaded: Sequence[Tuple[int, str]] = ()):
-    """Starts serving `model` on unix://{uds_path}-{rank}; returns (grpc server, service). Stop with server.stop()."""
+def start_server(model, uds_path: str, rank: int = 0, world_size: int = 1, preloaded: Sequence = ()):
+    """Starts serving `model` on unix://{uds_path}-{rank}; returns (grpc server, service). Stop with server.stop().
+    `preloaded`: Preloaded entries, or (index, adapter id, source) / (index, local path) tuples."""
     urls = socket_urls(uds_path, world_size)
     service = LoraxService(model, urls, preloaded)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))

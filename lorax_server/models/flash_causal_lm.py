@@ -6,11 +6,15 @@ request of one or more cached batches (concatenated); finished requests leave th
 blocks back at once; `filter` keeps only the requests the router still wants. One step runs at a time
 (the server holds a lock).
 
-Each request reserves the blocks for its prompt and all its new tokens when it is admitted, so a decode
-step never runs out of cache mid-generation: a request that could not fit is refused up front.
+Each request reserves the blocks for its prompt and all its new tokens when it is admitted (or takes the
+blocks the router allocated for it), so a decode step never runs out of cache mid-generation: a batch
+that could not fit is refused up front. A request that fails on its own (its sampler, its text) ends
+alone with an error result; its batch-mates go on.
 """
 
 import itertools
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -24,7 +28,12 @@ from lorax_server.models.paged_cache import CacheFull, PagedKVCache, PagedSequen
 from lorax_server.utils.errors import RequestError
 from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, StoppingCriteria, prompt_logprobs
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_BLOCK_SIZE = 16
+# LoRAX's router keeps block 0 for its liveness probe ("Block 0 is reserved for health checks",
+# router/src/block_allocator.rs) and may send the probe while batches are live: no request of ours gets it.
+PROBE_BLOCK = 0
 
 
 class BatchNotFound(KeyError):
@@ -49,8 +58,9 @@ class StepResult:
     token: TokenChoice
     prompt_tokens: Optional[List[TokenChoice]] = None  # with prefill_logprobs, on the first step
     prompt_length: int = 0  # set on the prefill step only (the router streams a prefill message when > 0)
-    finish_reason: Optional[str] = None  # "length", "eos" or "stop_sequence" once finished
+    finish_reason: Optional[str] = None  # "length", "eos", "stop_sequence" or "error" once finished
     text: str = ""  # the whole generated text, once finished
+    error: Optional[str] = None  # why the request ended alone (finish_reason "error")
     generated_ids: List[int] = field(default_factory=list)  # once finished
     seed: Optional[int] = None
 
@@ -72,15 +82,23 @@ class Request:
     def generated(self) -> List[int]:
         return self.seq.tokens[self.prompt_length:]
 
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens whose K/V this request ever writes: the last new token is returned, never fed back."""
+        return self.prompt_length + self.max_new_tokens - 1
+
 
 @dataclass
 class Batch:
     id: int
     requests: List[Request]
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     @property
     def max_tokens(self) -> int:
-        return sum(r.prompt_length + r.max_new_tokens for r in self.requests)
+        """Cache tokens the batch holds, in whole blocks (upstream's CachedBatch.max_tokens), which the
+        router subtracts from Warmup's max_supported_total_tokens when it budgets the next batch."""
+        return sum(len(r.seq.blocks) for r in self.requests) * self.block_size
 
     @property
     def current_tokens(self) -> int:
@@ -96,7 +114,7 @@ class FlashCausalLM:
         self.device = torch.device(device)
         self.config = model.config
         self.cache = PagedKVCache(self.config.num_hidden_layers, num_blocks, block_size, model.num_kv_heads,
-                                  model.head_dim, dtype, device)
+                                  model.head_dim, dtype, device, reserved=(PROBE_BLOCK,))
         eos = self.config.eos_token_id
         self.eos_token_ids = eos if isinstance(eos, list) else [eos]
         self.adapters = AdapterStore(self.config, model.lm_head.process_group, dtype, device)
@@ -110,12 +128,12 @@ class FlashCausalLM:
     # -- admission -----------------------------------------------------------------------------------
 
     def tokenize(self, text: str, token_ids: Sequence[int], truncate: int) -> List[int]:
+        """The prompt's ids (`token_ids` when given, else `text` tokenized), keeping the last `truncate`
+        (0: all). The router sends truncate = max_input_length by default: longer than the prompt is a no-op."""
         ids = list(token_ids) if token_ids else self.tokenizer(text)["input_ids"] if text else []
         if not ids:
             raise RequestError("the request has no input: both inputs and tokenized_inputs are empty")
         if truncate:
-            if truncate > len(ids):
-                raise RequestError(f"truncate {truncate} is longer than the input ({len(ids)} tokens)")
             ids = ids[-truncate:]
         vocab = self.config.vocab_size
         if max(ids) >= vocab:
@@ -133,17 +151,22 @@ class FlashCausalLM:
                        stopping, max_new_tokens, prefill_logprobs, max(len(ids) - 5, 0), len(ids))
 
     def admit(self, requests: List[Request], router_blocks: Dict[int, List[int]]) -> None:
-        """Checks adapters and reserves every request's blocks, all or nothing."""
+        """Checks adapters and reserves every request's blocks, all or nothing: the router's blocks when it
+        allocated them (exactly those: the router owns every other block id), else blocks of our own."""
         self.adapters.check_loaded([r.seq.adapter_index for r in requests])
-        needed = sum(self.cache.blocks_for(r.prompt_length + r.max_new_tokens) for r in requests)
-        if needed - sum(len(b) for b in router_blocks.values()) > len(self.cache.free_blocks):
+        for r in requests:
+            if r.id in router_blocks and len(router_blocks[r.id]) < self.cache.blocks_for(r.cache_tokens):
+                raise RequestError(f"request {r.id}: {len(router_blocks[r.id])} blocks cannot hold its "
+                                   f"{r.cache_tokens} tokens in blocks of {self.cache.block_size}")
+        needed = sum(self.cache.blocks_for(r.cache_tokens) for r in requests if r.id not in router_blocks)
+        if needed > len(self.cache.free_blocks):
             raise CacheFull(f"the batch needs {needed} cache blocks of {self.cache.block_size} tokens, "
                             f"{len(self.cache.free_blocks)} are free of {self.cache.num_blocks}")
         try:
             for r in requests:
                 if r.id in router_blocks:
                     r.seq.blocks = self.cache.claim(router_blocks[r.id])
-                r.seq.reserve(self.cache, r.prompt_length + r.max_new_tokens)
+                r.seq.reserve(self.cache, r.cache_tokens)
         except Exception:
             self.release(requests)
             raise
@@ -174,7 +197,7 @@ class FlashCausalLM:
         except Exception:
             self.release(requests)
             raise
-        return results, self.keep(Batch(batch_id, requests))
+        return results, self.keep(Batch(batch_id, requests, self.cache.block_size))
 
     @torch.no_grad()
     def decode(self, batch_ids: Sequence[int]) -> Tuple[List[StepResult], Optional[Batch]]:
@@ -202,24 +225,46 @@ class FlashCausalLM:
         return logits
 
     def choose(self, requests: List[Request], last_logits, prompt_logits) -> List[StepResult]:
-        choices = [r.chooser(logits, r.seq.tokens) for r, logits in zip(requests, last_logits)]
         results = []
-        for i, (r, (token, logprob, alternatives)) in enumerate(zip(requests, choices)):
-            r.seq.tokens.append(token)
-            text = self.decode_increment(r)
-            result = StepResult(r.id, TokenChoice(token, logprob, text, token in self.special_ids,
-                                                  [(t, lp, self.token_text(t)) for t, lp in alternatives]))
-            if len(r.generated) == 1:  # the prefill step reports the prompt
-                result.prompt_length = r.prompt_length
-            if prompt_logits is not None and r.prefill_logprobs:
-                result.prompt_tokens = self.prompt_choices(r, prompt_logits[i])
-            r.finish_reason = result.finish_reason = r.stopping(token, text, len(r.generated))
-            if result.finish_reason:
-                result.text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
-                result.generated_ids = list(r.generated)
-                result.seed = r.chooser.seed if r.chooser.generator is not None else None
-            results.append(result)
+        for i, (r, logits) in enumerate(zip(requests, last_logits)):
+            try:
+                results.append(self.choose_one(r, logits, None if prompt_logits is None else prompt_logits[i]))
+            except Exception as error:  # e.g. a sampler fed non-finite values: this request ends, alone
+                logger.exception("request %d failed; its batch goes on", r.id)
+                r.finish_reason = "error"
+                results.append(self.failed(r.id, f"{type(error).__name__}: {error}", r.generated,
+                                           r.prompt_length if not r.generated else 0))
         return results
+
+    def choose_one(self, r: Request, logits: torch.Tensor, prompt_logits: Optional[torch.Tensor]) -> StepResult:
+        token, logprob, alternatives = r.chooser(logits, r.seq.tokens)
+        r.seq.tokens.append(token)
+        text = self.decode_increment(r)
+        result = StepResult(r.id, TokenChoice(token, logprob, text, token in self.special_ids,
+                                              [(t, lp, self.token_text(t)) for t, lp in alternatives]))
+        if len(r.generated) == 1:  # the prefill step reports the prompt
+            result.prompt_length = r.prompt_length
+        if prompt_logits is not None and r.prefill_logprobs:
+            result.prompt_tokens = self.prompt_choices(r, prompt_logits)
+        r.finish_reason = result.finish_reason = r.stopping(token, text, len(r.generated))
+        if result.finish_reason:
+            result.text = self.generated_text(r)
+            result.generated_ids = list(r.generated)
+            result.seed = r.chooser.seed if r.chooser.generator is not None else None
+        return result
+
+    def failed(self, request_id: int, message: str, generated: Sequence[int] = (), prompt_length: int = 0) -> StepResult:
+        """The last result of a request that ends alone: an empty special token, then the reason."""
+        eos = self.eos_token_ids[0] if self.eos_token_ids and self.eos_token_ids[0] is not None else 0
+        return StepResult(request_id, TokenChoice(eos, math.nan, "", True), prompt_length=prompt_length,
+                          finish_reason="error", error=f"request {request_id}: {message}", generated_ids=list(generated))
+
+    def generated_text(self, r: Request) -> str:
+        """The new tokens' text as upstream decodes it: after the prompt's last token, so that a leading
+        space the tokenizer attaches to a word survives (decoding the new tokens alone would drop it)."""
+        context = r.seq.tokens[r.prompt_length - 1:r.prompt_length]
+        before = self.tokenizer.decode(context, skip_special_tokens=True)
+        return self.tokenizer.decode(context + r.generated, skip_special_tokens=True)[len(before):]
 
     def prompt_choices(self, r: Request, logits: torch.Tensor) -> List[TokenChoice]:
         prompt = r.seq.tokens[:r.prompt_length]
@@ -259,7 +304,7 @@ class FlashCausalLM:
         if missing:
             raise BatchNotFound(f"batch {missing[0]} is not in the cache")
         batches = [self.batches.pop(i) for i in batch_ids]
-        merged = Batch(batches[0].id, [r for b in batches for r in b.requests])
+        merged = Batch(batches[0].id, [r for b in batches for r in b.requests], self.cache.block_size)
         self.batches[merged.id] = merged
         return merged
 

@@ -1,9 +1,10 @@
 """Choosing the next token and deciding when to stop, one request at a time.
 
-`NextTokenChooser` follows LoRAX/TGI semantics: penalties first (repetition, frequency, presence, over
-every token of the sequence so far), then the warpers (temperature, top-k, top-p, typical-p); a request
-samples when `do_sample` is set or any warper is active, otherwise it is greedy. The log-probability
-reported for a token is taken from the final, warped distribution.
+`NextTokenChooser` follows LoRAX/TGI semantics: the watermark bias first (when asked for), then the
+penalties (repetition, frequency, presence, over every token of the sequence so far), then the warpers
+(temperature, top-k, top-p, typical-p); a request samples when `do_sample` is set or any warper is
+active, otherwise it is greedy (a watermark alone does not make it sample). The log-probability
+reported for a token is taken from the final, warped distribution, watermark bias included.
 """
 
 import math
@@ -14,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from lorax_server.utils.errors import RequestError
+from lorax_server.utils.watermark import Watermark
 
 NEG_INF = float("-inf")
 
@@ -32,6 +34,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     return_k_alternatives: int = 0
+    watermark: bool = False
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -84,8 +87,10 @@ def typical_filter(scores: torch.Tensor, mass: float) -> torch.Tensor:
 class NextTokenChooser:
     def __init__(self, params: SamplingParams, device="cpu"):
         self.params = params
-        self.seed = params.seed if params.seed else random.randrange(2**63)
+        # Seed 0 is a seed (the router draws one for every request); only None asks for a fresh one.
+        self.seed = params.seed if params.seed is not None else random.randrange(2**63)
         self.generator = torch.Generator(device=device).manual_seed(self.seed) if params.samples else None
+        self.watermark = Watermark() if params.watermark else None
 
     def penalise(self, logits: torch.Tensor, previous: Sequence[int]) -> torch.Tensor:
         p = self.params
@@ -107,7 +112,11 @@ class NextTokenChooser:
 
     def __call__(self, logits: torch.Tensor, previous: Sequence[int]) -> Tuple[int, float, List[Tuple[int, float]]]:
         """logits [vocab] of one position, previous [n] token ids so far -> (token, logprob, alternatives)."""
-        scores = self.warp(self.penalise(logits.float(), previous))
+        scores = logits.float()
+        if self.watermark is not None:
+            # Before the penalties, as upstream: the repetition penalty then scales the biased logits.
+            scores = self.watermark(scores, previous)
+        scores = self.warp(self.penalise(scores, previous))
         logprobs = scores.log_softmax(-1)
         if self.generator is not None:
             token = int(torch.multinomial(logprobs.exp(), 1, generator=self.generator))
@@ -121,7 +130,11 @@ class NextTokenChooser:
 
 
 class StoppingCriteria:
-    """Stops on max_new_tokens, on EOS (unless ignored) and on any stop sequence in the generated text."""
+    """Stops on max_new_tokens, on EOS (unless ignored) and when the generated text ends with a stop sequence.
+
+    Upstream's order and matching: the length limit wins over EOS, EOS over a stop sequence; a stop
+    sequence matches where the text ends with it (or with it and one newline, as upstream's `.*stop$`),
+    so one that the text only passes through inside a token does not stop it."""
 
     def __init__(self, max_new_tokens: int, eos_token_ids: Sequence[int], stop_sequences: Sequence[str] = (),
                  ignore_eos: bool = False):
@@ -134,14 +147,16 @@ class StoppingCriteria:
         self.text_tail = ""
 
     def __call__(self, token: int, new_text: str, generated: int) -> Optional[str]:
-        """Returns "eos", "stop_sequence", "length" or None (keep going)."""
+        """Returns "length", "eos", "stop_sequence" or None (keep going)."""
+        if generated >= self.max_new_tokens:
+            return "length"
         if token in self.eos_token_ids:
             return "eos"
         if self.stop_sequences:
-            self.text_tail = (self.text_tail + new_text)[-(self.longest_stop + 64):]
-            if any(s in self.text_tail for s in self.stop_sequences):
+            self.text_tail = (self.text_tail + new_text)[-(self.longest_stop + 1):]
+            if any(self.text_tail.endswith((s, s + "\n")) for s in self.stop_sequences):
                 return "stop_sequence"
-        return "length" if generated >= self.max_new_tokens else None
+        return None
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int]) -> List[float]:

@@ -21,7 +21,7 @@ def test_cuda_graph_decode_equals_eager():
     model.graphs = None
     eager = [r.generated_ids for r in model.generate(PROMPTS, 20)]
     assert with_graphs == eager
-    assert len(model.cache.free_blocks) == model.cache.num_blocks
+    assert model.cache.all_free
 
 
 def test_warmup_captures_every_batch_bucket():
@@ -50,4 +50,4 @@ def test_cuda_graph_decode_with_adapters_equals_eager():
     model.graphs = None
     eager = [r.generated_ids for r in model.generate(PROMPTS, 12, adapter_indices=moved)]
     assert with_graphs == after_reload == eager
-    assert len(model.cache.free_blocks) == model.cache.num_blocks
+    assert model.cache.all_free

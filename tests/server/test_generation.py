@@ -25,7 +25,7 @@ def test_greedy_batch_equals_transformers_generate(served, hf_model):
         assert ids[i] == hf_greedy(hf_model, model.tokenizer, prompt, NEW)
         assert finished[i].generated_tokens == NEW and finished[i].finish_reason == pb.FINISH_REASON_LENGTH
         assert finished[i].text == model.tokenizer.decode(ids[i], skip_special_tokens=True)
-    assert len(model.cache.free_blocks) == model.cache.num_blocks
+    assert model.cache.all_free
 
 
 def test_adapters_equal_peft_generate(served, adapters):
@@ -72,7 +72,7 @@ def test_filter_batch_mid_generation_leaves_the_rest_unchanged(served):
         kept = response.batch
     ids = generated_ids(steps)
     assert ids[1] == full[1] and ids[3] == full[3]
-    assert len(model.cache.free_blocks) == model.cache.num_blocks
+    assert model.cache.all_free
 
 
 def test_clear_cache_frees_blocks(served):
@@ -84,7 +84,7 @@ def test_clear_cache_frees_blocks(served):
     client.stub.ClearCache(pb.ClearCacheRequest(id=6))
     assert list(model.batches) == [7]
     client.stub.ClearCache(pb.ClearCacheRequest())
-    assert len(model.cache.free_blocks) == model.cache.num_blocks and not model.batches
+    assert model.cache.all_free and not model.batches
 
 
 def test_router_allocated_blocks_and_server_allocated_together(served, hf_model):
@@ -98,7 +98,7 @@ def test_router_allocated_blocks_and_server_allocated_together(served, hf_model)
     _, ids = run(client, 8, requests)
     for i in range(2):
         assert ids[i] == hf_greedy(hf_model, model.tokenizer, PROMPTS[i], NEW)
-    assert sorted(model.cache.free_blocks) == list(range(model.cache.num_blocks))
+    assert sorted(model.cache.free_blocks) == list(range(1, model.cache.num_blocks)) and model.cache.all_free
 
 
 def test_tokenized_inputs_truncate_and_prefill_logprobs(served, hf_model):
@@ -127,11 +127,19 @@ def test_sampling_with_a_seed_is_reproducible_and_stop_sequences_stop(served):
     first, _ = run(client, 10, [make_request(0, PROMPTS[0], max_new_tokens=12, **sampled)])
     again, _ = run(client, 11, [make_request(0, PROMPTS[0], max_new_tokens=12, **sampled)])
     assert first[0].text == again[0].text and first[0].seed == 1234
-    greedy, _ = run(client, 12, [make_request(0, PROMPTS[0], max_new_tokens=20, ignore_eos_token=True)])
-    stop = greedy[0].text[4:7]
-    stopped, _ = run(client, 13, [make_request(0, PROMPTS[0], max_new_tokens=20, stop_sequences=[stop])])
+    greedy, ids = run(client, 12, [make_request(0, PROMPTS[0], max_new_tokens=20, ignore_eos_token=True)])
+    # A stop sequence across the boundary of tokens 3 and 4 of the greedy text: the text then ends with it.
+    last_prompt_token = model.tokenizer(PROMPTS[0])["input_ids"][-1:]
+    prefix = model.tokenizer.decode(last_prompt_token + ids[0][:4])[len(model.tokenizer.decode(last_prompt_token)):]
+    piece = model.tokenizer.decode(ids[0][3:4])
+    stop = prefix[-len(piece) - 2:]
+    stopped, _ = run(client, 13, [make_request(0, PROMPTS[0], max_new_tokens=20, stop_sequences=["@@", stop])])
     assert stopped[0].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
-    assert stop in stopped[0].text and len(stopped[0].text) < len(greedy[0].text)
+    assert stopped[0].text == prefix and stopped[0].text.endswith(stop) and stopped[0].generated_tokens == 4
+    assert greedy[0].text.startswith(prefix) and len(greedy[0].text) > len(prefix)
+    seeded = [run(client, 14 + i, [make_request(0, PROMPTS[0], max_new_tokens=8, do_sample=True, seed=seed)])[1][0]
+              for i, seed in enumerate((0, 0, 1))]
+    assert seeded[0] == seeded[1] != seeded[2]  # seed 0 is a seed, not "unset"
 
 
 def test_concurrent_calls_are_served_one_step_at_a_time(served):
@@ -147,4 +155,4 @@ def test_concurrent_calls_are_served_one_step_at_a_time(served):
                                                                              ignore_eos_token=True)])[1][0],
                                  range(len(PROMPTS))))
     assert together == [alone[i] for i in range(len(PROMPTS))]
-    assert len(model.cache.free_blocks) == model.cache.num_blocks and not model.batches
+    assert model.cache.all_free and not model.batches

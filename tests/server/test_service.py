@@ -5,6 +5,7 @@ import pytest
 
 from lorax_server.client import make_request
 from lorax_server.pb import generate_pb2 as pb
+from lorax_server.utils.tokens import NextTokenChooser, SamplingParams
 
 
 def prefill(client, batch_id, requests):
@@ -21,14 +22,15 @@ def assert_status(call, code, message):
 def assert_still_serves(client, model):
     response = prefill(client, 999, [make_request(0, "The for statement", max_new_tokens=1)])
     assert len(response.generations) == 1 and not response.HasField("batch")
-    assert len(model.cache.free_blocks) == model.cache.num_blocks and not model.batches
+    assert model.cache.all_free and not model.batches
 
 
 def test_info_health_discovery(served):
     client, _ = served
     info, call = client.stub.Info.with_call(pb.InfoRequest())
     assert info.dtype == "float32" and info.device_type == "cpu" and info.block_size == 16
-    assert info.supports_generation and not info.supports_embeddings and not info.requires_block_allocator
+    assert info.supports_generation and not info.supports_embeddings
+    assert info.requires_block_allocator  # no window: the router allocates blocks, as for upstream's flash models
     assert not info.HasField("window_size")  # the embedded model has no sliding window
     backends = dict(call.trailing_metadata())["lorax-backends"]
     assert "moe=" in backends and "attention=torch" in backends
@@ -45,31 +47,61 @@ def test_warmup_reports_the_cache_size(served):
     assert not model.batches
 
 
+# Requests this shard cannot serve: each ends alone (its batch-mates are served); alone in a batch, the
+# batch is refused with INVALID_ARGUMENT naming the problem.
 BAD_REQUESTS = {
-    "empty input": (dict(inputs=""), grpc.StatusCode.INVALID_ARGUMENT, "has no input"),
-    "truncate longer than the input": (dict(inputs="A list is", truncate=50), grpc.StatusCode.INVALID_ARGUMENT,
-                                       "truncate 50 is longer than the input"),
-    "adapter never loaded": (dict(inputs="A list is", adapter_index=42), grpc.StatusCode.INVALID_ARGUMENT,
-                             "adapter index 42 is not loaded"),
+    "empty input": (dict(inputs=""), "has no input"),
     "more positions than the model has": (dict(inputs="A list is", max_new_tokens=1030, ignore_eos_token=True),
-                                   grpc.StatusCode.INVALID_ARGUMENT, "exceed the model's 1024 positions"),
-    "zero new tokens": (dict(inputs="A list is", max_new_tokens=0), grpc.StatusCode.INVALID_ARGUMENT,
-                        "max_new_tokens must be positive"),
-    "token outside the vocabulary": (dict(ids=[1, 99999]), grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
-    "bad top_p": (dict(inputs="A list is", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in"),
-    "watermark": (dict(inputs="A list is", watermark=True), grpc.StatusCode.UNIMPLEMENTED, "watermark"),
-    "blocks in use": (dict(inputs="A list is", blocks=[5, 5]), grpc.StatusCode.INVALID_ARGUMENT, "already in use"),
+                                          "exceed the model's 1024 positions"),
+    "zero new tokens": (dict(inputs="A list is", max_new_tokens=0), "max_new_tokens must be positive"),
+    "token outside the vocabulary": (dict(ids=[1, 99999]), "outside the vocabulary"),
+    "bad top_p": (dict(inputs="A list is", top_p=1.5), "top_p must be in"),
+    "structured output": (dict(inputs="A list is", schema='{"type": "object"}'), "schema"),
+}
+# Problems of the batch as a whole (the router never sends them): the batch is refused, nothing is kept.
+BAD_BATCHES = {
+    "adapter never loaded": (dict(inputs="A list is", adapter_index=42), "adapter index 42 is not loaded"),
+    "blocks in use": (dict(inputs="A list is", blocks=[5, 5]), "already in use"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
-def test_bad_request_gets_a_status_and_the_server_goes_on(served, case):
+def test_bad_request_ends_alone_and_its_batch_mate_is_served(served, case):
     client, model = served
-    fields, code, message = BAD_REQUESTS[case]
+    fields, message = BAD_REQUESTS[case]
     fields = {"max_new_tokens": 4, **fields}
-    good = make_request(1, "Exceptions", max_new_tokens=4)
-    assert_status(lambda: prefill(client, 60, [good, make_request(2, **fields)]), code, message)
+    response = prefill(client, 60, [make_request(1, "Exceptions", max_new_tokens=4), make_request(2, **fields)])
+    by_id = {g.request_id: g for g in response.generations}
+    bad = by_id[2].generated_text
+    assert bad.text.startswith("[error] request 2:") and message in bad.text
+    assert not by_id[1].HasField("generated_text") and list(response.batch.request_ids) == [1]
+    while response.HasField("batch"):
+        response = client.stub.Decode(pb.DecodeRequest(batches=[response.batch]))
+    assert response.generations[0].generated_text.generated_tokens == 4
+    assert_status(lambda: prefill(client, 61, [make_request(2, **fields)]), grpc.StatusCode.INVALID_ARGUMENT, message)
     assert_still_serves(client, model)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_bad_batch_gets_a_status_and_the_server_goes_on(served, case):
+    client, model = served
+    fields, message = BAD_BATCHES[case]
+    good = make_request(1, "Exceptions", max_new_tokens=4)
+    assert_status(lambda: prefill(client, 60, [good, make_request(2, max_new_tokens=4, **fields)]),
+                  grpc.StatusCode.INVALID_ARGUMENT, message)
+    assert_still_serves(client, model)
+
+
+def test_truncate_keeps_the_last_tokens_and_longer_is_a_no_op(served):
+    client, model = served
+    ids = model.tokenizer("The for statement repeats a block")["input_ids"]
+    runs = {}
+    for truncate in (0, len(ids) + 50, 3):
+        response = prefill(client, 70, [make_request(0, ids=ids, max_new_tokens=1, truncate=truncate)])
+        runs[truncate] = (response.generations[0].prefill_tokens_length, response.generations[0].next_tokens.ids[0])
+    assert runs[0] == runs[len(ids) + 50] and runs[0][0] == len(ids)
+    alone = prefill(client, 71, [make_request(0, ids=ids[-3:], max_new_tokens=1)]).generations[0]
+    assert runs[3] == (3, alone.next_tokens.ids[0])
 
 
 def test_batch_larger_than_the_cache_is_resource_exhausted(served):
@@ -104,22 +136,36 @@ def test_adapter_lifecycle_over_grpc(served, adapters, tmp_path):
     path = str(adapters["attn"][0])
     params = pb.AdapterParameters(adapter_ids=[path])
     assert_status(lambda: client.stub.DownloadAdapter(pb.DownloadAdapterRequest(adapter_parameters=params,
-                                                                                 adapter_source=pb.HUB)),
-                  grpc.StatusCode.UNIMPLEMENTED, "adapter source HUB is not reachable")
-    download = client.stub.DownloadAdapter(pb.DownloadAdapterRequest(adapter_parameters=params, adapter_source=pb.LOCAL))
-    assert download.downloaded and 0 < download.memory_fraction < 1
+                                                                                 adapter_source=pb.S3)),
+                  grpc.StatusCode.INVALID_ARGUMENT, "source 's3' is not reachable")
+    for source in (pb.HUB, pb.LOCAL):  # a hub id that is a local directory is that directory, as upstream
+        download = client.stub.DownloadAdapter(pb.DownloadAdapterRequest(adapter_parameters=params,
+                                                                          adapter_source=source))
+        assert download.downloaded and 0 < download.memory_fraction < 1
     missing = pb.AdapterParameters(adapter_ids=[str(tmp_path / "nope")])
     assert_status(lambda: client.stub.LoadAdapter(pb.LoadAdapterRequest(adapter_parameters=missing,
                                                                          adapter_source=pb.LOCAL, adapter_index=31)),
-                  grpc.StatusCode.NOT_FOUND, "not a local PEFT adapter directory")
-    assert client.load_adapter(31, path)
+                  grpc.StatusCode.NOT_FOUND, "nope")
+    assert client.load_adapter(31, path, pb.HUB)
+    assert client.load_adapter(31, path)  # already loaded at that index: loaded, as upstream answers
     batch = prefill(client, 63, [make_request(0, "A list is", max_new_tokens=6, adapter_index=31)]).batch
     offload = pb.OffloadAdapterRequest(adapter_index=31)
     assert_status(lambda: client.stub.OffloadAdapter(offload), grpc.StatusCode.INVALID_ARGUMENT, "in use by requests [0]")
     client.stub.ClearCache(pb.ClearCacheRequest(id=batch.id))
     assert client.stub.OffloadAdapter(offload).offloaded
-    assert_status(lambda: client.stub.OffloadAdapter(offload), grpc.StatusCode.INVALID_ARGUMENT, "not loaded")
+    assert not client.stub.OffloadAdapter(offload).offloaded  # nothing left to offload: no error upstream
     assert_still_serves(client, model)
+
+
+def test_base_model_goes_through_the_adapter_rpcs_as_upstream(served):
+    client, _ = served
+    base = pb.AdapterParameters(adapter_ids=["__base_model__"])
+    download = client.stub.DownloadAdapter(pb.DownloadAdapterRequest(adapter_parameters=base, adapter_source=pb.HUB))
+    assert not download.downloaded and download.memory_fraction == 0
+    load = pb.LoadAdapterRequest(adapter_parameters=base, adapter_source=pb.HUB, adapter_index=0)
+    assert not client.stub.LoadAdapter(load).loaded
+    offload = pb.OffloadAdapterRequest(adapter_parameters=base, adapter_source=pb.HUB, adapter_index=0)
+    assert not client.stub.OffloadAdapter(offload).offloaded
 
 
 def test_empty_batch_duplicate_decode_and_unknown_cached_batch_are_refused(served):
@@ -136,17 +182,24 @@ def test_empty_batch_duplicate_decode_and_unknown_cached_batch_are_refused(serve
     assert_still_serves(client, model)
 
 
-def test_a_failure_mid_step_frees_the_batch_and_the_server_goes_on(served, monkeypatch):
+def test_a_request_failing_mid_generation_ends_alone(served, monkeypatch):
     client, model = served
-    batch = prefill(client, 67, [make_request(i, "A list is", max_new_tokens=8) for i in range(3)]).batch
+    batch = prefill(client, 67, [make_request(i, "A list is", max_new_tokens=8, ignore_eos_token=True)
+                                 for i in range(3)]).batch
+    real = NextTokenChooser.__call__
 
-    def broken(self, logits, previous):
-        raise RuntimeError("sampler exploded")
+    def broken_for_request_1(self, logits, previous):
+        if self.params.top_k == 7:
+            raise RuntimeError("sampler exploded")
+        return real(self, logits, previous)
 
-    monkeypatch.setattr("lorax_server.utils.tokens.NextTokenChooser.__call__", broken)
-    assert_status(lambda: client.stub.Decode(pb.DecodeRequest(batches=[batch])), grpc.StatusCode.INTERNAL,
-                  "sampler exploded")
-    assert_status(lambda: prefill(client, 68, [make_request(0, "A list is")]), grpc.StatusCode.INTERNAL,
-                  "sampler exploded")
-    monkeypatch.undo()
-    assert_still_serves(client, model)  # both batches are gone and every block is free again
+    model.batches[67].requests[1].chooser.params = SamplingParams(top_k=7)
+    monkeypatch.setattr(NextTokenChooser, "__call__", broken_for_request_1)
+    response = client.stub.Decode(pb.DecodeRequest(batches=[batch]))
+    failed = {g.request_id: g.generated_text.text for g in response.generations if g.HasField("generated_text")}
+    assert list(failed) == [1] and "sampler exploded" in failed[1]
+    assert list(response.batch.request_ids) == [0, 2]  # its batch-mates go on
+    while response.HasField("batch"):
+        response = client.stub.Decode(pb.DecodeRequest(batches=[response.batch]))
+    assert sorted(g.request_id for g in response.generations) == [0, 2]
+    assert_still_serves(client, model)  # the failed request's blocks came back too
