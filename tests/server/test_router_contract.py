@@ -160,7 +160,10 @@ def test_windowed_model_admits_every_batch_the_routers_budget_allows(windowed_sh
         token_budget = budget - (running.max_tokens if running else 0)
         requests, longest, new_tokens = [], 0, 0
         while True:
-            prompt, max_new = rng.randint(model.cache.block_size - 1, 60), rng.randint(2, 40)
+            # The worst rounding: prompt + max_new - 1 cache tokens one past a whole block, shortest prompts.
+            total = model.cache.block_size * rng.randint(2, 3) + 2
+            prompt = rng.randint(model.cache.block_size - 1, model.cache.block_size + 2)
+            max_new = total - prompt
             n, top = len(requests) + 1, max(longest, prompt)
             if n * top > MAX_PREFILL or n * top + new_tokens + max_new > token_budget:
                 break
@@ -176,7 +179,7 @@ def test_windowed_model_admits_every_batch_the_routers_budget_allows(windowed_sh
         if not batches:
             continue
         response = client.stub.Decode(pb.DecodeRequest(batches=batches))
-        for _ in range(rng.randint(1, 6)):
+        for _ in range(rng.randint(0, 2)):
             if not response.HasField("batch"):
                 break
             response = client.stub.Decode(pb.DecodeRequest(batches=[response.batch]))
