@@ -57,6 +57,32 @@ class AdapterStore:
             self.publish({**self.loaded, index: weights})
         return weights
 
+    def load_merged(self, index: int, adapter_dirs, adapter_id: str, strategy="linear", weights=(),
+                    density: float = 1.0, majority_sign="total", seed: int = 0) -> AdapterWeights:
+        """Merges the PEFT adapters in `adapter_dirs` (a sequence of paths) into one adapter served at `index`
+        (see adapters/merges.py): `weights` a sequence of floats, one per adapter (empty: all 1).
+
+        As in LoRAX, a single adapter is loaded as it is (strategy, weights and density are not applied);
+        `strategy` and `majority_sign` take a name or the wire enum number. Nothing is published on error.
+        """
+        from lorax_server.adapters.merges import BASE_MODEL_ADAPTER_ID, merge_adapters
+
+        adapter_dirs = list(adapter_dirs)
+        if index == BASE_MODEL_ADAPTER_INDEX:
+            raise AdapterError(f"adapter index {BASE_MODEL_ADAPTER_INDEX} is the base model; choose another")
+        if len(adapter_dirs) == 1 and str(adapter_dirs[0]) != BASE_MODEL_ADAPTER_ID:
+            return self.load(index, adapter_dirs[0], adapter_id)
+        with self.lock:
+            if index in self.loaded:
+                raise AdapterError(f"adapter index {index} already holds {self.loaded[index].adapter_id}; "
+                                   "offload it first")
+        merged = merge_adapters(self.loader, adapter_dirs, adapter_id, strategy, weights, density, majority_sign, seed)
+        if self.use_kernels:
+            check_kernel_rank(merged)
+        with self.lock:
+            self.publish({**self.loaded, index: merged})
+        return merged
+
     def offload(self, index: int) -> AdapterWeights:
         with self.lock:
             if index not in self.loaded:

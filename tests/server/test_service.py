@@ -6,6 +6,7 @@ import pytest
 from lorax_server.client import make_request
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.utils.tokens import NextTokenChooser, SamplingParams
+from tests.adapters.peft_adapters import make_peft_adapter
 
 
 def prefill(client, batch_id, requests):
@@ -203,3 +204,22 @@ def test_a_request_failing_mid_generation_ends_alone(served, monkeypatch):
         response = client.stub.Decode(pb.DecodeRequest(batches=[response.batch]))
     assert sorted(g.request_id for g in response.generations) == [0, 2]
     assert_still_serves(client, model)  # the failed request's blocks came back too
+
+
+def test_several_adapter_ids_load_as_one_merged_adapter(served, hf_model, tmp_path):
+    client, model = served
+    ids = [str(tmp_path / "attn"), str(tmp_path / "experts")]
+    make_peft_adapter(hf_model, tmp_path / "attn", seed=3, r=4, target_modules=["q_proj", "v_proj"])
+    make_peft_adapter(hf_model, tmp_path / "experts", seed=4, r=4, target_modules=["w1", "w2", "w3", "k_proj"])
+    params = pb.AdapterParameters(adapter_ids=ids, weights=[0.7, 0.3], merge_strategy=pb.TIES, density=0.5,
+                                  majority_sign_method=pb.FREQUENCY)
+    assert client.stub.DownloadAdapter(pb.DownloadAdapterRequest(adapter_parameters=params,
+                                                                  adapter_source=pb.HUB)).downloaded
+    assert client.stub.LoadAdapter(pb.LoadAdapterRequest(adapter_parameters=params, adapter_source=pb.HUB,
+                                                          adapter_index=41)).loaded
+    merged = model.adapters.loaded[41]
+    assert {name for _, name in merged.linear} >= {"self_attn.q_proj", "self_attn.k_proj"} and merged.experts
+    response = prefill(client, 90, [make_request(0, "A list is", max_new_tokens=3, adapter_index=41)])
+    assert response.generations[0].next_tokens.ids
+    client.stub.ClearCache(pb.ClearCacheRequest(id=90))
+    assert client.stub.OffloadAdapter(pb.OffloadAdapterRequest(adapter_parameters=params, adapter_index=41)).offloaded
