@@ -5,8 +5,9 @@ a message: bad input is INVALID_ARGUMENT, an unknown batch or adapter path NOT_F
 RESOURCE_EXHAUSTED. The engine checks a batch before it touches any state, so the server keeps serving
 after any of them. One request never takes its batch down: a request this shard cannot serve (or that
 fails mid-generation) ends alone with a final Generation that names the error (the protocol has no
-per-request error, so the reason is its text), and its batch-mates go on; only a batch of nothing but
-such requests fails as a whole. What the router sends and expects is in ../shared/LORAX_ROUTER.md.
+per-request error, so the reason is its text), and its batch-mates go on. A failed Prefill would cost
+more than its own batch: the router then fails its running batch too, and panics at the next Decode.
+What the router sends and expects is in ../shared/LORAX_ROUTER.md.
 The kernel backends in use are logged at start-up and sent back as the
 `lorax-backends` trailing metadata of `Info` (the wire format has no field for them).
 """
@@ -45,8 +46,6 @@ FINISH_REASONS = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS
                   "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
                   "error": pb.FINISH_REASON_EOS_TOKEN}  # no error reason on the wire: the text says it
 BASE_MODEL_ADAPTER_ID = "__base_model__"  # how the router names the base model in the adapter RPCs
-# Share of device memory set aside for adapters; DownloadAdapter's memory_fraction is relative to it (upstream's).
-ADAPTER_MEMORY_FRACTION = float(os.getenv("ADAPTER_MEMORY_FRACTION", "0.1"))
 
 
 def status_of(error: Exception) -> grpc.StatusCode:
@@ -124,28 +123,29 @@ def engine_request(model, r: pb.Request):
 
 
 def admit(model, batch: pb.Batch, unique_ids: bool = True) -> Admission:
-    """pb.Batch -> Admission. A batch whose every request is refused fails as a whole (INVALID_ARGUMENT),
-    as do repeated request ids (only the router's Warmup batch repeats one, and nothing else reads them)."""
+    """pb.Batch -> Admission. Only a malformed batch fails as a whole (INVALID_ARGUMENT): no requests, or
+    repeated request ids (only the router's Warmup batch repeats one, and nothing else reads them)."""
     ids = [r.id for r in batch.requests]
     if not ids:
         raise RequestError("a batch needs at least one request")
     if unique_ids and len(set(ids)) != len(ids):
         raise RequestError(f"request ids in a batch must be unique, got {ids}")
-    admission, errors = Admission(), []
+    admission = Admission()
     for r in batch.requests:
         try:
             admission.requests.append(engine_request(model, r))
         except RequestError as error:
-            errors.append(str(error))
             admission.refused.append(model.failed(r.id, str(error)))
             continue
         if r.blocks:
             admission.router_blocks[r.id] = list(r.blocks)
-    if errors and not admission.requests:
-        raise RequestError("; ".join(f"request {i}: {e}" for i, e in zip(ids, errors)))
-    for result in admission.refused:
-        logger.warning("refused alone, its batch goes on: %s", result.error)
     return admission
+
+
+def log_refusals(results: Sequence[StepResult]) -> None:
+    for result in results:
+        if result.finish_reason == "error" and not result.generated_ids:
+            logger.warning("refused alone, its batch goes on: %s", result.error)
 
 
 def next_tokens_pb(tokens) -> pb.NextTokens:
@@ -201,13 +201,17 @@ def adapter_dir(adapter_id: str, source: int) -> Path:
     return path
 
 
-def adapter_memory_budget(model) -> int:
-    """Bytes set aside for adapters: ADAPTER_MEMORY_FRACTION of the GPU's memory (or of RAM on a CPU)."""
+def device_memory(model) -> int:
+    """The bytes of the model's device: the GPU's memory, or RAM on a CPU."""
     if model.device.type == "cuda":
-        total = torch.cuda.get_device_properties(model.device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(1, int(ADAPTER_MEMORY_FRACTION * total))
+        return torch.cuda.get_device_properties(model.device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def adapter_memory_budget(model) -> int:
+    """Bytes set aside for adapters that the router loads: ADAPTER_MEMORY_FRACTION (upstream's variable,
+    default 0.1) of the device's memory. The launcher sets it to 0 when adapters are preloaded."""
+    return int(float(os.getenv("ADAPTER_MEMORY_FRACTION", "0.1")) * device_memory(model))
 
 
 def adapter_file_bytes(path: Path) -> int:
@@ -295,8 +299,13 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         captures the decode CUDA graphs (on a GPU) for the longest context the router will send, and
         reports how many tokens the router may budget."""
         admission = admit(self.model, request.batch, unique_ids=False)
-        self.model.prefill(request.batch.id, admission.requests, admission.router_blocks)
+        results = admission.refused
+        if admission.requests:
+            results = results + self.model.prefill(request.batch.id, admission.requests, admission.router_blocks)[0]
         self.model.clear(request.batch.id)
+        failed = [r.error for r in results if r.finish_reason == "error"]
+        if failed:  # the router exits with this message: nothing it sends later would be served either
+            raise RequestError(f"the warm-up batch cannot be served: {'; '.join(failed)}")
         if self.model.graphs is not None and request.max_input_length:
             self.model.graphs.prepare(request.max_input_length + request.max_new_tokens)
         supported = max_supported_total_tokens(self.model, request)
@@ -315,6 +324,7 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         if admission.requests:
             served, batch = self.model.prefill(request.batch.id, admission.requests, admission.router_blocks)
             results = results + served
+        log_refusals(results)
         if request.HasField("cached_batch"):  # new requests join a batch already decoding
             ids = [request.cached_batch.id] + ([batch.id] if batch is not None else [])
             batch = self.model.concatenate(ids)
@@ -341,12 +351,16 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         if is_base_model(parameters):
             return pb.DownloadAdapterResponse(downloaded=False)
         size = sum(adapter_file_bytes(adapter_dir(i, request.adapter_source)) for i in parameters.adapter_ids)
-        fraction = size / adapter_memory_budget(self.model)
-        preloaded = len(parameters.adapter_ids) == 1 and parameters.adapter_ids[0] in {p.adapter_id for p in self.preloaded}
-        if fraction > 1 and not preloaded:
+        if list(parameters.adapter_ids) in [[p.adapter_id] for p in self.preloaded]:  # already in memory
+            return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=size / device_memory(self.model))
+        budget = adapter_memory_budget(self.model)
+        if budget <= 0:
+            raise AdapterError("no memory is set aside for adapters (ADAPTER_MEMORY_FRACTION=0, as the launcher "
+                               "sets it when adapters are preloaded): only the preloaded adapters are served")
+        if size > budget:
             raise AdapterError(f"adapters {list(parameters.adapter_ids)} take {size} bytes, more than the "
-                               f"{adapter_memory_budget(self.model)} set aside (ADAPTER_MEMORY_FRACTION)")
-        return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction)
+                               f"{budget} set aside for adapters (ADAPTER_MEMORY_FRACTION)")
+        return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=size / budget)
 
     @rpc
     def LoadAdapter(self, request, context):

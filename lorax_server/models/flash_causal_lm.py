@@ -8,7 +8,7 @@ blocks back at once; `filter` keeps only the requests the router still wants. On
 
 Each request reserves the blocks for its prompt and all its new tokens when it is admitted (or takes the
 blocks the router allocated for it), so a decode step never runs out of cache mid-generation: a batch
-that could not fit is refused up front. A request that fails on its own (its sampler, its text) ends
+that could not fit is refused up front, one request at a time. A request that fails on its own (its sampler, its text) ends
 alone with an error result; its batch-mates go on.
 """
 
@@ -23,8 +23,9 @@ import torch
 
 from lorax_server.adapters.merge import merge_into
 from lorax_server.adapters.store import AdapterStore
+from lorax_server.adapters.weights import AdapterError
 from lorax_server.models.cuda_graphs import DecodeGraphs
-from lorax_server.models.paged_cache import CacheFull, PagedKVCache, PagedSequence, mark_cached, pack_forward
+from lorax_server.models.paged_cache import BlockInUse, CacheFull, PagedKVCache, PagedSequence, mark_cached, pack_forward
 from lorax_server.utils.errors import RequestError
 from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, StoppingCriteria, prompt_logprobs
 
@@ -150,26 +151,31 @@ class FlashCausalLM:
         return Request(request_id, PagedSequence(ids, adapter_index), len(ids), NextTokenChooser(params, self.device),
                        stopping, max_new_tokens, prefill_logprobs, max(len(ids) - 5, 0), len(ids))
 
-    def admit(self, requests: List[Request], router_blocks: Dict[int, List[int]]) -> None:
-        """Checks adapters and reserves every request's blocks, all or nothing: the router's blocks when it
-        allocated them (exactly those: the router owns every other block id), else blocks of our own."""
-        self.adapters.check_loaded([r.seq.adapter_index for r in requests])
+    def admit(self, requests: List[Request], router_blocks: Dict[int, List[int]]) -> Tuple[List[Request], List[StepResult]]:
+        """Reserves each request's blocks, in order: the router's blocks when it allocated them (exactly those:
+        the router owns every other block id), else blocks of our own. Returns (admitted, results of the
+        refused): a request that cannot be served (adapter not loaded, cache full, bad blocks) ends alone."""
+        admitted, refused = [], []
         for r in requests:
-            if r.id in router_blocks and len(router_blocks[r.id]) < self.cache.blocks_for(r.cache_tokens):
-                raise RequestError(f"request {r.id}: {len(router_blocks[r.id])} blocks cannot hold its "
-                                   f"{r.cache_tokens} tokens in blocks of {self.cache.block_size}")
-        needed = sum(self.cache.blocks_for(r.cache_tokens) for r in requests if r.id not in router_blocks)
+            try:
+                self.admit_one(r, router_blocks.get(r.id))
+                admitted.append(r)
+            except (RequestError, AdapterError, CacheFull, BlockInUse) as error:
+                refused.append(self.failed(r.id, str(error)))
+        return admitted, refused
+
+    def admit_one(self, r: Request, blocks: Optional[List[int]]) -> None:
+        self.adapters.check_loaded([r.seq.adapter_index])
+        if blocks is not None and len(blocks) < self.cache.blocks_for(r.cache_tokens):
+            raise RequestError(f"{len(blocks)} blocks cannot hold its {r.cache_tokens} tokens in blocks of "
+                               f"{self.cache.block_size}")
+        needed = self.cache.blocks_for(r.cache_tokens) if blocks is None else 0
         if needed > len(self.cache.free_blocks):
-            raise CacheFull(f"the batch needs {needed} cache blocks of {self.cache.block_size} tokens, "
+            raise CacheFull(f"it needs {needed} cache blocks of {self.cache.block_size} tokens, "
                             f"{len(self.cache.free_blocks)} are free of {self.cache.num_blocks}")
-        try:
-            for r in requests:
-                if r.id in router_blocks:
-                    r.seq.blocks = self.cache.claim(router_blocks[r.id])
-                r.seq.reserve(self.cache, r.cache_tokens)
-        except Exception:
-            self.release(requests)
-            raise
+        if blocks is not None:
+            r.seq.blocks = self.cache.claim(blocks)
+        r.seq.reserve(self.cache, r.cache_tokens)
 
     def release(self, requests: Sequence[Request]) -> None:
         for r in requests:
@@ -180,12 +186,15 @@ class FlashCausalLM:
 
     @torch.no_grad()
     def prefill(self, batch_id: int, requests: List[Request], router_blocks=None) -> Tuple[List[StepResult], Optional[Batch]]:
-        """Admits the requests and chooses their first tokens; on any failure they leave no trace."""
+        """Admits the requests and chooses their first tokens. A request that cannot be admitted ends alone
+        (its result says why); if the forward pass itself fails, the admitted requests leave no trace."""
         if not requests:
             raise RequestError("a batch needs at least one request")
         if batch_id in self.batches:
             raise RequestError(f"batch {batch_id} already exists")
-        self.admit(requests, router_blocks or {})
+        requests, refused = self.admit(requests, router_blocks or {})
+        if not requests:
+            return refused, None
         try:
             want_all = any(r.prefill_logprobs for r in requests)
             logits = self.forward(requests, [r.prompt_length for r in requests], prefill=True, all_logits=want_all)
@@ -197,7 +206,7 @@ class FlashCausalLM:
         except Exception:
             self.release(requests)
             raise
-        return results, self.keep(Batch(batch_id, requests, self.cache.block_size))
+        return refused + results, self.keep(Batch(batch_id, requests, self.cache.block_size))
 
     @torch.no_grad()
     def decode(self, batch_ids: Sequence[int]) -> Tuple[List[StepResult], Optional[Batch]]:
