@@ -224,20 +224,6 @@ def canonical_pairs(pairs: Pairs, config) -> Pairs:
     return out
 
 
-def build_weights(loader: PeftLoraLoader, config: dict, pairs: Pairs, adapter_id: str) -> AdapterWeights:
-    """(config, full unscaled pairs) -> this rank's AdapterWeights, by the loader's own steps."""
-    adapter = AdapterWeights(adapter_id)
-    per_expert: Dict[int, Dict] = {}
-    for module, (a, b) in sorted(pairs.items()):
-        loader.check_values(module, a, b)
-        loader.add_module(adapter, per_expert, config, module, a, b)
-    for layer, modules in per_expert.items():
-        loader.add_per_expert_layer(adapter, layer, modules)
-    if not adapter.linear and not adapter.experts:
-        raise AdapterError(f"adapter {adapter_id} has no LoRA weights")
-    return adapter
-
-
 def read_raw_adapter(loader: PeftLoraLoader, adapter_dir) -> RawAdapter:
     """Reads one adapter and checks it as `load` would (on the CPU, kept nowhere); errors name it."""
     name = str(adapter_dir)
@@ -246,7 +232,7 @@ def read_raw_adapter(loader: PeftLoraLoader, adapter_dir) -> RawAdapter:
         check_peft_config(config)
         pairs = loader.pair_tensors(tensors)
         checker = PeftLoraLoader(loader.c, loader.group, torch.float32, "cpu")
-        build_weights(checker, config, pairs, name)
+        checker.build(config, pairs, name)
     except AdapterError as e:
         raise AdapterError(f"adapter {name}: {e}") from None
     pairs = {module: (a.float(), b.float()) for module, (a, b) in canonical_pairs(pairs, loader.c).items()}
@@ -325,6 +311,6 @@ def merge_adapters(loader: PeftLoraLoader, adapter_dirs: Sequence, adapter_id: s
     check_compatible(adapters, loader.c)
     pairs = merge_pairs(adapters, params)
     try:
-        return build_weights(loader, merged_config(adapters), pairs, adapter_id)
+        return loader.build(merged_config(adapters), pairs, adapter_id)
     except AdapterError as e:
         raise AdapterError(f"merged adapter {adapter_id}: {e}") from None

@@ -102,8 +102,11 @@ class PeftLoraLoader:
     def load(self, adapter_dir, adapter_id: Optional[str] = None) -> AdapterWeights:
         config, tensors = read_adapter_dir(adapter_dir)
         check_peft_config(config)
-        pairs = self.pair_tensors(tensors)
-        adapter = AdapterWeights(adapter_id or str(adapter_dir))
+        return self.build(config, self.pair_tensors(tensors), adapter_id or str(adapter_dir))
+
+    def build(self, config: dict, pairs: Dict[str, Tuple[torch.Tensor, torch.Tensor]], adapter_id: str) -> AdapterWeights:
+        """(PEFT config, full unscaled (A, B) per module) -> this rank's AdapterWeights, checked and scaled."""
+        adapter = AdapterWeights(adapter_id)
         per_expert: Dict[int, Dict] = {}
         for module, (a, b) in sorted(pairs.items()):
             self.check_values(module, a, b)
