@@ -6,7 +6,7 @@ import sys
 import threading
 from typing import List, Optional, Sequence, Tuple
 
-from lorax_server.server import start_server
+from lorax_server.server import start_server, stop_server
 from lorax_server.utils.sources import HUB, resolve
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ def load_and_serve(model_id: str, uds_path: str, dtype: Optional[str] = None,
     MASTER_ADDR / MASTER_PORT, or torchrun's), preloads adapters at indices 1, 2, ... from
     `preloaded_adapter_source` (default: `adapter_source`) and serves on unix://{uds_path}-{rank}.
 
-    With `wait`, serves until SIGTERM or SIGINT (then stops the server and returns); else returns
+    With `wait`, serves until SIGTERM or SIGINT, then stops gracefully (no new calls, the ones in flight
+    finish within server.STOP_GRACE_S, the socket file is removed) and returns; else returns
     (grpc server, service) at once."""
     from lorax_server.models import get_model
 
@@ -48,7 +49,7 @@ def load_and_serve(model_id: str, uds_path: str, dtype: Optional[str] = None,
     preloaded = preload_adapters(model, preloaded_adapter_ids, preloaded_adapter_source or adapter_source)
     group = model.model.lm_head.process_group
     server, service = start_server(model, uds_path, group.rank(), group.size(), preloaded)
-    served.append(server)
+    served.append((server, service.urls[group.rank()].removeprefix("unix://")))
     if wait:
         server.wait_for_termination()
         logger.info("server stopped")
@@ -56,16 +57,18 @@ def load_and_serve(model_id: str, uds_path: str, dtype: Optional[str] = None,
 
 
 def stop_on_signals(served: list) -> None:
-    """SIGTERM and SIGINT stop the server in `served` (so that wait_for_termination returns and the process
-    exits 0); before there is one, they end the process with status 128 + the signal number."""
+    """SIGTERM and SIGINT stop the server in `served`, a [(grpc server, socket path)] (so that
+    wait_for_termination returns and the process exits 0); before there is one, they end the process with
+    status 128 + the signal number. Every rank gets the signal from the launcher and stops on its own."""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def stop(signum, frame):
         if not served:
             sys.exit(128 + signum)
-        logger.info("signal %s received: shutting down", signal.Signals(signum).name)
-        served[0].stop(grace=None)
+        logger.info("signal %s received: finishing the calls in flight, then stopping",
+                    signal.Signals(signum).name)
+        stop_server(*served[0])
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -15,6 +15,8 @@ The kernel backends in use are logged at start-up and sent back as the
 import contextlib
 import logging
 import os
+import socket
+import stat
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from lorax_server.models.flash_causal_lm import Batch, BatchNotFound, RequestErr
 from lorax_server.models.paged_cache import BlockInUse, CacheFull
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.pb import generate_pb2_grpc
+from lorax_server.utils.errors import bounded
 from lorax_server.utils.sources import SourceError, resolve, source_name
 
 logger = logging.getLogger(__name__)
@@ -68,7 +71,7 @@ def rpc(handler):
             code = status_of(error)
             if code == grpc.StatusCode.INTERNAL:
                 logger.exception("%s failed", handler.__name__)
-            message = str(error) or type(error).__name__
+            message = bounded(str(error) or type(error).__name__)
         context.abort(code, message)
 
     return wrapper
@@ -130,9 +133,11 @@ def admit(model, batch: pb.Batch, unique_ids: bool = True) -> Admission:
         raise RequestError("a batch needs at least one request")
     if unique_ids and len(set(ids)) != len(ids):
         raise RequestError(f"request ids in a batch must be unique, got {ids}")
-    admission = Admission()
+    admission, live = Admission(), model.live_request_ids() if unique_ids else set()
     for r in batch.requests:
         try:
+            if r.id in live:
+                raise RequestError(f"request id {r.id} is already live in another batch")
             admission.requests.append(engine_request(model, r))
         except RequestError as error:
             admission.refused.append(model.failed(r.id, str(error)))
@@ -145,7 +150,7 @@ def admit(model, batch: pb.Batch, unique_ids: bool = True) -> Admission:
 def log_refusals(results: Sequence[StepResult]) -> None:
     for result in results:
         if result.finish_reason == "error" and not result.generated_ids:
-            logger.warning("refused alone, its batch goes on: %s", result.error)
+            logger.warning("refused alone, its batch goes on: %s", bounded(result.error))
 
 
 def next_tokens_pb(tokens) -> pb.NextTokens:
@@ -161,8 +166,8 @@ def next_tokens_pb(tokens) -> pb.NextTokens:
 
 def generated_text_pb(result: StepResult) -> pb.GeneratedText:
     if result.finish_reason == "error":
-        return pb.GeneratedText(text=f"[error] {result.error}", generated_tokens=len(result.generated_ids) + 1,
-                                finish_reason=FINISH_REASONS["error"])
+        return pb.GeneratedText(text=f"[error] {bounded(result.error)}",
+                                generated_tokens=len(result.generated_ids) + 1, finish_reason=FINISH_REASONS["error"])
     text = pb.GeneratedText(text=result.text, generated_tokens=len(result.generated_ids),
                             finish_reason=FINISH_REASONS[result.finish_reason])
     if result.seed is not None:
@@ -195,9 +200,14 @@ def adapter_dir(adapter_id: str, source: int) -> Path:
     """The local PEFT directory of `adapter_id` from `source` (hub: a local directory or the HF cache)."""
     if adapter_id == BASE_MODEL_ADAPTER_ID:
         raise AdapterError(f"{BASE_MODEL_ADAPTER_ID} is the base model: it cannot be merged with adapters")
-    path = resolve(adapter_id, source_name(source))
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_id} ({path}) is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        path = resolve(adapter_id, source_name(source))
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter_id} ({path}) is not a PEFT adapter directory (no adapter_config.json)")
+    except (FileNotFoundError, SourceError):
+        raise
+    except OSError as error:  # a name too long, a permission denied...: the id cannot be read as a path
+        raise AdapterError(f"{error.strerror or error}: adapter {adapter_id}") from None  # the reason first: long ids are cut
     return path
 
 
@@ -393,8 +403,43 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         return pb.OffloadAdapterResponse(offloaded=True)
 
 
+# In-flight calls get this long to finish when the server stops (a step takes well under a second).
+STOP_GRACE_S = 10.0
+
+
+class SocketInUse(RuntimeError):
+    """Another live server listens on the socket (or the path is not a socket at all)."""
+
+
 def socket_urls(uds_path: str, world_size: int) -> List[str]:
     return [f"unix://{uds_path}-{rank}" for rank in range(world_size)]
+
+
+def claim_socket(path: str) -> None:
+    """Refuses a socket that a live server answers on; removes a stale one (left by a server that died).
+    Binding over a live socket would silently take it from its server, which would keep running unreachable."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SocketInUse(f"{path} exists and is not a socket: choose another --uds-path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+            logger.info("removed the stale socket %s", path)
+            return
+    raise SocketInUse(f"another server is listening on {path}: stop it or choose another --uds-path")
+
+
+def stop_server(server, socket_path: str, grace: float = STOP_GRACE_S) -> None:
+    """Takes no new calls, lets the ones in flight finish (at most `grace` seconds), removes the socket file."""
+    server.stop(grace).wait()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    logger.info("stopped; %s removed", socket_path)
 
 
 def start_server(model, uds_path: str, rank: int = 0, world_size: int = 1, preloaded: Sequence = ()):
@@ -405,6 +450,7 @@ def start_server(model, uds_path: str, rank: int = 0, world_size: int = 1, prelo
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     generate_pb2_grpc.add_LoraxServiceServicer_to_server(service, server)
     Path(uds_path).parent.mkdir(parents=True, exist_ok=True)
+    claim_socket(urls[rank].removeprefix("unix://"))
     server.add_insecure_port(urls[rank])
     server.start()
     logger.info("serving on %s; backends: %s", urls[rank], CHOSEN)

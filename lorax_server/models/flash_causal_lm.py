@@ -344,6 +344,9 @@ class FlashCausalLM:
             raise RequestError("merging changes the base model under live requests: clear the cache first")
         merge_into(self.model, self.adapters.offload(index))
 
+    def live_request_ids(self) -> set:
+        return {r.id for batch in self.batches.values() for r in batch.requests}
+
     def adapters_in_use(self) -> Dict[int, List[int]]:
         used: Dict[int, List[int]] = {}
         for batch in self.batches.values():

@@ -20,6 +20,20 @@ from lorax_server.utils.watermark import Watermark
 NEG_INF = float("-inf")
 
 
+# (field, what is allowed, check). The penalties' range is the router's (router/src/validation.rs): past it
+# a penalty only pushes logits towards overflow.
+SAMPLING_RANGES = (
+    ("temperature", ">= 0", lambda v: v >= 0),
+    ("top_p", "in (0, 1]", lambda v: 0 < v <= 1),
+    ("typical_p", "in (0, 1]", lambda v: 0 < v <= 1),
+    ("top_k", ">= 0", lambda v: v >= 0),
+    ("return_k_alternatives", ">= 0", lambda v: v >= 0),
+    ("repetition_penalty", "> 0 and finite", lambda v: v > 0),
+    ("frequency_penalty", "in [-2, 2]", lambda v: -2 <= v <= 2),
+    ("presence_penalty", "in [-2, 2]", lambda v: -2 <= v <= 2),
+)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What `NextTokenChooserParameters` carries; 0 in a float field means "unset" as in proto3."""
@@ -37,16 +51,14 @@ class SamplingParams:
     watermark: bool = False
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.typical_p <= 1:
-            raise RequestError(f"typical_p must be in (0, 1], got {self.typical_p}")
-        if self.top_k < 0 or self.return_k_alternatives < 0:
-            raise RequestError("top_k and return_k_alternatives must be >= 0")
-        if self.repetition_penalty <= 0:
-            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """Refuses, naming the field, any value the sampler cannot compute with (non-finite floats
+        included: a NaN passes every comparison below as False, so each check is written to fail on it)."""
+        for name, allowed, ok in SAMPLING_RANGES:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise RequestError(f"{name} must be {allowed}, got {value}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise RequestError(f"seed must be a 64-bit unsigned integer, got {self.seed}")
 
     @property
     def samples(self) -> bool:
