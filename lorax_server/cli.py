@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -108,6 +109,8 @@ class LoraxCli(typer.Typer):
         except _aborts():
             sys.exit(130)
         except _user_errors() as error:
+            if logging.getLogger("lorax_server").isEnabledFor(logging.DEBUG):
+                traceback.print_exc()  # --logger-level DEBUG: where the refusal came from
             _report(_one_line(error))
             sys.exit(1)
         except Exception:
@@ -258,6 +261,12 @@ def serve(
 
     from lorax_server.launch import load_and_serve
     from lorax_server.models import cuda_memory_fraction
+    from lorax_server.server import SocketInUse, claim_socket
+
+    try:  # before the weights load (minutes for a real model): a live socket or a bad path fails now
+        claim_socket(f"{uds_path}-{os.getenv('RANK', '0') if sharded else 0}")
+    except (SocketInUse, ValueError) as error:
+        raise CliError(str(error)) from None
 
     try:
         cuda_memory_fraction()

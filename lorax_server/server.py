@@ -407,6 +407,9 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
 STOP_GRACE_S = 10.0
 
 
+MAX_SOCKET_PATH_BYTES = 107  # sockaddr_un.sun_path on Linux holds 108 bytes, the last one a NUL
+
+
 class SocketInUse(RuntimeError):
     """Another live server listens on the socket (or the path is not a socket at all)."""
 
@@ -418,6 +421,9 @@ def socket_urls(uds_path: str, world_size: int) -> List[str]:
 def claim_socket(path: str) -> None:
     """Refuses a socket that a live server answers on; removes a stale one (left by a server that died).
     Binding over a live socket would silently take it from its server, which would keep running unreachable."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise ValueError(f"the socket path {path} is longer than the {MAX_SOCKET_PATH_BYTES} bytes a unix socket "
+                         f"takes: choose a shorter --uds-path")
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:

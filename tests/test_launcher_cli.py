@@ -352,3 +352,11 @@ def test_get_model_takes_upstreams_arguments_in_upstreams_order():
         get_model(MODEL, merge_adapter_weights=True)
     tensors = load_file(DEFAULT_MODEL_DIR / "model.safetensors")
     assert checkpoint_bytes(DEFAULT_MODEL_DIR, torch.float32, 2) == sum(t.numel() * 4 for t in tensors.values()) // 2
+
+
+def test_socket_problems_are_one_line_before_the_model_loads(tmp_path):
+    too_long = tmp_path / ("s" * 120)
+    result = subprocess.run([sys.executable, "-m", "lorax_server.cli", "serve", "--uds-path", str(too_long)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "longer than the 107 bytes" in result.stderr
+    assert "Traceback" not in result.stderr and "loading" not in result.stdout.lower()
