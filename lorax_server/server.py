@@ -268,7 +268,7 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         model = self.model
         context.set_trailing_metadata((("lorax-backends", ",".join(f"{k}={v}" for k, v in sorted(CHOSEN.items()))),))
         info = pb.InfoResponse(
-            requires_padding=False, dtype=str(model.dtype).removeprefix("torch."), device_type=model.device.type,
+            requires_padding=False, dtype=str(model.dtype), device_type=model.device.type,
             block_size=model.cache.block_size, speculate=0, supports_generation=True, supports_embeddings=False,
             supports_classification=False, chunked_prefill=False,
             # The router's allocator lays a windowed request over a ring of blocks, which our kernels do not read.

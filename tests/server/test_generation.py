@@ -79,7 +79,8 @@ def test_clear_cache_frees_blocks(served):
     client, model = served
     requests = [make_request(i, p, max_new_tokens=30) for i, p in enumerate(PROMPTS)]
     client.stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=6, requests=requests, size=4)))
-    client.stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=7, requests=requests[:1], size=1)))
+    second = [make_request(len(PROMPTS), PROMPTS[0], max_new_tokens=30)]  # request ids are unique across batches
+    client.stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=7, requests=second, size=1)))
     assert len(model.cache.free_blocks) < model.cache.num_blocks
     client.stub.ClearCache(pb.ClearCacheRequest(id=6))
     assert list(model.batches) == [7]
@@ -151,8 +152,8 @@ def test_concurrent_calls_are_served_one_step_at_a_time(served):
     alone = {i: run(client, 200 + i, [make_request(0, p, max_new_tokens=6, ignore_eos_token=True)])[1][0]
              for i, p in enumerate(PROMPTS)}
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        together = list(pool.map(lambda i: run(client, 300 + i, [make_request(0, PROMPTS[i], max_new_tokens=6,
-                                                                             ignore_eos_token=True)])[1][0],
+        together = list(pool.map(lambda i: run(client, 300 + i, [make_request(i, PROMPTS[i], max_new_tokens=6,
+                                                                             ignore_eos_token=True)])[1][i],
                                  range(len(PROMPTS))))
     assert together == [alone[i] for i in range(len(PROMPTS))]
     assert model.cache.all_free and not model.batches

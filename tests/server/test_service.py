@@ -29,7 +29,7 @@ def assert_still_serves(client, model):
 def test_info_health_discovery(served):
     client, _ = served
     info, call = client.stub.Info.with_call(pb.InfoRequest())
-    assert info.dtype == "float32" and info.device_type == "cpu" and info.block_size == 16
+    assert info.dtype == "torch.float32" and info.device_type == "cpu" and info.block_size == 16
     assert info.supports_generation and not info.supports_embeddings
     assert info.requires_block_allocator  # no window: the router allocates blocks, as for upstream's flash models
     assert not info.HasField("window_size")  # the embedded model has no sliding window
