@@ -33,8 +33,10 @@ def check_kernel_rank(weights: AdapterWeights) -> None:
 
 
 class AdapterStore:
-    def __init__(self, model_config, process_group, dtype: torch.dtype, device):
-        self.loader = PeftLoraLoader(model_config, process_group, dtype, device)
+    def __init__(self, model_config, process_group, dtype: torch.dtype, device, base_model=None):
+        """`base_model`: the served FlashMixtralForCausalLM, to compare with the lm_head / embed_tokens weight an
+        adapter saves (PEFT loads such a weight into the model; here it must equal the model's)."""
+        self.loader = PeftLoraLoader(model_config, process_group, dtype, device, base_model)
         self.loaded: Dict[int, AdapterWeights] = {}
         self.lock = threading.Lock()
         self.device = torch.device(device)

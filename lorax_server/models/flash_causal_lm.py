@@ -118,7 +118,7 @@ class FlashCausalLM:
                                   model.head_dim, dtype, device, reserved=(PROBE_BLOCK,))
         eos = self.config.eos_token_id
         self.eos_token_ids = eos if isinstance(eos, list) else [eos]
-        self.adapters = AdapterStore(self.config, model.lm_head.process_group, dtype, device)
+        self.adapters = AdapterStore(self.config, model.lm_head.process_group, dtype, device, base_model=model)
         self.batches: Dict[int, Batch] = {}
         self.batch_ids = itertools.count(1 << 32)  # ids of batches made here (the router numbers its own below)
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []))

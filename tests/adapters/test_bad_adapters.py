@@ -49,8 +49,12 @@ BAD = {
     "missing lora_B": (lambda t: t.pop(Q_B), None, "has lora_A but no lora_B"),
     "NaN weights": (set_nan, None, "lora_A holds NaN or infinite values"),
     "unknown target": (lambda t: t.update({
+        "base_model.model.model.norm.lora_A.weight": torch.zeros(4, 64),
+        "base_model.model.model.norm.lora_B.weight": torch.zeros(64, 4)}), None, "norm: unknown LoRA target"),
+    "embedding LoRA": (lambda t: t.update({
         "base_model.model.model.embed_tokens.lora_A.weight": torch.zeros(4, 64),
-        "base_model.model.model.embed_tokens.lora_B.weight": torch.zeros(96, 4)}), None, "unknown LoRA target"),
+        "base_model.model.model.embed_tokens.lora_B.weight": torch.zeros(96, 4)}), None,
+        r"embed_tokens\.lora_A\.weight: LoRA on the token embedding \(embed_tokens\) is not supported"),
     "DoRA": (None, dict(use_dora=True), r"DoRA \(use_dora\) is not supported"),
     "bias all": (None, dict(bias="all"), "bias='all' is not supported"),
     "modules_to_save": (None, dict(modules_to_save=["score"]), "modules_to_save"),
