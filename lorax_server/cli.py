@@ -199,7 +199,8 @@ def serve(
     revision: Optional[str] = typer.Option(None, help="Snapshot of a hub model id in the local cache (a branch, tag or commit)."),
     sharded: bool = typer.Option(
         False, help="One process per rank from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (LoRAX launcher or torchrun)."),
-    quantize: Optional[Quantization] = typer.Option(None, help="Refused: this server serves no quantization yet."),
+    quantize: Optional[Quantization] = typer.Option(
+        None, help="fp8 for an FP8 checkpoint (dequantized on load); the other methods are refused."),
     compile: bool = typer.Option(
         False, "--compile",
         help="Decode from CUDA graphs on a GPU (the launcher passes it unless --eager); without it, decode eagerly."),
@@ -233,9 +234,9 @@ def serve(
     if dtype is not None and quantize is not None:
         raise CliError("--dtype and --quantize: only one of them may be set, as both decide how the model is "
                        "initialized")
-    if quantize is not None:
-        raise CliError(f"--quantize {quantize}: this server serves no quantization yet; its weights are float16, "
-                       f"bfloat16 or float32 (--dtype)")
+    if quantize not in (None, "fp8"):
+        raise CliError(f"--quantize {quantize}: this server serves float16, bfloat16 or float32 weights (--dtype) "
+                       f"and FP8 checkpoints (--quantize fp8, dequantized on load)")
     if speculative_tokens > 0:
         raise CliError(f"--speculative-tokens {speculative_tokens}: this server does no speculative decoding "
                        f"(Info reports speculate 0); use 0")
@@ -284,7 +285,7 @@ def serve(
                    kv_cache_mib << 20 if kv_cache_mib else None, expert_parallel=expert_parallel,
                    adapter_id=adapter_id, revision=revision, compile=compile, trust_remote_code=trust_remote_code,
                    source=source, adapter_source=adapter_source, preloaded_adapter_source=preloaded_source,
-                   merge_adapter_weights=merge_adapter_weights)
+                   merge_adapter_weights=merge_adapter_weights, quantize=quantize)
 
 
 def _weight_files(directory: Path, extension: str) -> List[Path]:

@@ -140,7 +140,7 @@ MODEL = str(DEFAULT_MODEL_DIR)
     (["serve", MODEL, "--preloaded-adapter-ids", "org/a", "--preloaded-adapter-source", "s3"],
      ["--preloaded-adapter-source s3"]),
     (["serve", MODEL, "--source", "ftp"], ["--source ftp", "unknown source"]),
-    (["serve", MODEL, "--quantize", "gptq"], ["--quantize gptq", "no quantization"]),
+    (["serve", MODEL, "--quantize", "gptq"], ["--quantize gptq", "FP8 checkpoints"]),
     (["serve", MODEL, "--quantize", "int3"], ["--quantize"]),  # not one of upstream's choices: a usage error
     (["serve", MODEL, "--dtype", "float16", "--quantize", "awq"], ["--dtype and --quantize"]),
     (["serve", MODEL, "--speculative-tokens", "3"], ["--speculative-tokens 3", "no speculative decoding"]),
@@ -169,9 +169,9 @@ def test_a_bad_cuda_memory_fraction_is_one_line():
 
 def test_a_refusal_is_also_an_error_record_for_the_launcher():
     result = run(["serve", MODEL, "--json-output", "--quantize", "fp8"])
-    assert_one_line_error(result, "--quantize fp8")
+    assert_one_line_error(result, "quantization 'fp8' is not supported by this server for a float checkpoint")
     record = assert_launcher_parses(result.stdout)[-1]["record"]
-    assert record["level"]["name"] == "ERROR" and "--quantize fp8" in record["message"]
+    assert record["level"]["name"] == "ERROR" and "quantization 'fp8'" in record["message"]
 
 
 # -- serve -----------------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def test_serve_with_the_launchers_command_line(tmp_path):
     argv = serve_argv(MODEL, str(uds), "hub", "hub", "--compile")
     info, client, process = info_of_served(argv, launcher_env(), Path(f"{uds}-0"))
     try:
-        assert info.supports_generation and info.device_type == "cpu" and info.dtype == "float32"
+        assert info.supports_generation and info.device_type == "cpu" and info.dtype == "torch.float32"
         assert info.block_size > 0 and info.speculate == 0 and not info.preloaded_adapters
     finally:
         client.close()

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from lorax_server.utils.dist import FakeGroup, initialize_torch_distributed
+from lorax_server.utils.quantization import check_quantize_option, checkpoint_quantization
 from lorax_server.utils.sources import HUB, resolve
 
 logger = logging.getLogger(__name__)
@@ -107,15 +108,15 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
     - `compile`: upstream's CUDA graphs for decode. True keeps the engine's decode graphs (GPU only;
       LORAX_CUDA_GRAPHS=0 still turns them off), False decodes eagerly, None keeps the engine's default
       (graphs on a GPU). Nothing to do on a CPU.
-    - `quantize` and `embedding_dim` are refused (no quantized kernels; Mixtral has no embedding head);
-      `trust_remote_code` has no effect (no remote code is ever run).
+    - `quantize`: None, or "fp8" for an FP8 checkpoint (AutoFP8 or compressed-tensors float-quantized), which
+      is dequantized to the compute dtype on load either way; any other value, "fp8" for a float checkpoint,
+      and quantization methods other than FP8 in config.json are refused (lorax_server/utils/quantization.py).
+    - `embedding_dim` is refused (Mixtral has no embedding head); `trust_remote_code` has no effect (no
+      remote code is ever run).
     - `kv_cache_bytes` (default: 256 MiB on a CPU, most of the free GPU memory within CUDA_MEMORY_FRACTION),
       `block_size`, and `expert_parallel` (split the experts over the ranks instead of every expert's ffn;
       sharded runs only) are this server's own.
     """
-    if quantize is not None:
-        raise ValueError(f"quantization '{quantize}' is not supported by this server: it serves float16, bfloat16 "
-                         f"or float32 weights")
     if embedding_dim is not None:
         raise ValueError(f"embedding_dim {embedding_dim}: this server serves Mixtral, a causal LM with no "
                          f"embedding head")
@@ -129,9 +130,13 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist: model_id must be a local checkpoint directory")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type '{model_type}' is not supported; supported: {sorted(MODEL_TYPES)}")
+    # Before anything loads: a quantization method this server cannot serve, or a `quantize` the checkpoint
+    # does not match, is refused by name.
+    check_quantize_option(quantize, checkpoint_quantization(config, model_dir))
     adapter_dir = resolve(adapter_id, adapter_source) if adapter_id else None
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not supported; supported: {sorted(DTYPES)}")

@@ -1,5 +1,7 @@
 """FlashMixtral: loads a Mixtral checkpoint directory into the engine, with its tokenizer and adapter targets."""
 
+import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -17,8 +19,18 @@ from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
     FlashMixtralForCausalLM,
     MixtralConfig,
 )
+from lorax_server.models.checkpoint import (
+    check_all_read,
+    check_before_loading,
+    eos_token_ids,
+    load_tokenizer,
+    loading_progress,
+)
 from lorax_server.models.flash_causal_lm import DEFAULT_BLOCK_SIZE, FlashCausalLM, kv_cache_blocks
+from lorax_server.utils.quantization import checkpoint_quantization
 from lorax_server.utils.weights import Weights, weight_files
+
+logger = logging.getLogger(__name__)
 
 # LoRA targets this model serves (see lorax_server/adapters/peft.py for the experts' two formats).
 ADAPTER_LAYERS = [ATTN_Q_PROJ, ATTN_K_PROJ, ATTN_V_PROJ, ATTN_O_PROJ, LM_HEAD, ROUTER, "experts.w13", "experts.w2"]
@@ -28,19 +40,35 @@ GPU_KV_CACHE_FRACTION = 0.85
 
 
 class FlashMixtral(FlashCausalLM):
+    """A Mixtral checkpoint directory served by the engine.
+
+    Everything cheap is checked before any weight is read: config.json's values and quantization, the
+    tokenizer (tokenizer.json or sentencepiece's tokenizer.model; its chat template is
+    `tokenizer.chat_template`), generation_config.json's stop ids, and the dtypes and layer/expert indices
+    of the stored tensors. Stopping honours every eos id of config.json and generation_config.json.
+    """
+
     def __init__(self, model_dir: Path, dtype: torch.dtype, device, process_group,
                  kv_cache_bytes: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  expert_parallel: bool = False):
-        from transformers import AutoTokenizer
-
-        config = MixtralConfig.from_pretrained(model_dir)
-        weights = Weights(weight_files(model_dir), device, dtype, process_group)
+        model_dir = Path(model_dir)
+        values = json.loads((model_dir / "config.json").read_text())
+        config = MixtralConfig.from_dict(values)
+        quantization = checkpoint_quantization(values, model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        eos_ids = eos_token_ids(model_dir, config.eos_token_id)
+        weights = Weights(weight_files(model_dir), device, dtype, process_group, quantization=quantization)
+        check_before_loading(weights, config)
+        if quantization is not None:
+            logger.info("%s checkpoint: weights dequantized to %s on load", quantization, dtype)
         moe_cls = ExpertParallelMoE if expert_parallel else BlockSparseMoE
-        model = FlashMixtralForCausalLM("", config, weights, moe_cls).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        with loading_progress(weights, show=process_group.rank() == 0):
+            model = FlashMixtralForCausalLM("", config, weights, moe_cls).eval()
+        check_all_read(weights, config)
         budget = kv_cache_bytes or default_kv_cache_bytes(torch.device(device))
         num_blocks = agreed_num_blocks(kv_cache_blocks(model, block_size, budget, dtype), process_group, device)
         super().__init__(model, tokenizer, dtype, device, num_blocks, block_size)
+        self.eos_token_ids = eos_ids
 
 
 def agreed_num_blocks(num_blocks: int, process_group, device) -> int:

@@ -6,7 +6,7 @@ sharding happens at read time, so a rank never materialises more than its slice 
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 from safetensors import safe_open
@@ -47,15 +47,25 @@ class Weights:
     """Reads tensors by name from one or many safetensors files, cast to `dtype`, on `device`.
 
     `process_group` is anything with `rank()` and `size()`; `aliases` maps a name to other names the
-    same tensor may have in some checkpoints (e.g. tied embeddings).
+    same tensor may have in some checkpoints (e.g. tied embeddings); `quantization` (an Fp8Checkpoint of
+    lorax_server/utils/quantization.py, or None) says how FP8 weights are scaled: they are read as
+    float32 weight * scale, then cast to `dtype`.
+
+    Every stored tensor a read touches (data or a scale) is recorded in `used`. On the meta device no data
+    is read at all: reads return empty tensors of the right shape, so building a model over such weights
+    checks every name and shape of a checkpoint without loading it.
     """
 
     def __init__(self, filenames: Iterable, device, dtype: torch.dtype, process_group,
-                 aliases: Optional[Dict[str, Sequence[str]]] = None):
+                 aliases: Optional[Dict[str, Sequence[str]]] = None, quantization=None):
         self.device = torch.device(device)
         self.dtype = dtype
         self.process_group = process_group
         self.aliases = dict(aliases or {})
+        self.quantization = quantization
+        self.views: Dict[str, Tuple[str, tuple]] = {}
+        self.used: Set[str] = set()
+        self.on_first_read: Optional[Callable[[str, Path], None]] = None  # e.g. a progress bar
         self._handles = {}
         self.routing: Dict[str, Path] = {}
         for filename in filenames:
@@ -74,6 +84,24 @@ class Weights:
                 return candidate
         return None
 
+    def has(self, name: str) -> bool:
+        return name in self.views or self._resolve(name) is not None
+
+    def add_view(self, name: str, stored: str, index: tuple) -> None:
+        """Reads of `name` read `stored[index]` (ints and step-1 slices): a tensor a checkpoint keeps inside a
+        larger one (e.g. one expert of a fused [E, 2F, H] tensor), under the name the model loads."""
+        self.views[name] = (stored, index)
+
+    def _locate(self, name: str, index: tuple = ()) -> Tuple[str, tuple]:
+        """The stored tensor behind `name`, and `index` into `name` as an index into that tensor."""
+        if name in self.views:
+            stored, outer = self.views[name]
+            return stored, compose_index(self.get_shape(stored), outer, index)
+        resolved = self._resolve(name)
+        if resolved is None:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
+        return resolved, index
+
     def _handle(self, name: str):
         resolved = self._resolve(name)
         if resolved is None:
@@ -84,18 +112,59 @@ class Weights:
         return self._handles[filename], resolved
 
     def get_shape(self, name: str) -> List[int]:
+        if name in self.views:
+            stored, index = self.views[name]
+            return list(torch.empty(self.get_shape(stored), device="meta")[index].shape)
         handle, resolved = self._handle(name)
         return list(handle.get_slice(resolved).get_shape())
+
+    def stored_dtype(self, name: str) -> str:
+        """The dtype as the file stores it, in safetensors' spelling ("BF16", "F8_E4M3", "I8", ...)."""
+        handle, resolved = self._handle(name)
+        return handle.get_slice(resolved).get_dtype()
 
     def get_slice(self, name: str):
         handle, resolved = self._handle(name)
         return handle.get_slice(resolved)
+
+    def unused(self) -> List[str]:
+        """Stored tensors no read has touched (after a model was built over these weights)."""
+        return sorted(set(self.routing) - self.used)
 
     def _check_shape(self, name: str, expected: Optional[Sequence[int]]) -> List[int]:
         found = self.get_shape(name)
         if expected is not None and list(expected) != found:
             raise CheckpointError(f"tensor {name}: expected shape {list(expected)}, found {found}")
         return found
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    def _read(self, name: str, index: tuple = ()) -> torch.Tensor:
+        """`name[index]` as `dtype` numbers on `device`: the one place data is read."""
+        stored, index = self._locate(name, index)
+        self._mark_used(stored)
+        if self.device.type == "meta":
+            return torch.empty(self.get_shape(stored), dtype=self.dtype, device="meta")[index]
+        tensor = self.get_slice(stored)[index]
+        if tensor.dtype == torch.float8_e4m3fn:  # scaled where it will live: a GPU does it in no time, a CPU slowly
+            tensor = self._dequantize(stored, tensor.to(self.device), index)
+        return self._finish(tensor)
+
+    def _dequantize(self, stored: str, tensor: torch.Tensor, index: tuple) -> torch.Tensor:
+        if self.quantization is None:
+            raise CheckpointError(f"tensor {stored} is FP8, but config.json has no quantization_config saying how "
+                                  f"it is scaled")
+        scale = self.quantization.scale_name(stored)
+        self._mark_used(scale)
+        rows = index[0] if index else slice(None)
+        return self.quantization.dequantize(tensor, self.get_slice(scale)[()].to(tensor.device), rows)
+
+    def _mark_used(self, stored: str) -> None:
+        if stored in self.used:
+            return
+        self.used.add(stored)
+        if self.on_first_read is not None and self.device.type != "meta":
+            self.on_first_read(stored, self.routing.get(stored))
 
     def _finish(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.is_floating_point():
@@ -107,8 +176,7 @@ class Weights:
     def get_tensor(self, name: str, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
         """The whole tensor (replicated on every rank); `shape` is the full shape it must have."""
         self._check_shape(name, shape)
-        handle, resolved = self._handle(name)
-        return self._finish(handle.get_tensor(resolved))
+        return self._read(name)
 
     def get_sharded(self, name: str, dim: int, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
         """This rank's even slice of `name` along `dim`; `shape` is the full (unsharded) shape."""
@@ -117,16 +185,17 @@ class Weights:
         rows = shard_range(full[dim], group.rank(), group.size(), f"tensor {name} dim {dim}")
         index = [slice(None)] * len(full)
         index[dim] = rows
-        return self._finish(self.get_slice(name)[tuple(index)])
+        return self._read(name, tuple(index))
 
     def get_rows(self, name: str, rows: slice, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Rows `rows` of `name` (an uneven split, e.g. of a vocabulary); `shape` is the full shape."""
         self._check_shape(name, shape)
-        return self._finish(self.get_slice(name)[rows])
+        return self._read(name, (rows,))
 
     def get_multi_weights_col(self, prefixes: Sequence[str], quantize: Optional[str] = None, dim: int = 0,
                               shapes: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
-        """Column-parallel weights of several layers fused along `dim` (e.g. q, k, v into qkv)."""
+        """Column-parallel weights of several layers fused along `dim` (e.g. q, k, v into qkv). Each is read
+        (and, if FP8, dequantized with its own scale) before they are joined."""
         refuse_quantization(quantize)
         shapes = shapes or [None] * len(prefixes)
         return torch.cat([self.get_sharded(f"{p}.weight", dim, s) for p, s in zip(prefixes, shapes)], dim=dim)
@@ -136,6 +205,16 @@ class Weights:
         """A row-parallel weight: this rank's slice of the input dimension."""
         refuse_quantization(quantize)
         return self.get_sharded(f"{prefix}.weight", 1, shape)
+
+
+def compose_index(shape: Sequence[int], outer: tuple, inner: tuple) -> tuple:
+    """One index into a tensor of `shape` that picks what `[outer]` then `[inner]` pick (ints and step-1
+    slices only, as safetensors reads them)."""
+    picks = [range(size)[outer[d]] if d < len(outer) else range(size) for d, size in enumerate(shape)]
+    kept = [d for d, pick in enumerate(picks) if isinstance(pick, range)]  # the dims `inner` indexes
+    for d, item in zip(kept, inner):
+        picks[d] = picks[d][item]
+    return tuple(p if isinstance(p, int) else slice(p.start, p.stop) for p in picks)
 
 
 def refuse_quantization(quantize: Optional[str]) -> None:
@@ -157,9 +236,11 @@ class MetaWeights(Weights):
         self.expected[name] = list(expected)
         return list(expected)
 
+    def _resolve(self, name: str) -> Optional[str]:
+        return name if name in self.expected else None
+
+    def get_shape(self, name: str) -> List[int]:
+        return self.expected[name]
+
     def get_slice(self, name: str) -> torch.Tensor:
         return torch.empty(self.expected[name], dtype=self.dtype, device="meta")
-
-    def get_tensor(self, name: str, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
-        self._check_shape(name, shape)
-        return self.get_slice(name)

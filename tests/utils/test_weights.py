@@ -67,3 +67,61 @@ def test_aliases_resolve(sharded_checkpoint):
     directory, a, _ = sharded_checkpoint
     weights = Weights(weight_files(directory), "cpu", torch.float32, FakeGroup(0, 1), aliases={"c.weight": ["a.weight"]})
     assert torch.equal(weights.get_tensor("c.weight"), a)
+
+
+# -- FP8 scales, views, and reads that touch no data ------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.fixture
+def fp8_checkpoint(tmp_path):
+    """a: per-channel scales [6, 1]; b and c: one per-tensor scale each (0-d and [1])."""
+    from lorax_server.utils.quantization import Fp8Checkpoint
+
+    torch.manual_seed(0)
+    tensors = {"a.weight": torch.randn(6, 4).to(FP8), "a.weight_scale": torch.rand(6, 1) + 0.5,
+               "b.weight": torch.randn(6, 4).to(FP8), "b.weight_scale": torch.tensor(0.25),
+               "c.weight": torch.randn(6, 4).to(FP8), "c.weight_scale": torch.tensor([4.0])}
+    save_file(tensors, tmp_path / "model.safetensors")
+    dequantized = {p: tensors[f"{p}.weight"].float() * tensors[f"{p}.weight_scale"] for p in "abc"}
+    return tmp_path, dequantized, Fp8Checkpoint("compressed-tensors", "test")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fp8_shards_take_their_scales_rows(fp8_checkpoint, rank):
+    directory, dq, fp8 = fp8_checkpoint
+    weights = Weights(weight_files(directory), "cpu", torch.float32, FakeGroup(rank, 2), quantization=fp8)
+    for p in "abc":
+        assert torch.equal(weights.get_sharded(f"{p}.weight", 0), dq[p].chunk(2, 0)[rank])  # column: scale rows too
+        assert torch.equal(weights.get_multi_weights_row(p), dq[p].chunk(2, 1)[rank])  # row: every scale row
+    fused = weights.get_multi_weights_col(["a", "b", "c"])  # each scaled by its own scale before joining
+    assert torch.equal(fused, torch.cat([dq[p].chunk(2, 0)[rank] for p in "abc"]))
+    assert weights.unused() == []
+
+
+def test_fp8_weight_without_a_quantization_is_refused(fp8_checkpoint):
+    directory, _, _ = fp8_checkpoint
+    weights = Weights(weight_files(directory), "cpu", torch.float32, FakeGroup(0, 1))
+    with pytest.raises(CheckpointError, match="tensor a.weight is FP8, but config.json has no quantization_config"):
+        weights.get_tensor("a.weight")
+
+
+def test_views_read_slices_of_a_stored_tensor(tmp_path):
+    fused = torch.arange(2 * 6 * 4.0).view(2, 6, 4)
+    save_file({"fused": fused}, tmp_path / "model.safetensors")
+    weights = Weights(weight_files(tmp_path), "cpu", torch.float32, FakeGroup(1, 2))
+    weights.add_view("e1.up.weight", "fused", (1, slice(3, 6)))
+    assert weights.has("e1.up.weight") and weights.get_shape("e1.up.weight") == [3, 4]
+    assert torch.equal(weights.get_tensor("e1.up.weight"), fused[1, 3:6])
+    assert torch.equal(weights.get_sharded("e1.up.weight", 1), fused[1, 3:6, 2:4])
+    assert weights.unused() == []
+
+
+def test_a_weights_on_the_meta_device_reads_no_data(sharded_checkpoint, monkeypatch):
+    directory, _, _ = sharded_checkpoint
+    plan = Weights(weight_files(directory), "meta", torch.float32, FakeGroup(1, 2))
+    monkeypatch.setattr(Weights, "get_slice", lambda *args: pytest.fail("data was read"))
+    shard = plan.get_sharded("a.weight", 0, shape=(6, 4))
+    assert shard.device.type == "meta" and shard.shape == (3, 4)
+    assert plan.unused() == ["b.weight"]

@@ -35,7 +35,7 @@ from lorax_server.layers.moe import (
     route,
 )
 from lorax_server.layers.rmsnorm import RMSNorm
-from lorax_server.layers.rotary import RotaryEmbedding, apply_rotary
+from lorax_server.layers.rotary import SUPPORTED_ROPE_TYPES, RotaryEmbedding, apply_rotary
 from lorax_server.utils.attention.common import Seqlen
 from lorax_server.utils.dist import all_reduce
 from lorax_server.utils.weights import CheckpointError
@@ -76,13 +76,19 @@ class MixtralConfig:
                  sliding_window=None, num_experts_per_tok=2, num_local_experts=8, rope_theta=1e6,
                  rope_scaling=None, rope_parameters=None, bos_token_id=1, eos_token_id=2, pad_token_id=None,
                  **unused):
+        num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        # Sizes first: everything below divides by them.
+        require_positive_ints(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                              num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                              num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+                              num_local_experts=num_local_experts, num_experts_per_tok=num_experts_per_tok)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
-        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else derived_head_dim(hidden_size, num_attention_heads)
         self.hidden_act = hidden_act
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
@@ -103,16 +109,34 @@ class MixtralConfig:
         return params
 
     def validate(self) -> None:
-        if self.sliding_window is not None and self.sliding_window <= 0:
+        """Refuses values no checkpoint can be served with, each with what is wrong (a NaN or refuse-everything
+        server otherwise: rope_theta 0 gives NaN rotations, max_position_embeddings 0 admits no request)."""
+        require_positive_ints(head_dim=self.head_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (rotary embeddings rotate pairs), got {self.head_dim}")
+        if self.sliding_window is not None and not is_positive(self.sliding_window, int):
             raise ValueError(f"sliding_window must be a positive number of tokens or null, got {self.sliding_window}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
-        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+        if not self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be between 1 and "
                              f"num_local_experts {self.num_local_experts}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act '{self.hidden_act}' is not supported; supported: {sorted(ACTIVATIONS)}")
+        if not is_positive(self.rms_norm_eps, (int, float)):
+            raise ValueError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        self.validate_rope()
+
+    def validate_rope(self) -> None:
+        params = self.rope_parameters
+        if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope type '{params['rope_type']}' is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        if not is_positive(params["rope_theta"], (int, float)):
+            raise ValueError(f"rope_theta must be a positive number, got {params['rope_theta']!r}")
+        factor = params.get("factor")
+        if factor is not None and not is_positive(factor, (int, float)):
+            raise ValueError(f"rope scaling factor must be a positive number, got {factor!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "MixtralConfig":
@@ -124,6 +148,25 @@ class MixtralConfig:
     @classmethod
     def from_pretrained(cls, model_dir) -> "MixtralConfig":
         return cls.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+
+
+def is_positive(value, types) -> bool:
+    """A finite number of `types` above 0 (bools, NaN and inf are not)."""
+    return isinstance(value, types) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
+def require_positive_ints(**values) -> None:
+    for name, value in values.items():
+        if not is_positive(value, int):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def derived_head_dim(hidden_size: int, num_attention_heads: int) -> int:
+    """hidden / heads, when config.json has no head_dim; a remainder would silently drop hidden units."""
+    if hidden_size % num_attention_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}, "
+                         f"and config.json gives no head_dim")
+    return hidden_size // num_attention_heads
 
 
 def check_divisible(what: str, size: int, world_size: int) -> None:
@@ -157,6 +200,31 @@ def make_batch_metadata(cos, sin, cu_seqlen_prefill, block_tables, slots, seqlen
 # ---------------------------------------------------------------------------------------------------
 # Mixture of experts
 # ---------------------------------------------------------------------------------------------------
+
+
+# transformers 5's own layout (save_pretrained(save_original_format=False)) names a MoE block `mlp` and keeps
+# the router as `mlp.gate.weight` [E, H] and the experts fused: `mlp.experts.gate_up_proj` [E, 2F, H] (each
+# expert's w1 rows, then its w3 rows) and `mlp.experts.down_proj` [E, H, F].
+FUSED_MOE_BLOCK = "mlp"
+
+
+def read_fused_layout_as_original(prefix: str, config: MixtralConfig, weights) -> None:
+    """Lets the block at `prefix` (`...block_sparse_moe`) load a checkpoint in transformers 5's fused layout:
+    the original names become views into the fused tensors, so every MoE class, tensor-parallel slicing and
+    FP8 scaling read it as they read the original layout."""
+    fused = f"{prefix.rpartition('.')[0]}.{FUSED_MOE_BLOCK}".lstrip(".")
+    gate_up, down = f"{fused}.experts.gate_up_proj", f"{fused}.experts.down_proj"
+    if weights.has(f"{prefix}.gate.weight") or not weights.has(gate_up):
+        return
+    e, h, f = config.num_local_experts, config.hidden_size, config.intermediate_size
+    for name, expected in ((gate_up, [e, 2 * f, h]), (down, [e, h, f])):
+        if weights.get_shape(name) != expected:
+            raise CheckpointError(f"tensor {name}: expected shape {expected}, found {weights.get_shape(name)}")
+    weights.add_view(f"{prefix}.gate.weight", f"{fused}.gate.weight", ())
+    for expert in range(e):
+        weights.add_view(f"{prefix}.experts.{expert}.w1.weight", gate_up, (expert, slice(0, f)))
+        weights.add_view(f"{prefix}.experts.{expert}.w3.weight", gate_up, (expert, slice(f, 2 * f)))
+        weights.add_view(f"{prefix}.experts.{expert}.w2.weight", down, (expert,))
 
 
 def load_router(prefix: str, config: MixtralConfig, weights) -> nn.Parameter:
@@ -196,6 +264,7 @@ class MoEBlock(nn.Module):
         self.num_experts = config.num_local_experts
         self.act = ACTIVATIONS[config.hidden_act]
         self.process_group = weights.process_group
+        read_fused_layout_as_original(prefix, config, weights)
         self.gate = load_router(prefix, config, weights)
 
     def forward(self, x: torch.Tensor, adapter_data=None) -> torch.Tensor:

@@ -1,0 +1,197 @@
+"""Quantized checkpoints: what config.json and the stored tensors say, and what this server makes of it.
+
+A checkpoint is served only in a way its numbers support. FP8 checkpoints load exactly: each float8 (e4m3)
+weight is multiplied by its `weight_scale` in float32 and served in the compute dtype (FP8 compute is
+another issue). Two layouts carry them, with the same tensor names:
+  - AutoFP8: `quantization_config.quant_method: fp8`; per-tensor scales (0-d); static activation scales
+    (`input_scale`) that dequantized weights do not need; router gate and lm_head left in float.
+  - compressed-tensors (llm-compressor): `quant_method: compressed-tensors`, format `float-quantized`,
+    config groups whose weights are `type: float, num_bits: 8, strategy: tensor | channel`; per-channel
+    scales are [out, 1].
+Every other method (GPTQ, AWQ, bitsandbytes, packed int4 compressed-tensors, ...) is refused by name before
+any weight is read, as are integer tensors where float weights belong.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lorax_server.utils.weights import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors names of the dtypes a float checkpoint stores
+FP8_DTYPE = "F8_E4M3"
+SCALE_SUFFIX = "_scale"  # X.weight -> X.weight_scale, in both FP8 layouts
+# Tensors an FP8 checkpoint carries for FP8 compute only: static activation scales (`act_scale` in the first
+# AutoFP8 checkpoints) and the FP8 KV cache's scales. Dequantized weights and a KV cache in the compute
+# dtype need none of them, so ignoring them is exact.
+FP8_COMPUTE_ONLY_SUFFIXES = (".input_scale", ".act_scale", ".output_scale", ".k_scale", ".v_scale", ".kv_scale")
+SERVED = ("this server loads float16, bfloat16 and float32 checkpoints, and FP8 ones (quant_method 'fp8', or "
+          "'compressed-tensors' with format 'float-quantized'), dequantized to the compute dtype")
+
+
+@dataclass(frozen=True)
+class Fp8Checkpoint:
+    """An FP8 checkpoint: float8_e4m3 weights, each beside its float `weight_scale`, dequantized on load."""
+
+    method: str  # quant_method: "fp8" (AutoFP8) or "compressed-tensors"
+    detail: str  # for log lines: e.g. "per-tensor scales, static activation scales"
+
+    def scale_name(self, weight_name: str) -> str:
+        return weight_name + SCALE_SUFFIX
+
+    def is_compute_only(self, name: str) -> bool:
+        return name.endswith(FP8_COMPUTE_ONLY_SUFFIXES)
+
+    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, rows) -> torch.Tensor:
+        """float32 weight * scale, for `weight` read at rows `rows` (an int or slice of the output dim) of the
+        stored tensor: a per-channel scale [out, 1] is sliced with its rows, a per-tensor one applies to all."""
+        if scale.numel() == 1:
+            return weight.float() * scale.float().reshape(())
+        return weight.float() * scale.float().reshape(-1, 1)[rows]
+
+    def __str__(self) -> str:
+        return f"FP8 ({self.method}, {self.detail})"
+
+
+# -- config.json -------------------------------------------------------------------------------------
+
+
+def checkpoint_quantization(config: dict, model_dir=None) -> Optional[Fp8Checkpoint]:
+    """How the checkpoint's weights are quantized, from config.json's `quantization_config`: None for float
+    weights, an Fp8Checkpoint for FP8; anything else raises CheckpointError naming the method."""
+    values = config.get("quantization_config")
+    if values is None:
+        legacy = Path(model_dir) / "quantize_config.json" if model_dir is not None else None
+        if legacy is not None and legacy.is_file():  # AutoGPTQ's own file, from before quantization_config
+            raise CheckpointError(f"{legacy}: a GPTQ checkpoint (AutoGPTQ's quantize_config.json) is not supported; "
+                                  f"{SERVED}")
+        return None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"config.json quantization_config must be an object, got {values!r}")
+    method = values.get("quant_method")
+    if method == "fp8":
+        return autofp8(values)
+    if method == "compressed-tensors":
+        return compressed_tensors_fp8(values)
+    raise CheckpointError(f"config.json quantization_config: quant_method '{method}'{describe(values)} is not "
+                          f"supported; {SERVED}")
+
+
+def describe(values: dict) -> str:
+    """What a refused method stores, in a few words (e.g. ' (4-bit nf4)')."""
+    if values.get("load_in_4bit"):
+        return f" (4-bit {values.get('bnb_4bit_quant_type', 'fp4')})"
+    if values.get("load_in_8bit"):
+        return " (8-bit LLM.int8)"
+    bits = values.get("bits", values.get("w_bit"))
+    return f" ({bits}-bit weights)" if bits is not None else ""
+
+
+def autofp8(values: dict) -> Fp8Checkpoint:
+    block = values.get("weight_block_size")
+    if block is not None:
+        raise CheckpointError(f"config.json quantization_config: quant_method 'fp8' with weight_block_size {block} "
+                              f"(block-wise scales) is not supported; only per-tensor and per-channel scales are")
+    fmt = values.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise CheckpointError(f"config.json quantization_config: quant_method 'fp8' with fmt '{fmt}' is not "
+                              f"supported; only e4m3 weights are")
+    scheme = values.get("activation_scheme", "dynamic")
+    return Fp8Checkpoint("fp8", f"per-tensor scales, {scheme} activation scales")
+
+
+def compressed_tensors_fp8(values: dict) -> Fp8Checkpoint:
+    """compressed-tensors is served only when every config group holds 8-bit float weights with per-tensor or
+    per-channel scales; the format is top-level in older files, per group in newer ones."""
+    refuse = "config.json quantization_config: quant_method 'compressed-tensors'"
+    sparsity = (values.get("sparsity_config") or {}).get("format")
+    if sparsity not in (None, "dense"):
+        raise CheckpointError(f"{refuse} with sparsity format '{sparsity}' is not supported; {SERVED}")
+    if values.get("transform_config"):
+        raise CheckpointError(f"{refuse} with a transform_config (rotated weights) is not supported; {SERVED}")
+    groups = values.get("config_groups") or {}
+    if not groups:
+        raise CheckpointError(f"{refuse} has no config_groups: nothing says how its weights are stored")
+    strategies = set()
+    for name, group in groups.items():
+        fmt = group.get("format") or values.get("format")
+        weights = group.get("weights") or {}
+        kind = (f"format '{fmt}' (weights {weights.get('type')} {weights.get('num_bits')}-bit, "
+                f"strategy {weights.get('strategy')})")
+        if fmt != "float-quantized" or weights.get("type") != "float" or weights.get("num_bits") != 8:
+            raise CheckpointError(f"{refuse}, group {name}: {kind} is not supported; {SERVED}")
+        if weights.get("strategy") not in ("tensor", "channel") or weights.get("symmetric") is False:
+            raise CheckpointError(f"{refuse}, group {name}: {kind} is not supported; only symmetric FP8 weights "
+                                  f"with strategy 'tensor' or 'channel' are")
+        strategies.add(weights["strategy"])
+    return Fp8Checkpoint("compressed-tensors", f"float-quantized, per-{' and per-'.join(sorted(strategies))} scales")
+
+
+def check_quantize_option(quantize: Optional[str], quantization: Optional[Fp8Checkpoint]) -> None:
+    """`--quantize` must say what the checkpoint is: 'fp8' for an FP8 checkpoint, or nothing. Float weights
+    are never quantized on load here (the FP8 compute path is another issue)."""
+    if quantize is None:
+        return
+    if quantize != "fp8":
+        found = f"the checkpoint is {quantization}" if quantization else "the checkpoint is not quantized"
+        raise ValueError(f"quantization '{quantize}' is not supported by this server: {found}, and {SERVED}")
+    if quantization is None:
+        raise ValueError("quantization 'fp8' is not supported by this server for a float checkpoint: its config.json "
+                         "has no quantization_config, and quantizing weights to FP8 on load is not implemented; "
+                         "serve it without --quantize, or serve an FP8 checkpoint")
+    logger.warning("quantization 'fp8': FP8 compute is not available yet, the %s weights are dequantized to the "
+                   "compute dtype on load", quantization)
+
+
+# -- the stored tensors --------------------------------------------------------------------------------
+
+
+def check_tensor_dtypes(weights, quantization: Optional[Fp8Checkpoint]) -> None:
+    """Every stored tensor is float, or an FP8 weight that this checkpoint's config explains and whose scale is
+    stored beside it; reads only the files' headers."""
+    for name in sorted(weights.routing):
+        dtype = weights.stored_dtype(name)
+        if dtype in FLOAT_DTYPES:
+            continue
+        if dtype != FP8_DTYPE:
+            raise CheckpointError(f"tensor {name} is stored as {dtype}, not as floating-point numbers: "
+                                  f"{what_integer_tensors_mean(quantization)}")
+        if quantization is None:
+            raise CheckpointError(f"tensor {name} is stored as {dtype} (FP8), but config.json has no "
+                                  f"quantization_config saying how it is scaled")
+        check_fp8_weight(weights, name, quantization)
+
+
+def what_integer_tensors_mean(quantization: Optional[Fp8Checkpoint]) -> str:
+    if quantization is not None:
+        return f"an {quantization} checkpoint stores only float8_e4m3 weights and float tensors"
+    return f"integer weights are quantized (or packed) weights; {SERVED}"
+
+
+def check_fp8_weight(weights, name: str, quantization: Fp8Checkpoint) -> None:
+    if not name.endswith(".weight"):
+        raise CheckpointError(f"tensor {name} is stored as {FP8_DTYPE}, but only `.weight` tensors are quantized in "
+                              f"an FP8 checkpoint")
+    scale = quantization.scale_name(name)
+    if scale not in weights.routing:
+        raise CheckpointError(f"tensor {name} is stored as {FP8_DTYPE} but its scale {scale} is missing")
+    if weights.stored_dtype(scale) not in FLOAT_DTYPES:
+        raise CheckpointError(f"tensor {scale} is stored as {weights.stored_dtype(scale)}; scales must be float")
+    check_scale_shape(scale, weights.get_shape(scale), weights.get_shape(name))
+
+
+def check_scale_shape(scale_name: str, scale_shape, weight_shape) -> None:
+    """One scale for the whole weight, or one per output row ([out, 1]); block or group scales are refused."""
+    numel = 1
+    for size in scale_shape:
+        numel *= size
+    per_channel = len(weight_shape) == 2 and list(scale_shape) == [weight_shape[0], 1]
+    if numel != 1 and not per_channel:
+        raise CheckpointError(f"tensor {scale_name}: shape {list(scale_shape)} for a weight of shape "
+                              f"{list(weight_shape)}; only per-tensor and per-output-channel [out, 1] scales are "
+                              f"supported (not block or group scales)")
