@@ -207,7 +207,8 @@ def adapter_dir(adapter_id: str, source: int) -> Path:
     except (FileNotFoundError, SourceError):
         raise
     except OSError as error:  # a name too long, a permission denied...: the id cannot be read as a path
-        raise AdapterError(f"{error.strerror or error}: adapter {adapter_id}") from None  # the reason first: long ids are cut
+        # The reason first: a long id is what the bounded message cuts.
+        raise AdapterError(f"{error.strerror or error}: adapter {adapter_id}") from None
     return path
 
 

@@ -14,6 +14,7 @@ stacks, and the graphs that read the old ones are dropped.
 """
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -25,7 +26,27 @@ from lorax_server.utils.attention.common import Seqlen
 
 logger = logging.getLogger(__name__)
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Batch sizes a decode graph is captured for (a step pads up to the next one). Up to 512 rows: the router's
+# largest batches must not fall back to eager steps; past 128 the buckets grow by half, not double, since a
+# padded row of a large batch costs its share of the step. LORAX_CUDA_GRAPH_BATCHES="1,2,4,..." overrides.
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512)
+
+
+def batch_buckets_from_env() -> Tuple[int, ...]:
+    text = os.getenv("LORAX_CUDA_GRAPH_BATCHES")
+    if not text:
+        return DEFAULT_BATCH_BUCKETS
+    try:
+        buckets = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise ValueError(f"LORAX_CUDA_GRAPH_BATCHES must be a comma-separated list of batch sizes, "
+                         f"got {text!r}") from None
+    if not buckets or buckets[0] < 1:
+        raise ValueError(f"LORAX_CUDA_GRAPH_BATCHES must list positive batch sizes, got {text!r}")
+    return buckets
+
+
+BATCH_BUCKETS = batch_buckets_from_env()
 MIN_CONTEXT_BUCKET = 256
 
 

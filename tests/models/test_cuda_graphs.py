@@ -26,4 +26,18 @@ def test_buckets_round_up_and_stop_at_the_largest():
     assert graphs.bucket(5, 300) == (8, 512)
     assert graphs.bucket(1, 10) == (1, 256)
     assert graphs.bucket(3, 5000) == (4, 4096)  # never past the model's positions
-    assert graphs.bucket(129, 300) is None  # larger than the largest batch bucket: eager
+    assert graphs.bucket(129, 300) == (192, 512) and graphs.bucket(500, 300) == (512, 512)
+    assert graphs.bucket(513, 300) is None  # larger than the largest batch bucket: eager
+
+
+def test_batch_buckets_come_from_the_environment(monkeypatch):
+    import pytest
+
+    from lorax_server.models.cuda_graphs import DEFAULT_BATCH_BUCKETS, batch_buckets_from_env
+
+    assert batch_buckets_from_env() == DEFAULT_BATCH_BUCKETS and DEFAULT_BATCH_BUCKETS[-1] == 512
+    monkeypatch.setenv("LORAX_CUDA_GRAPH_BATCHES", "8, 1,64")
+    assert batch_buckets_from_env() == (1, 8, 64)
+    monkeypatch.setenv("LORAX_CUDA_GRAPH_BATCHES", "1,x")
+    with pytest.raises(ValueError, match="LORAX_CUDA_GRAPH_BATCHES"):
+        batch_buckets_from_env()

@@ -1,0 +1,118 @@
+"""One decode step of full-size Mixtral-8x7B (random bf16 weights) through the engine, against the model alone.
+
+The engine's step (FlashCausalLM.decode: packing, adapter data, CUDA-graph replay, sampling, detokenizing,
+stopping) is timed wall-clock around the call, which returns Python results (so it ends synchronised);
+the model alone is the same step's graph replay without the engine around it (bench.layer_stack's way).
+Prompts of 2048 random tokens are prefilled through the engine in chunks, then every step decodes all rows.
+The tokenizer is the embedded model's (ids folded into its vocabulary), so detokenizing costs what a
+real tokenizer's decode costs.
+
+    python -m bench.engine_step [--layers 32] [--batches 1 64]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench.common import card, copy_bandwidth, print_table, time_graph_ms
+from bench.layer_stack import MIXTRAL_8X7B, RandomWeights, decode_floor_ms
+from lorax_server.cli import DEFAULT_MODEL_DIR
+from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
+from lorax_server.models.flash_causal_lm import FlashCausalLM
+from lorax_server.models.paged_cache import pack_forward
+from lorax_server.utils.tokens import SamplingParams
+
+CONTEXT = 2048
+NEW_TOKENS = 64
+PREFILL_CHUNK = 8  # requests per prefill (16k tokens): the activations of one prefill stay small
+MODES = {"greedy": SamplingParams(),
+         "sampled": SamplingParams(temperature=0.7, top_k=50, top_p=0.9, do_sample=True, seed=1)}
+
+
+class FoldedTokenizer:
+    """The embedded model's tokenizer over a 32000-token vocabulary (ids folded into its own)."""
+
+    def __init__(self):
+        from transformers import AutoTokenizer
+
+        self.inner = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR))
+        self.all_special_ids = list(self.inner.all_special_ids)
+
+    def __call__(self, text):
+        return self.inner(text)
+
+    def decode(self, ids, **kwargs):
+        return self.inner.decode([i % self.inner.vocab_size for i in ids], **kwargs)
+
+
+def build_engine(layers: int, max_batch: int) -> FlashCausalLM:
+    config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=layers,
+                           max_position_embeddings=CONTEXT + NEW_TOKENS + 64)
+    model = FlashMixtralForCausalLM("", config, RandomWeights()).eval()
+    blocks = max_batch * (CONTEXT + NEW_TOKENS) // 16 + max_batch + 16
+    return FlashCausalLM(model, FoldedTokenizer(), torch.bfloat16, "cuda", blocks)
+
+
+def live_batch(engine: FlashCausalLM, batch: int, params: SamplingParams, first_id: int) -> int:
+    """Prefills `batch` requests of CONTEXT random tokens in chunks and merges them; returns the batch id."""
+    generator = torch.Generator().manual_seed(first_id)
+    ids = []
+    for start in range(0, batch, PREFILL_CHUNK):
+        requests = [engine.new_request(first_id + i, torch.randint(3, 32000, (CONTEXT,), generator=generator).tolist(),
+                                       params, NEW_TOKENS, ignore_eos=True)
+                    for i in range(start, min(batch, start + PREFILL_CHUNK))]
+        _, kept = engine.prefill(first_id + start, requests)
+        ids.append(kept.id)
+    return engine.concatenate(ids).id
+
+
+def engine_step_ms(engine: FlashCausalLM, batch_id: int, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        _, kept = engine.decode([batch_id])
+        times.append((time.perf_counter() - start) * 1e3)
+        batch_id = kept.id
+    return statistics.median(times[2:])
+
+
+def model_step_ms(engine: FlashCausalLM, batch_id: int) -> float:
+    """The same step's forward alone, replayed from a CUDA graph (nothing is cached: `cached` is not advanced)."""
+    seqs = [r.seq for r in engine.batches[batch_id].requests]
+    inputs = pack_forward(seqs, [1] * len(seqs), engine.cache, False, engine.device)
+    inputs.pop("token_adapters")
+    return time_graph_ms(lambda: engine.model(**inputs), repeat=20)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 64])
+    parser.add_argument("--steps", type=int, default=12)
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    engine = build_engine(args.layers, max(args.batches))
+    engine.graphs.prepare(CONTEXT + NEW_TOKENS) if engine.graphs is not None else None
+    rows, first_id = [], 0
+    with torch.no_grad():
+        for batch in args.batches:
+            floor = decode_floor_ms(engine.config, args.layers, batch, bandwidth)
+            for mode, params in MODES.items():
+                batch_id = live_batch(engine, batch, params, first_id)
+                first_id += 10_000
+                alone = model_step_ms(engine, batch_id)
+                step = engine_step_ms(engine, batch_id, args.steps)
+                rows.append([f"b={batch} {mode}", f"{floor:.2f}", f"{alone:.2f}", f"{step:.2f}",
+                             f"{step / alone:.2f}x", f"{step / floor:.2f}x"])
+                engine.clear()
+    print_table(f"Decode step through the engine, {args.layers} Mixtral-8x7B layers, bf16, context {CONTEXT}, "
+                f"{card()} (copy {bandwidth / 1e12:.2f} TB/s)",
+                ["step", "floor ms", "model alone (graph) ms", "engine step ms", "engine / model", "engine / floor"],
+                rows)
+
+
+if __name__ == "__main__":
+    main()
