@@ -6,6 +6,9 @@ request of one or more cached batches (concatenated); finished requests leave th
 blocks back at once; `filter` keeps only the requests the router still wants. One step runs at a time
 (the server holds a lock).
 
+A step chooses the tokens of the whole batch at once (`engine.sampler`: one host synchronisation), then
+turns each into text (`engine.text`: one incremental decode per token) and checks its stop conditions.
+
 Each request reserves the blocks for its prompt and all its new tokens when it is admitted (or takes the
 blocks the router allocated for it), so a decode step never runs out of cache mid-generation: a batch
 that could not fit is refused up front, one request at a time. A request that fails on its own (its sampler, its text) ends
@@ -24,6 +27,8 @@ import torch
 from lorax_server.adapters.merge import merge_into
 from lorax_server.adapters.store import AdapterStore
 from lorax_server.adapters.weights import AdapterError
+from lorax_server.engine.sampler import NON_FINITE, BatchSampler, Choice
+from lorax_server.engine.text import CONTEXT_TOKENS, final_text, incremental_decoder
 from lorax_server.models.cuda_graphs import DecodeGraphs
 from lorax_server.models.paged_cache import BlockInUse, CacheFull, PagedKVCache, PagedSequence, mark_cached, pack_forward
 from lorax_server.utils.errors import RequestError
@@ -75,9 +80,14 @@ class Request:
     stopping: StoppingCriteria
     max_new_tokens: int
     prefill_logprobs: bool = False
-    prefix_offset: int = 0  # incremental detokenization window
-    read_offset: int = 0
     finish_reason: Optional[str] = None
+    counts: Optional[torch.Tensor] = None  # [vocab] token counts on the device, for penalties (engine.sampler)
+    decoder: object = None  # its incremental detokenizer (engine.text), made at its first token
+
+    @property
+    def tokens(self) -> List[int]:
+        """The sequence so far: prompt and generated tokens."""
+        return self.seq.tokens
 
     @property
     def generated(self) -> List[int]:
@@ -122,6 +132,8 @@ class FlashCausalLM:
         self.batches: Dict[int, Batch] = {}
         self.batch_ids = itertools.count(1 << 32)  # ids of batches made here (the router numbers its own below)
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []))
+        self.sampler = BatchSampler(self.device)
+        self.token_texts: Dict[int, str] = {}  # token id -> its text alone (alternatives, prompt tokens)
         self.graphs = None
         if self.device.type == "cuda" and os.getenv("LORAX_CUDA_GRAPHS", "1") != "0":
             self.graphs = DecodeGraphs(model, self.cache.layers, block_size, self.config.max_position_embeddings)
@@ -149,7 +161,7 @@ class FlashCausalLM:
                                f"{limit} positions")
         stopping = StoppingCriteria(max_new_tokens, self.eos_token_ids, stop_sequences, ignore_eos)
         return Request(request_id, PagedSequence(ids, adapter_index), len(ids), NextTokenChooser(params, self.device),
-                       stopping, max_new_tokens, prefill_logprobs, max(len(ids) - 5, 0), len(ids))
+                       stopping, max_new_tokens, prefill_logprobs)
 
     def admit(self, requests: List[Request], router_blocks: Dict[int, List[int]]) -> Tuple[List[Request], List[StepResult]]:
         """Reserves each request's blocks, in order: the router's blocks when it allocated them (exactly those:
@@ -200,9 +212,9 @@ class FlashCausalLM:
             logits = self.forward(requests, [r.prompt_length for r in requests], prefill=True, all_logits=want_all)
             if want_all:
                 per_request = list(logits.split([r.prompt_length for r in requests]))
-                results = self.choose(requests, [lg[-1] for lg in per_request], per_request)
+                results = self.choose(requests, torch.stack([lg[-1] for lg in per_request]), per_request)
             else:
-                results = self.choose(requests, list(logits), None)
+                results = self.choose(requests, logits, None)
         except Exception:
             self.release(requests)
             raise
@@ -214,7 +226,7 @@ class FlashCausalLM:
         batch = self.concatenate(batch_ids)
         try:
             logits = self.forward(batch.requests, [1] * len(batch.requests), prefill=False)
-            results = self.choose(batch.requests, list(logits), None)
+            results = self.choose(batch.requests, logits, None)
         except Exception:
             # Half a step cannot be resumed: the batch is dropped and its blocks freed; other batches are untouched.
             self.clear(batch.id)
@@ -233,24 +245,52 @@ class FlashCausalLM:
         mark_cached(seqs, counts)
         return logits
 
-    def choose(self, requests: List[Request], last_logits, prompt_logits) -> List[StepResult]:
+    def choose(self, requests: List[Request], last_logits: torch.Tensor,
+               prompt_logits: Optional[List[torch.Tensor]]) -> List[StepResult]:
+        """last_logits [B, vocab] -> each request's result. The tokens are chosen for the whole batch at
+        once; text, stop and result follow per request, and a request that fails there ends alone."""
+        choices = self.sample(requests, last_logits[:len(requests)])
         results = []
-        for i, (r, logits) in enumerate(zip(requests, last_logits)):
+        for i, (r, choice) in enumerate(zip(requests, choices)):
+            if choice.error is not None:
+                logger.error("request %d failed (%s); its batch goes on", r.id, choice.error)
+                results.append(self.end_alone(r, choice.error))
+                continue
             try:
-                results.append(self.choose_one(r, logits, None if prompt_logits is None else prompt_logits[i]))
-            except Exception as error:  # e.g. a sampler fed non-finite values: this request ends, alone
+                results.append(self.choose_one(r, choice, None if prompt_logits is None else prompt_logits[i]))
+            except Exception as error:  # its text or its stop: this request ends, alone
                 logger.exception("request %d failed; its batch goes on", r.id)
-                r.finish_reason = "error"
-                results.append(self.failed(r.id, f"{type(error).__name__}: {error}", r.generated,
-                                           r.prompt_length if not r.generated else 0))
+                results.append(self.end_alone(r, f"{type(error).__name__}: {error}"))
         return results
 
-    def choose_one(self, r: Request, logits: torch.Tensor, prompt_logits: Optional[torch.Tensor]) -> StepResult:
-        token, logprob, alternatives = r.chooser(logits, r.seq.tokens)
+    def end_alone(self, r: Request, message: str) -> StepResult:
+        r.finish_reason = "error"
+        return self.failed(r.id, message, r.generated, r.prompt_length if not r.generated else 0)
+
+    def sample(self, requests: List[Request], logits: torch.Tensor) -> List[Choice]:
+        """One Choice per request, from the batched sampler; should it raise, each request samples alone
+        with its own chooser (the per-request oracle), so that a failure stays with its request."""
+        try:
+            return self.sampler.step(logits, requests)
+        except Exception:
+            logger.exception("batched sampling failed; each request of the batch samples alone")
+        return [self.sample_alone(r, row) for r, row in zip(requests, logits)]
+
+    @staticmethod
+    def sample_alone(r: Request, logits: torch.Tensor) -> Choice:
+        r.counts = None  # this step's token is not counted there: the next batched step recounts the sequence
+        try:
+            token, logprob, alternatives = r.chooser(logits, r.seq.tokens)
+        except Exception as error:
+            return Choice(0, math.nan, error=f"{type(error).__name__}: {error}")
+        return Choice(token, logprob, alternatives, None if math.isfinite(logprob) else NON_FINITE)
+
+    def choose_one(self, r: Request, choice: Choice, prompt_logits: Optional[torch.Tensor]) -> StepResult:
+        token = choice.token
         r.seq.tokens.append(token)
-        text = self.decode_increment(r)
-        result = StepResult(r.id, TokenChoice(token, logprob, text, token in self.special_ids,
-                                              [(t, lp, self.token_text(t)) for t, lp in alternatives]))
+        text = self.decode_increment(r, token)
+        result = StepResult(r.id, TokenChoice(token, choice.logprob, text, token in self.special_ids,
+                                              [(t, lp, self.token_text(t)) for t, lp in choice.alternatives]))
         if len(r.generated) == 1:  # the prefill step reports the prompt
             result.prompt_length = r.prompt_length
         if prompt_logits is not None and r.prefill_logprobs:
@@ -269,11 +309,8 @@ class FlashCausalLM:
                           finish_reason="error", error=f"request {request_id}: {message}", generated_ids=list(generated))
 
     def generated_text(self, r: Request) -> str:
-        """The new tokens' text as upstream decodes it: after the prompt's last token, so that a leading
-        space the tokenizer attaches to a word survives (decoding the new tokens alone would drop it)."""
-        context = r.seq.tokens[r.prompt_length - 1:r.prompt_length]
-        before = self.tokenizer.decode(context, skip_special_tokens=True)
-        return self.tokenizer.decode(context + r.generated, skip_special_tokens=True)[len(before):]
+        """The whole generated text, decoded once when the request ends (engine.text.final_text)."""
+        return final_text(self.tokenizer, r.seq.tokens[r.prompt_length - 1], r.generated)
 
     def prompt_choices(self, r: Request, logits: torch.Tensor) -> List[TokenChoice]:
         prompt = r.seq.tokens[:r.prompt_length]
@@ -281,17 +318,18 @@ class FlashCausalLM:
                 for t, lp in zip(prompt, prompt_logprobs(logits, prompt))]
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
+        """A token's text alone, decoded once per token id."""
+        text = self.token_texts.get(token)
+        if text is None:
+            text = self.token_texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
 
-    def decode_increment(self, r: Request) -> str:
+    def decode_increment(self, r: Request, token: int) -> str:
         """Text the newest token adds; empty while it ends inside an unfinished multi-byte character."""
-        ids = r.seq.tokens
-        before = self.tokenizer.decode(ids[r.prefix_offset:r.read_offset], skip_special_tokens=False)
-        after = self.tokenizer.decode(ids[r.prefix_offset:], skip_special_tokens=False)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            r.prefix_offset, r.read_offset = r.read_offset, len(ids)
-            return after[len(before):]
-        return ""
+        if r.decoder is None:
+            context = r.seq.tokens[max(r.prompt_length - CONTEXT_TOKENS, 0):r.prompt_length]
+            r.decoder = incremental_decoder(self.tokenizer, context)
+        return r.decoder.step(token)
 
     # -- batch bookkeeping ---------------------------------------------------------------------------
 

@@ -1,5 +1,9 @@
 """Choosing the next token and deciding when to stop, one request at a time.
 
+The engine chooses the tokens of a whole batch at once (`lorax_server.engine.sampler`); `NextTokenChooser`
+is its per-request oracle (the tests compare them) and its fallback should a batched step fail, and it
+holds each request's sampling state (parameters, seed, generator, watermark).
+
 `NextTokenChooser` follows LoRAX/TGI semantics: the watermark bias first (when asked for), then the
 penalties (repetition, frequency, presence, over every token of the sequence so far), then the warpers
 (temperature, top-k, top-p, typical-p); a request samples when `do_sample` is set or any warper is
@@ -156,7 +160,9 @@ class StoppingCriteria:
         self.eos_token_ids = set() if ignore_eos else set(eos_token_ids)
         self.stop_sequences = [s for s in stop_sequences if s]
         self.longest_stop = max((len(s) for s in self.stop_sequences), default=0)
-        self.text_tail = ""
+        # A match ends the text, so the text's last character must end a stop sequence (or be its newline).
+        self.last_chars = {s[-1] for s in self.stop_sequences} | ({"\n"} if self.stop_sequences else set())
+        self.text_tail = ""  # the last longest_stop + 1 characters of the text
 
     def __call__(self, token: int, new_text: str, generated: int) -> Optional[str]:
         """Returns "length", "eos", "stop_sequence" or None (keep going)."""
@@ -164,11 +170,14 @@ class StoppingCriteria:
             return "length"
         if token in self.eos_token_ids:
             return "eos"
-        if self.stop_sequences:
+        if self.stop_sequences and new_text:  # no new text: the text still ends as it did, without a stop
             self.text_tail = (self.text_tail + new_text)[-(self.longest_stop + 1):]
-            if any(self.text_tail.endswith((s, s + "\n")) for s in self.stop_sequences):
+            if self.text_tail[-1] in self.last_chars and self.ends_with_stop():
                 return "stop_sequence"
         return None
+
+    def ends_with_stop(self) -> bool:
+        return any(self.text_tail.endswith((s, s + "\n")) for s in self.stop_sequences)
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int]) -> List[float]:

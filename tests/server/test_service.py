@@ -4,6 +4,7 @@ import grpc
 import pytest
 
 from lorax_server.client import make_request
+from lorax_server.engine.sampler import BatchSampler
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.utils.tokens import NextTokenChooser, SamplingParams
 from tests.adapters.peft_adapters import make_peft_adapter
@@ -196,8 +197,12 @@ def test_a_request_failing_mid_generation_ends_alone(served, monkeypatch):
             raise RuntimeError("sampler exploded")
         return real(self, logits, previous)
 
+    def batch_refused(self, logits, rows):  # the batched sampler fails: each request samples alone
+        raise RuntimeError("batched sampling exploded")
+
     model.batches[67].requests[1].chooser.params = SamplingParams(top_k=7)
     monkeypatch.setattr(NextTokenChooser, "__call__", broken_for_request_1)
+    monkeypatch.setattr(BatchSampler, "step", batch_refused)
     response = client.stub.Decode(pb.DecodeRequest(batches=[batch]))
     failed = {g.request_id: g.generated_text.text for g in response.generations if g.HasField("generated_text")}
     assert list(failed) == [1] and "sampler exploded" in failed[1]

@@ -1,0 +1,138 @@
+"""The engine's choose step with the batched sampler, on the embedded tiny Mixtral (fp32, CPU).
+
+One scenario mixes every sampling control over two batches that prefill, decode, concatenate and filter.
+Run with the batched sampler and run with each request's own chooser (the oracle; the engine's fallback
+when a batched step raises), it gives the same tokens, log-probabilities, alternatives and texts; after
+every step, each penalised request's device counts are its own sequence's. A request whose logits turn
+NaN ends alone while its batch-mates produce what they produce without it.
+"""
+
+import math
+from typing import Dict, List
+
+import pytest
+import torch
+
+from lorax_server.cli import DEFAULT_MODEL_DIR
+from lorax_server.engine.sampler import NON_FINITE, BatchSampler
+from lorax_server.models import get_model
+from lorax_server.models.flash_causal_lm import FlashCausalLM
+from lorax_server.utils.tokens import SamplingParams
+
+PARAMS = {
+    1: SamplingParams(do_sample=True, seed=5, temperature=0.8, top_k=20, repetition_penalty=1.3,
+                      return_k_alternatives=2),
+    2: SamplingParams(),
+    3: SamplingParams(seed=0, top_p=0.9, typical_p=0.95, frequency_penalty=0.5, presence_penalty=0.4, watermark=True),
+    4: SamplingParams(do_sample=True, seed=2**64 - 1, presence_penalty=-0.5),
+    5: SamplingParams(repetition_penalty=1.5, return_k_alternatives=3),  # greedy, penalised
+    6: SamplingParams(do_sample=True, seed=9, temperature=1.4),
+    7: SamplingParams(top_k=5, seed=1, watermark=True, frequency_penalty=1.0),
+}
+PROMPTS = {1: "The for statement", 2: "A list is", 3: "def f(x):", 4: "Exceptions are", 5: "import os\n",
+           6: "The café", 7: "while True:"}
+NEW = {1: 12, 2: 9, 3: 10, 4: 14, 5: 8, 6: 11, 7: 13}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=4 << 20)
+
+
+def assert_counts_are_the_sequences(engine: FlashCausalLM):
+    vocab = engine.config.vocab_size
+    for batch in engine.batches.values():
+        for r in batch.requests:
+            if r.counts is not None:
+                want = torch.bincount(torch.tensor(r.seq.tokens), minlength=vocab).float()
+                assert torch.equal(r.counts.cpu(), want), f"request {r.id}'s counts are not its sequence's"
+
+
+def scenario(engine: FlashCausalLM) -> Dict[int, List]:
+    """Every request's steps as (token, logprob, alternatives, text) and its end, through prefill, decode,
+    concatenate (Decode of two batches) and filter (three requests leave, the rest in another order)."""
+    out: Dict[int, List] = {}
+
+    def record(results):
+        for res in results:
+            alternatives = [(t, round(lp, 4), text) for t, lp, text in res.token.alternatives]
+            out.setdefault(res.request_id, []).append((res.token.id, res.token.logprob, alternatives, res.token.text))
+            if res.finish_reason:
+                out[res.request_id].append((res.finish_reason, res.text, res.error))
+        assert_counts_are_the_sequences(engine)
+
+    def request(i):
+        ids = engine.tokenize(PROMPTS[i], [], 0)
+        return engine.new_request(i, ids, PARAMS[i], NEW[i], ignore_eos=True)
+
+    engine.clear()
+    results, _ = engine.prefill(101, [request(i) for i in (1, 2, 3, 4)])
+    record(results)
+    for _ in range(2):
+        record(engine.decode([101])[0])
+    record(engine.prefill(102, [request(i) for i in (5, 6, 7)])[0])
+    record(engine.decode([101, 102])[0])
+    live = engine.live_request_ids()
+    engine.filter(101, [i for i in (6, 1, 7, 4) if i in live])
+    batch = engine.batches.get(101)
+    while batch is not None:
+        results, batch = engine.decode([101])
+        record(results)
+    return out
+
+
+def assert_same_runs(got: Dict[int, List], want: Dict[int, List], skip=()):
+    assert got.keys() == want.keys()
+    for rid in want:
+        if rid in skip:
+            continue
+        assert len(got[rid]) == len(want[rid]), rid
+        for step, (g, w) in enumerate(zip(got[rid], want[rid])):
+            if len(w) == 3:  # the end: reason, text, error
+                assert g == w, (rid, step)
+                continue
+            assert (g[0], g[2], g[3]) == (w[0], w[2], w[3]), (rid, step)
+            assert g[1] == pytest.approx(w[1], abs=1e-5), (rid, step)
+
+
+@pytest.fixture(scope="module")
+def batched(engine):
+    return scenario(engine)
+
+
+def test_the_scenario_samples_and_stops(batched):
+    """It exercises what it claims: sampled requests differ from greedy, filtered requests never end."""
+    assert all(batched[rid][-1][0] == "length" for rid in (1, 4, 6, 7))
+    assert all(len(batched[rid][-1]) == 4 for rid in (2, 3, 5))  # filtered out before their end
+    assert all(len(batched[rid]) == NEW[rid] + 1 for rid in (1, 4, 6, 7))
+
+
+def test_each_request_alone_gives_what_the_batch_gives(engine, batched, monkeypatch):
+    """A batched step that raises hands every request to its own chooser, which is the oracle."""
+    def refuse(self, logits, rows):
+        raise RuntimeError("no batched sampling in this test")
+
+    monkeypatch.setattr(BatchSampler, "step", refuse)
+    assert_same_runs(scenario(engine), batched)
+
+
+def test_a_request_whose_logits_turn_nan_ends_alone(engine, batched, monkeypatch):
+    real = FlashCausalLM.forward
+    broken = {"done": False}
+
+    def forward(self, requests, counts, prefill, all_logits=False):
+        logits = real(self, requests, counts, prefill, all_logits)
+        ids = [r.id for r in requests]
+        if not prefill and 6 in ids and not broken["done"]:
+            broken["done"] = True
+            logits = logits.clone()
+            logits[ids.index(6), 3] = math.nan
+        return logits
+
+    monkeypatch.setattr(FlashCausalLM, "forward", forward)
+    got = scenario(engine)
+    assert broken["done"]
+    assert len(got[6]) == 3  # its first token, then the error's token (no logprob) and its end
+    assert math.isnan(got[6][1][1]) and got[6][2] == ("error", "", f"request 6: {NON_FINITE}")
+    assert_same_runs(got, batched, skip={6})
+    assert not engine.batches  # every request ended; the failed one's blocks went back with the rest
