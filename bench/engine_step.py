@@ -79,6 +79,11 @@ def engine_step_ms(engine: FlashCausalLM, batch_id: int, steps: int) -> float:
     return statistics.median(times[2:])
 
 
+def per_request_sampling(engine: FlashCausalLM):
+    """The engine as it sampled before the batched sampler: each request with its own chooser (the oracle)."""
+    engine.sample = lambda requests, logits: [engine.sample_alone(r, row) for r, row in zip(requests, logits)]
+
+
 def model_step_ms(engine: FlashCausalLM, batch_id: int) -> float:
     """The same step's forward alone, replayed from a CUDA graph (nothing is cached: `cached` is not advanced)."""
     seqs = [r.seq for r in engine.batches[batch_id].requests]
@@ -92,6 +97,8 @@ def main():
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 64])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--per-request", type=int, nargs="*", default=[64],
+                        help="batches also timed with per-request sampling (the engine before the batched sampler)")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     engine = build_engine(args.layers, max(args.batches))
@@ -107,6 +114,12 @@ def main():
                 step = engine_step_ms(engine, batch_id, args.steps)
                 rows.append([f"b={batch} {mode}", f"{floor:.2f}", f"{alone:.2f}", f"{step:.2f}",
                              f"{step / alone:.2f}x", f"{step / floor:.2f}x"])
+                if batch in args.per_request:
+                    per_request_sampling(engine)
+                    step = engine_step_ms(engine, batch_id, args.steps)
+                    del engine.sample  # the class's batched sampling again
+                    rows.append([f"b={batch} {mode}, per-request sampling", f"{floor:.2f}", f"{alone:.2f}",
+                                 f"{step:.2f}", f"{step / alone:.2f}x", f"{step / floor:.2f}x"])
                 engine.clear()
     print_table(f"Decode step through the engine, {args.layers} Mixtral-8x7B layers, bf16, context {CONTEXT}, "
                 f"{card()} (copy {bandwidth / 1e12:.2f} TB/s)",
