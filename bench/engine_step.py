@@ -92,6 +92,20 @@ def model_step_ms(engine: FlashCausalLM, batch_id: int) -> float:
     return time_graph_ms(lambda: engine.model(**inputs), repeat=20)
 
 
+def profile_steps(engine: FlashCausalLM, batch_id: int, steps: int) -> None:
+    """Where the host time of a step goes: cProfile over `steps` decode steps, the functions that take most."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        _, kept = engine.decode([batch_id])
+        batch_id = kept.id
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=32)
@@ -99,6 +113,8 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--per-request", type=int, nargs="*", default=[64],
                         help="batches also timed with per-request sampling (the engine before the batched sampler)")
+    parser.add_argument("--profile", type=int, nargs="*", default=[],
+                        help="batches whose steps are also profiled on the host (cProfile)")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     engine = build_engine(args.layers, max(args.batches))
@@ -120,6 +136,8 @@ def main():
                     del engine.sample  # the class's batched sampling again
                     rows.append([f"b={batch} {mode}, per-request sampling", f"{floor:.2f}", f"{alone:.2f}",
                                  f"{step:.2f}", f"{step / alone:.2f}x", f"{step / floor:.2f}x"])
+                if batch in args.profile:
+                    profile_steps(engine, batch_id, args.steps)
                 engine.clear()
     print_table(f"Decode step through the engine, {args.layers} Mixtral-8x7B layers, bf16, context {CONTEXT}, "
                 f"{card()} (copy {bandwidth / 1e12:.2f} TB/s)",
