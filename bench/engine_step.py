@@ -4,8 +4,8 @@ The engine's step (FlashCausalLM.decode: packing, adapter data, CUDA-graph repla
 stopping) is timed wall-clock around the call, which returns Python results (so it ends synchronised);
 the model alone is the same step's graph replay without the engine around it (bench.layer_stack's way).
 Prompts of 2048 random tokens are prefilled through the engine in chunks, then every step decodes all rows.
-The tokenizer is the embedded model's (ids folded into its vocabulary), so detokenizing costs what a
-real tokenizer's decode costs.
+The tokenizer is a synthetic Rust-backed one over the same vocabulary, so detokenizing costs what a real
+tokenizer's incremental decode costs.
 
     python -m bench.engine_step [--layers 32] [--batches 1 64]
 """
@@ -18,7 +18,6 @@ import torch
 
 from bench.common import card, copy_bandwidth, print_table, time_graph_ms
 from bench.layer_stack import MIXTRAL_8X7B, RandomWeights, decode_floor_ms
-from lorax_server.cli import DEFAULT_MODEL_DIR
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
 from lorax_server.models.flash_causal_lm import FlashCausalLM
 from lorax_server.models.paged_cache import pack_forward
@@ -31,20 +30,16 @@ MODES = {"greedy": SamplingParams(),
          "sampled": SamplingParams(temperature=0.7, top_k=50, top_p=0.9, do_sample=True, seed=1)}
 
 
-class FoldedTokenizer:
-    """The embedded model's tokenizer over a 32000-token vocabulary (ids folded into its own)."""
+def synthetic_tokenizer(vocab_size: int):
+    """A fast (Rust-backed) tokenizer over Mixtral's vocabulary size, one word per id: text costs what a
+    real tokenizer's incremental decode (tokenizers' DecodeStream) costs. Ids 1 and 2 are BOS and EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    def __init__(self):
-        from transformers import AutoTokenizer
-
-        self.inner = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR))
-        self.all_special_ids = list(self.inner.all_special_ids)
-
-    def __call__(self, text):
-        return self.inner(text)
-
-    def decode(self, ids, **kwargs):
-        return self.inner.decode([i % self.inner.vocab_size for i in ids], **kwargs)
+    words = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=words, bos_token="w1", eos_token="w2")
 
 
 def build_engine(layers: int, max_batch: int) -> FlashCausalLM:
@@ -52,7 +47,7 @@ def build_engine(layers: int, max_batch: int) -> FlashCausalLM:
                            max_position_embeddings=CONTEXT + NEW_TOKENS + 64)
     model = FlashMixtralForCausalLM("", config, RandomWeights()).eval()
     blocks = max_batch * (CONTEXT + NEW_TOKENS) // 16 + max_batch + 16
-    return FlashCausalLM(model, FoldedTokenizer(), torch.bfloat16, "cuda", blocks)
+    return FlashCausalLM(model, synthetic_tokenizer(config.vocab_size), torch.bfloat16, "cuda", blocks)
 
 
 def live_batch(engine: FlashCausalLM, batch: int, params: SamplingParams, first_id: int) -> int:
