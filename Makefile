@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.paged_attention
 	$(BIN)/python -m bench.layer_stack
 	$(BIN)/python -m bench.adapters
+	$(BIN)/python -m bench.engine_step
 	if [ "$$($(BIN)/python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then \
 	  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
 	  $(BIN)/python -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl; fi

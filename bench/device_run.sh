@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune,
-# adapters, tp: the last on a machine with 2 GPUs).
+# adapters, engine, tp: the last on a machine with 2 GPUs).
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -20,6 +20,7 @@ for step in "$@"; do
     attention) python3 -m bench.paged_attention 2>&1 | tee "$OUT/paged_attention.log" ;;
     stack) python3 -m bench.layer_stack 2>&1 | tee "$OUT/layer_stack.log" ;;
     adapters) python3 -m bench.adapters 2>&1 | tee "$OUT/adapters.log" ;;
+    engine) python3 -m bench.engine_step --profile 64 2>&1 | tee "$OUT/engine_step.log" ;;
     tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl 2>&1 | \
         grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/tp_nccl.log" ;;
   esac
