@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import grpc
 
 import lorax_server
-from lorax_server.client import ShardClient, make_request
+from lorax_server.client import ShardClient, liveness_probe, make_request
 from lorax_server.pb import generate_pb2 as pb
 
 U64_MAX = 2**64 - 1  # the liveness probe's batch and request id (router/src/health.rs)
@@ -214,16 +214,6 @@ def settle() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def probe_request(block_size: int) -> pb.PrefillRequest:
-    """router/src/health.rs: the liveness probe, on block 0, which the shard keeps free for it."""
-    request = pb.Request(id=U64_MAX, inputs="liveness", tokenized_inputs=pb.TokenizedInputs(ids=[75]), truncate=10,
-                         parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
-                                                                  repetition_penalty=1.0),
-                         stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=1),
-                         blocks=[0], slots=list(range(block_size)), adapter_index=0)
-    return pb.PrefillRequest(batch=pb.Batch(id=U64_MAX, requests=[request], size=1, max_tokens=2))
 
 
 def greedy_request(request_id: int, prompt: int, index: int, new_tokens: int) -> pb.Request:
@@ -431,7 +421,7 @@ class Soak:
     def probe_once(self, client: ShardClient, rng: random.Random, turn: int) -> None:
         """The router's liveness probe (while batches are live), then Health."""
         live = self.figures.live
-        response = client.stub.Prefill(probe_request(self.block_size))
+        response = client.stub.Prefill(liveness_probe(self.block_size))
         client.stub.Health(pb.HealthRequest())
         gens = response.generations
         if (len(gens) != 1 or gens[0].request_id != U64_MAX or not gens[0].HasField("generated_text")

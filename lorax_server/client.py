@@ -62,3 +62,17 @@ def generated_ids(generations) -> Dict[int, List[int]]:
     return ids
 
 
+
+
+LIVENESS_ID = 2**64 - 1  # the batch and request id of the router's liveness probe
+
+
+def liveness_probe(block_size: int) -> pb.PrefillRequest:
+    """The Prefill LoRAX's router sends as its liveness probe (router/src/health.rs): one token on block 0,
+    which the router keeps for it (and this shard never hands out), even while batches are live."""
+    request = pb.Request(id=LIVENESS_ID, inputs="liveness", tokenized_inputs=pb.TokenizedInputs(ids=[75]),
+                         truncate=10, parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0,
+                                                                               typical_p=1.0, repetition_penalty=1.0),
+                         stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=1),
+                         blocks=[0], slots=list(range(block_size)), adapter_index=0)
+    return pb.PrefillRequest(batch=pb.Batch(id=LIVENESS_ID, requests=[request], size=1, max_tokens=2))

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from lorax_server.cli import DEFAULT_MODEL_DIR
-from lorax_server.client import ShardClient, make_request
+from lorax_server.client import ShardClient, liveness_probe, make_request
 from lorax_server.models import get_model
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.server import start_server
@@ -73,16 +73,6 @@ def warmup_request() -> pb.WarmupRequest:
                             max_new_tokens=MAX_TOTAL - MAX_INPUT)
 
 
-def probe_request(block_size: int) -> pb.PrefillRequest:
-    """router/src/health.rs: the liveness probe, on block 0."""
-    request = pb.Request(id=U64_MAX, inputs="liveness", tokenized_inputs=pb.TokenizedInputs(ids=[75]), truncate=10,
-                         parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
-                                                                  repetition_penalty=1.0),
-                         stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=1),
-                         blocks=[0], slots=list(range(block_size)), adapter_index=0)
-    return pb.PrefillRequest(batch=pb.Batch(id=U64_MAX, requests=[request], size=1, max_tokens=2))
-
-
 def router_blocks(first_block: int, tokens: int, block_size: int):
     """router/src/block_allocator.rs (SimpleAllocator): blocks for `tokens`, slots in block order."""
     count = -(-tokens // block_size)
@@ -127,9 +117,9 @@ def test_liveness_probe_on_block_0_while_a_batch_with_router_blocks_is_live(shar
     response = client.stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=21, requests=[live], size=1)))
     generated = list(response.generations[0].next_tokens.ids)
     assert response.batch.max_tokens == len(blocks) * bs  # upstream's CachedBatch.max_tokens: whole blocks
-    probe = client.stub.Prefill(probe_request(bs))
+    probe = client.stub.Prefill(liveness_probe(bs))
     assert probe.generations[0].HasField("generated_text") and not probe.HasField("batch")
-    assert client.stub.Prefill(probe_request(bs)).generations[0].request_id == U64_MAX  # and again
+    assert client.stub.Prefill(liveness_probe(bs)).generations[0].request_id == U64_MAX  # and again
     generated += run(client, client.stub.Decode(pb.DecodeRequest(batches=[response.batch])))[5]
     assert generated == alone
     assert model.cache.all_free and 0 not in model.cache.free_blocks  # block 0 stays the probe's
