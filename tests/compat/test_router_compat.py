@@ -161,8 +161,9 @@ def test_f_seeds_reproduce_including_zero(shard, router):
     in_batch = [h.result(60) for h in batch][1]
     again = router.generate(req(P1, None, 16, seed=0, **sampled), timeout=60)
     assert first.token_ids == in_batch.token_ids == again.token_ids, (first.text, in_batch.text, again.text)
-    top = router.generate(req(P1, None, 8, seed=U64_MAX, **sampled), timeout=60)  # the top of the u64 range
-    unset = router.generate(req(P1, None, 8, **sampled), timeout=60)  # validation.rs:327 thread_rng().gen()
+    # ignore_eos: a random draw may end early on EOS, and these two must run their 8 tokens
+    top = router.generate(req(P1, None, 8, seed=U64_MAX, ignore_eos_token=True, **sampled), timeout=60)  # u64's top
+    unset = router.generate(req(P1, None, 8, ignore_eos_token=True, **sampled), timeout=60)  # validation.rs:327
     assert top.generated_text.generated_tokens == 8 and unset.generated_text.generated_tokens == 8
     assert first.generated_text.HasField("seed") and first.generated_text.seed == 0, first.generated_text
     assert top.generated_text.seed == U64_MAX, top.generated_text
