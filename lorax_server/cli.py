@@ -228,6 +228,39 @@ def serve(
     adapter_id = adapter_id or adapter_id_argument or ""
     quantize = quantize.value if quantize is not None else None
     dtype = dtype.value if dtype is not None else None
+    _refuse_what_cannot_apply(quantize, dtype, speculative_tokens, embedding_dim, merge_adapter_weights, adapter_id)
+    preloaded_source = preloaded_adapter_source or adapter_source
+    _check_serve_sources(source, adapter_source, preloaded_adapter_source, bool(adapter_id),
+                         bool(preloaded_adapter_ids))
+    if sharded:
+        _check_distributed_environment()
+    model_id = model_id or str(DEFAULT_MODEL_DIR)
+    model_dir = _resolve("MODEL_ID", model_id, source, revision)
+    if adapter_id:
+        _resolve("--adapter-id", adapter_id, adapter_source)
+    for preloaded_id in preloaded_adapter_ids:
+        _resolve("--preloaded-adapter-ids", preloaded_id, preloaded_source)
+    rank = os.getenv("RANK", "0") if sharded else "0"
+    _check_process(f"{uds_path}-{rank}")
+    logger.info("serving %s (%s) on unix://%s-%s", model_id, model_dir, uds_path, rank)
+    if trust_remote_code:
+        logger.info("--trust-remote-code: accepted; no remote code runs (Mixtral is built in)")
+    if otlp_endpoint is not None:
+        from lorax_server.tracing import setup_tracing
+
+        setup_tracing(shard=rank, otlp_endpoint=otlp_endpoint)
+    from lorax_server.launch import load_and_serve
+
+    load_and_serve(model_id, str(uds_path), dtype, list(preloaded_adapter_ids), sharded,
+                   kv_cache_mib << 20 if kv_cache_mib else None, expert_parallel=expert_parallel,
+                   adapter_id=adapter_id, revision=revision, compile=compile, trust_remote_code=trust_remote_code,
+                   source=source, adapter_source=adapter_source, preloaded_adapter_source=preloaded_source,
+                   merge_adapter_weights=merge_adapter_weights, quantize=quantize)
+
+
+def _refuse_what_cannot_apply(quantize: Optional[str], dtype: Optional[str], speculative_tokens: int,
+                              embedding_dim: Optional[int], merge_adapter_weights: bool, adapter_id: str) -> None:
+    """The launcher's options this server cannot honour, each refused by name (upstream's meaning or why not)."""
     if embedding_dim is not None:
         raise CliError(f"--embedding-dim {embedding_dim}: this server serves Mixtral, a causal LM with no embedding "
                        f"head (Embed answers UNIMPLEMENTED)")
@@ -242,50 +275,35 @@ def serve(
                        f"(Info reports speculate 0); use 0")
     if merge_adapter_weights and not adapter_id:
         raise CliError("--merge-adapter-weights needs --adapter-id: there is no adapter to merge")
-    preloaded_source = preloaded_adapter_source or adapter_source
-    _check_source("--source", source)
-    _check_source("--adapter-source", adapter_source, used=bool(adapter_id)
-                  or (bool(preloaded_adapter_ids) and preloaded_adapter_source is None))
-    if preloaded_adapter_source is not None:
-        _check_source("--preloaded-adapter-source", preloaded_adapter_source, used=bool(preloaded_adapter_ids))
-    if sharded:
-        missing = [name for name in DISTRIBUTED_ENV if os.getenv(name) is None]
-        if missing:
-            raise CliError(f"--sharded needs {', '.join(DISTRIBUTED_ENV)} in the environment (the LoRAX launcher "
-                           f"and torchrun set them); missing: {', '.join(missing)}")
-    model_id = model_id or str(DEFAULT_MODEL_DIR)
-    model_dir = _resolve("MODEL_ID", model_id, source, revision)
-    if adapter_id:
-        _resolve("--adapter-id", adapter_id, adapter_source)
-    for preloaded_id in preloaded_adapter_ids:
-        _resolve("--preloaded-adapter-ids", preloaded_id, preloaded_source)
 
-    from lorax_server.launch import load_and_serve
+
+def _check_serve_sources(source: str, adapter_source: str, preloaded_adapter_source: Optional[str],
+                         has_adapter_id: bool, has_preloaded: bool) -> None:
+    _check_source("--source", source)
+    _check_source("--adapter-source", adapter_source,
+                  used=has_adapter_id or (has_preloaded and preloaded_adapter_source is None))
+    if preloaded_adapter_source is not None:
+        _check_source("--preloaded-adapter-source", preloaded_adapter_source, used=has_preloaded)
+
+
+def _check_distributed_environment() -> None:
+    missing = [name for name in DISTRIBUTED_ENV if os.getenv(name) is None]
+    if missing:
+        raise CliError(f"--sharded needs {', '.join(DISTRIBUTED_ENV)} in the environment (the LoRAX launcher "
+                       f"and torchrun set them); missing: {', '.join(missing)}")
+
+
+def _check_process(socket_path: str) -> None:
+    """What would fail after the weights load (minutes for a real model) fails now: a live socket or a bad
+    path, and a CUDA_MEMORY_FRACTION out of range."""
     from lorax_server.models import cuda_memory_fraction
     from lorax_server.server import SocketInUse, claim_socket
 
-    try:  # before the weights load (minutes for a real model): a live socket or a bad path fails now
-        claim_socket(f"{uds_path}-{os.getenv('RANK', '0') if sharded else 0}")
+    try:
+        claim_socket(socket_path)
+        cuda_memory_fraction()
     except (SocketInUse, ValueError) as error:
         raise CliError(str(error)) from None
-
-    try:
-        cuda_memory_fraction()
-    except ValueError as error:
-        raise CliError(str(error)) from None
-    logger.info("serving %s (%s) on unix://%s-%s", model_id, model_dir, uds_path,
-                os.getenv("RANK", "0") if sharded else 0)
-    if trust_remote_code:
-        logger.info("--trust-remote-code: accepted; no remote code runs (Mixtral is built in)")
-    if otlp_endpoint is not None:
-        from lorax_server.tracing import setup_tracing
-
-        setup_tracing(shard=os.getenv("RANK", "0"), otlp_endpoint=otlp_endpoint)
-    load_and_serve(model_id, str(uds_path), dtype, list(preloaded_adapter_ids), sharded,
-                   kv_cache_mib << 20 if kv_cache_mib else None, expert_parallel=expert_parallel,
-                   adapter_id=adapter_id, revision=revision, compile=compile, trust_remote_code=trust_remote_code,
-                   source=source, adapter_source=adapter_source, preloaded_adapter_source=preloaded_source,
-                   merge_adapter_weights=merge_adapter_weights, quantize=quantize)
 
 
 def _weight_files(directory: Path, extension: str) -> List[Path]:
