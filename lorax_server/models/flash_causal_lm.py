@@ -173,6 +173,7 @@ class FlashCausalLM:
                 self.admit_one(r, router_blocks.get(r.id))
                 admitted.append(r)
             except (RequestError, AdapterError, CacheFull, BlockInUse) as error:
+                self.release([r])  # whatever it claimed before the refusal goes back
                 refused.append(self.failed(r.id, str(error)))
         return admitted, refused
 

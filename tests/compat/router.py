@@ -894,20 +894,25 @@ class AdapterLoader:
             except Exception as e:  # pragma: no cover - emulation bug
                 r._abort(f"adapter loader crashed: {e!r}\n{traceback.format_exc()}")
 
+    def _mark_errored(self, adapter, message: Optional[str] = None, must_exist: bool = False) -> None:
+        """The adapter's queue turns Errored (when it still exists, unless `must_exist`: then a missing one
+        panics in set_status, as upstream's unwrap does); `message` is kept for its requests."""
+        r = self.router
+        with r._qlock:
+            if must_exist or r.queues_state.has_adapter(adapter):
+                r.queues_state.set_status(adapter, "Errored")
+        if message is not None:
+            self.err_msgs[adapter] = message
+
     def _download(self, adapter):  # loader.rs:126-174
         r = self.router
         if adapter in self.err_msgs:
-            with r._qlock:
-                if r.queues_state.has_adapter(adapter):
-                    r.queues_state.set_status(adapter, "Errored")
+            self._mark_errored(adapter)
             return
         try:
             resp = r.client.download_adapter(adapter.params.to_pb(), adapter.source, adapter.api_token)
         except ClientError as e:
-            with r._qlock:
-                if r.queues_state.has_adapter(adapter):
-                    r.queues_state.set_status(adapter, "Errored")
-            self.err_msgs[adapter] = str(e)
+            self._mark_errored(adapter, str(e))
             return
         with r._qlock:
             if r.queues_state.has_adapter(adapter):
@@ -917,16 +922,12 @@ class AdapterLoader:
     def _load(self, adapter):  # loader.rs:175-219
         r = self.router
         if adapter in self.err_msgs:
-            with r._qlock:
-                if r.queues_state.has_adapter(adapter):
-                    r.queues_state.set_status(adapter, "Errored")
+            self._mark_errored(adapter)
             return
         try:
             r.client.load_adapter(adapter.params.to_pb(), adapter.source, adapter.index, adapter.api_token)
         except ClientError as e:
-            with r._qlock:
-                r.queues_state.set_status(adapter, "Errored")  # loader.rs:211-214 (unwrap inside set_status)
-            self.err_msgs[adapter] = str(e)
+            self._mark_errored(adapter, str(e), must_exist=True)  # loader.rs:211-214 (unwrap inside set_status)
             return
         with r._qlock:
             # loader.rs:199-205: the answer's `loaded` value is ignored; any Ok makes the adapter Ready
@@ -935,16 +936,12 @@ class AdapterLoader:
     def _offload(self, adapter):  # loader.rs:220-263
         r = self.router
         if adapter in self.err_msgs:
-            with r._qlock:
-                if r.queues_state.has_adapter(adapter):
-                    r.queues_state.set_status(adapter, "Errored")
+            self._mark_errored(adapter)
             return
         try:
             r.client.offload_adapter(adapter.params.to_pb(), adapter.source, adapter.index)
         except ClientError as e:
-            with r._qlock:
-                r.queues_state.set_status(adapter, "Errored")
-            self.err_msgs[adapter] = str(e)
+            self._mark_errored(adapter, str(e), must_exist=True)
             return
         with r._qlock:
             r.queues_state.set_status(adapter, "Downloaded")  # loader.rs:243-249
