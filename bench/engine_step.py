@@ -20,7 +20,7 @@ from bench.common import card, copy_bandwidth, print_table, time_graph_ms
 from bench.layer_stack import MIXTRAL_8X7B, RandomWeights, decode_floor_ms
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
 from lorax_server.models.flash_causal_lm import FlashCausalLM
-from lorax_server.models.paged_cache import pack_forward
+from lorax_server.engine.runner import pack, sample_alone
 from lorax_server.utils.tokens import SamplingParams
 
 CONTEXT = 2048
@@ -76,14 +76,13 @@ def engine_step_ms(engine: FlashCausalLM, batch_id: int, steps: int) -> float:
 
 def per_request_sampling(engine: FlashCausalLM):
     """The engine as it sampled before the batched sampler: each request with its own chooser (the oracle)."""
-    engine.sample = lambda requests, logits: [engine.sample_alone(r, row) for r, row in zip(requests, logits)]
+    engine.runner.sample = lambda requests, logits: [sample_alone(r, row) for r, row in zip(requests, logits)]
 
 
 def model_step_ms(engine: FlashCausalLM, batch_id: int) -> float:
     """The same step's forward alone, replayed from a CUDA graph (nothing is cached: `cached` is not advanced)."""
     seqs = [r.seq for r in engine.batches[batch_id].requests]
-    inputs = pack_forward(seqs, [1] * len(seqs), engine.cache, False, engine.device)
-    inputs.pop("token_adapters")
+    inputs = pack(seqs, [1] * len(seqs), engine.cache, False, engine.device).model_inputs(engine.cache.layers)
     return time_graph_ms(lambda: engine.model(**inputs), repeat=20)
 
 

@@ -15,7 +15,8 @@ import torch
 from bench.common import card, copy_bandwidth, matmul_rate, print_table, time_graph_ms, time_ms
 from lorax_server.layers.backends import CHOSEN
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
-from lorax_server.models.paged_cache import PagedKVCache, PagedSequence, pack_forward
+from lorax_server.engine.cache import PagedKVCache, PagedSequence
+from lorax_server.engine.runner import pack
 from lorax_server.utils.dist import FakeGroup
 from lorax_server.utils.weights import MetaWeights
 
@@ -58,17 +59,13 @@ def decode_inputs(model, config, batch):
         key.normal_()
         value.normal_()
     seqs = [PagedSequence(list(range(CONTEXT)), cached=CONTEXT - 1) for _ in range(batch)]
-    inputs = pack_forward(seqs, [1] * batch, cache, False, device)
-    inputs.pop("token_adapters")
-    return inputs
+    return pack(seqs, [1] * batch, cache, False, device).model_inputs(cache.layers)
 
 
 def prefill_inputs(config, tokens):
     cache = PagedKVCache(config.num_hidden_layers, tokens // 16 + 1, 16, 8, 128, torch.bfloat16, "cuda")
     seq = PagedSequence(list(range(tokens)))
-    inputs = pack_forward([seq], [tokens], cache, True, "cuda")
-    inputs.pop("token_adapters")
-    return inputs
+    return pack([seq], [tokens], cache, True, "cuda").model_inputs(cache.layers)
 
 
 def transformers_decode(layers, batch):

@@ -29,11 +29,11 @@ import torch
 
 from lorax_server.adapters.weights import AdapterError
 from lorax_server.layers.backends import CHOSEN
-from lorax_server.models.flash_causal_lm import Batch, BatchNotFound, RequestError, StepResult
-from lorax_server.models.paged_cache import BlockInUse, CacheFull
+from lorax_server.engine.cache import BlockInUse, CacheFull
+from lorax_server.engine.requests import Batch, BatchNotFound, StepResult
 from lorax_server.pb import generate_pb2 as pb
 from lorax_server.pb import generate_pb2_grpc
-from lorax_server.utils.errors import bounded
+from lorax_server.utils.errors import RequestError, bounded
 from lorax_server.utils.sources import SourceError, resolve, source_name
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from lorax_server.models import get_model
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import MixtralConfig
-from lorax_server.models.paged_cache import CacheFull, PagedKVCache
+from lorax_server.engine.cache import CacheFull, PagedKVCache
 from lorax_server.utils.dist import FakeGroup
 from lorax_server.utils.weights import CheckpointError
 from tests.tiny_mixtral import TINY, load_ours, save_tiny_mixtral

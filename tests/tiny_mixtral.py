@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
-from lorax_server.models.paged_cache import PagedKVCache, PagedSequence, mark_cached, pack_forward
+from lorax_server.engine.cache import PagedKVCache, PagedSequence
+from lorax_server.engine.runner import mark_cached, pack
 from lorax_server.utils.dist import FakeGroup
 from lorax_server.utils.weights import Weights, weight_files
 
@@ -66,10 +67,9 @@ def paged_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: Sequenc
         if not active:
             return [torch.cat(o) for o in outputs]
         counts = [step[i] if prefill else 1 for i in active]
-        inputs = pack_forward([seqs[i] for i in active], counts, cache, prefill, device, all_logits=True)
-        token_adapters = inputs.pop("token_adapters")
-        adapter_data = adapters.batch_data(token_adapters) if adapters is not None else None
-        logits, _ = model(**inputs, adapter_data=adapter_data)
+        batch = pack([seqs[i] for i in active], counts, cache, prefill, device, all_logits=True)
+        adapter_data = adapters.batch_data(batch.token_adapters) if adapters is not None else None
+        logits, _ = model(**batch.model_inputs(cache.layers, adapter_data))
         for i, piece in zip(active, logits.split(counts)):
             outputs[i].append(piece)
         mark_cached([seqs[i] for i in active], counts)

@@ -28,9 +28,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file
 
-from lorax_server.adapters.weights import AdapterError, AdapterWeights, ExpertLoraWeights, LoraWeights
-from lorax_server.layers.linear import vocab_shard
-from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
+from lorax_server.adapters.targets import (
     ATTN_K_PROJ,
     ATTN_O_PROJ,
     ATTN_Q_PROJ,
@@ -39,6 +37,8 @@ from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
     LM_HEAD_LAYER_ID,
     ROUTER,
 )
+from lorax_server.adapters.weights import AdapterError, AdapterWeights, ExpertLoraWeights, LoraWeights
+from lorax_server.layers.linear import vocab_shard
 from lorax_server.utils.weights import shard_range
 
 ATTENTION_TARGETS = {"q_proj": ATTN_Q_PROJ, "k_proj": ATTN_K_PROJ, "v_proj": ATTN_V_PROJ, "o_proj": ATTN_O_PROJ}

@@ -12,8 +12,8 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
+from lorax_server.adapters.targets import LORA_TARGET_GROUPS
 from lorax_server.adapters.weights import AdapterWeights, LayerKey
-from lorax_server.models.custom_modeling.flash_mixtral_modeling import LORA_TARGET_GROUPS
 
 MIN_STACK_RANK = 8
 

@@ -1,13 +1,14 @@
-"""The engine: continuous batching of requests over the paged KV cache, as LoRAX's shard service drives it.
+"""The engine's front: continuous batching of requests over the paged KV cache, as LoRAX's shard service drives it.
 
-A batch is a list of live requests. `prefill` turns a protobuf Batch into requests, runs every prompt in
-one packed forward pass and chooses each request's first token; `decode` runs one token for every
+A batch is a list of live requests (`engine.requests`). `prefill` admits new requests, runs every prompt
+in one packed forward pass and chooses each request's first token; `decode` runs one token for every
 request of one or more cached batches (concatenated); finished requests leave their batch and give their
 blocks back at once; `filter` keeps only the requests the router still wants. One step runs at a time
 (the server holds a lock).
 
-A step chooses the tokens of the whole batch at once (`engine.sampler`: one host synchronisation), then
-turns each into text (`engine.text`: one incremental decode per token) and checks its stop conditions.
+The forward pass and the choice of tokens are the runner's (`engine.runner`: packing into one typed
+batch, adapter data, CUDA graphs, batched sampling with one host synchronisation); the engine then turns
+each token into text (`engine.text`: one incremental decode per token) and checks its stop conditions.
 
 Each request reserves the blocks for its prompt and all its new tokens when it is admitted (or takes the
 blocks the router allocated for it), so a decode step never runs out of cache mid-generation: a batch
@@ -19,101 +20,26 @@ import itertools
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lorax_server.adapters.merge import merge_into
+from lorax_server.models.merge_adapter import merge_into
 from lorax_server.adapters.store import AdapterStore
 from lorax_server.adapters.weights import AdapterError
-from lorax_server.engine.sampler import NON_FINITE, BatchSampler, Choice
+from lorax_server.engine.cache import BlockInUse, CacheFull, PagedKVCache, PagedSequence
+from lorax_server.engine.requests import DEFAULT_BLOCK_SIZE, Batch, BatchNotFound, Request, StepResult, TokenChoice  # noqa: F401
+from lorax_server.engine.runner import ModelRunner, PendingChoices
+from lorax_server.engine.sampler import Choice
 from lorax_server.engine.text import CONTEXT_TOKENS, final_text, incremental_decoder
-from lorax_server.models.cuda_graphs import DecodeGraphs
-from lorax_server.models.paged_cache import BlockInUse, CacheFull, PagedKVCache, PagedSequence, mark_cached, pack_forward
 from lorax_server.utils.errors import RequestError
 from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, StoppingCriteria, prompt_logprobs
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 16
 # LoRAX's router keeps block 0 for its liveness probe ("Block 0 is reserved for health checks",
 # router/src/block_allocator.rs) and may send the probe while batches are live: no request of ours gets it.
 PROBE_BLOCK = 0
-
-
-class BatchNotFound(KeyError):
-    def __str__(self):
-        return self.args[0]
-
-
-@dataclass
-class TokenChoice:
-    id: int
-    logprob: float
-    text: str
-    is_special: bool
-    alternatives: List[Tuple[int, float, str]] = field(default_factory=list)
-
-
-@dataclass
-class StepResult:
-    """What one request produced in one step (maps onto generate.v1.Generation)."""
-
-    request_id: int
-    token: TokenChoice
-    prompt_tokens: Optional[List[TokenChoice]] = None  # with prefill_logprobs, on the first step
-    prompt_length: int = 0  # set on the prefill step only (the router streams a prefill message when > 0)
-    finish_reason: Optional[str] = None  # "length", "eos", "stop_sequence" or "error" once finished
-    text: str = ""  # the whole generated text, once finished
-    error: Optional[str] = None  # why the request ended alone (finish_reason "error")
-    generated_ids: List[int] = field(default_factory=list)  # once finished
-    seed: Optional[int] = None
-
-
-@dataclass
-class Request:
-    id: int
-    seq: PagedSequence
-    prompt_length: int
-    chooser: NextTokenChooser
-    stopping: StoppingCriteria
-    max_new_tokens: int
-    prefill_logprobs: bool = False
-    finish_reason: Optional[str] = None
-    counts: Optional[torch.Tensor] = None  # [vocab] token counts on the device, for penalties (engine.sampler)
-    decoder: object = None  # its incremental detokenizer (engine.text), made at its first token
-
-    @property
-    def tokens(self) -> List[int]:
-        """The sequence so far: prompt and generated tokens."""
-        return self.seq.tokens
-
-    @property
-    def generated(self) -> List[int]:
-        return self.seq.tokens[self.prompt_length:]
-
-    @property
-    def cache_tokens(self) -> int:
-        """Tokens whose K/V this request ever writes: the last new token is returned, never fed back."""
-        return self.prompt_length + self.max_new_tokens - 1
-
-
-@dataclass
-class Batch:
-    id: int
-    requests: List[Request]
-    block_size: int = DEFAULT_BLOCK_SIZE
-
-    @property
-    def max_tokens(self) -> int:
-        """Cache tokens the batch holds, in whole blocks (upstream's CachedBatch.max_tokens), which the
-        router subtracts from Warmup's max_supported_total_tokens when it budgets the next batch."""
-        return sum(len(r.seq.blocks) for r in self.requests) * self.block_size
-
-    @property
-    def current_tokens(self) -> int:
-        return sum(len(r.seq.tokens) for r in self.requests)
 
 
 class FlashCausalLM:
@@ -132,11 +58,20 @@ class FlashCausalLM:
         self.batches: Dict[int, Batch] = {}
         self.batch_ids = itertools.count(1 << 32)  # ids of batches made here (the router numbers its own below)
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []))
-        self.sampler = BatchSampler(self.device)
         self.token_texts: Dict[int, str] = {}  # token id -> its text alone (alternatives, prompt tokens)
-        self.graphs = None
-        if self.device.type == "cuda" and os.getenv("LORAX_CUDA_GRAPHS", "1") != "0":
-            self.graphs = DecodeGraphs(model, self.cache.layers, block_size, self.config.max_position_embeddings)
+        self.runner = ModelRunner(model, self.cache, self.adapters, self.device)
+        # Decode steps launched ahead (`launch_ahead`); LORAX_DECODE_AHEAD=0 turns them off (A/B timing).
+        self.decode_ahead = os.getenv("LORAX_DECODE_AHEAD", "1") != "0"
+        self.ahead: List[PendingChoices] = []
+
+    @property
+    def graphs(self):
+        """The decode CUDA graphs (None: decode steps run eagerly)."""
+        return self.runner.graphs
+
+    @graphs.setter
+    def graphs(self, graphs) -> None:
+        self.runner.graphs = graphs
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -210,12 +145,11 @@ class FlashCausalLM:
             return refused, None
         try:
             want_all = any(r.prefill_logprobs for r in requests)
-            logits = self.forward(requests, [r.prompt_length for r in requests], prefill=True, all_logits=want_all)
-            if want_all:
-                per_request = list(logits.split([r.prompt_length for r in requests]))
-                results = self.choose(requests, torch.stack([lg[-1] for lg in per_request]), per_request)
-            else:
-                results = self.choose(requests, logits, None)
+            logits = self.runner.forward([r.seq for r in requests], [r.prompt_length for r in requests], prefill=True,
+                                         all_logits=want_all)
+            per_request = list(logits.split([r.prompt_length for r in requests])) if want_all else None
+            last = torch.stack([lg[-1] for lg in per_request]) if want_all else logits
+            results = self.finish_step(requests, self.runner.sample(requests, last[:len(requests)]), per_request)
         except Exception:
             self.release(requests)
             raise
@@ -226,31 +160,35 @@ class FlashCausalLM:
         """One token for every request of these batches (merged into the first)."""
         batch = self.concatenate(batch_ids)
         try:
-            logits = self.forward(batch.requests, [1] * len(batch.requests), prefill=False)
-            results = self.choose(batch.requests, logits, None)
+            results = self.finish_step(batch.requests, self.next_choices(batch.requests), None)
         except Exception:
             # Half a step cannot be resumed: the batch is dropped and its blocks freed; other batches are untouched.
             self.clear(batch.id)
             raise
         return results, self.keep(batch)
 
-    def forward(self, requests: List[Request], counts: List[int], prefill: bool, all_logits=False) -> torch.Tensor:
-        seqs = [r.seq for r in requests]
-        inputs = pack_forward(seqs, counts, self.cache, prefill, self.device, all_logits=all_logits)
-        adapter_data = self.adapters.batch_data(inputs.pop("token_adapters"), {s.adapter_index for s in seqs})
-        logits = None
-        if not prefill and self.graphs is not None:
-            logits = self.graphs.run(inputs, adapter_data, self.adapters.stacks)
-        if logits is None:
-            logits, _ = self.model(**inputs, adapter_data=adapter_data)
-        mark_cached(seqs, counts)
-        return logits
+    def next_choices(self, requests: List[Request]) -> List[Choice]:
+        """Each request's next token: chosen by a step launched ahead, or by a forward pass over the rest now."""
+        self.collect_ahead()
+        now = [r for r in requests if r.ahead is None]
+        if now:
+            logits = self.runner.forward([r.seq for r in now], [1] * len(now), prefill=False)
+            for r, choice in zip(now, self.runner.sample(now, logits)):
+                r.ahead = choice
+        choices = [r.ahead for r in requests]
+        for r in requests:
+            r.ahead = None
+        return choices
 
-    def choose(self, requests: List[Request], last_logits: torch.Tensor,
-               prompt_logits: Optional[List[torch.Tensor]]) -> List[StepResult]:
-        """last_logits [B, vocab] -> each request's result. The tokens are chosen for the whole batch at
-        once; text, stop and result follow per request, and a request that fails there ends alone."""
-        choices = self.sample(requests, last_logits[:len(requests)])
+    def finish_step(self, requests: List[Request], choices: List[Choice],
+                    prompt_logits: Optional[List[torch.Tensor]]) -> List[StepResult]:
+        """Each request's result from its chosen token: the token joins the sequence, the next decode step is
+        launched for the requests that go on (see `launch_ahead`), then text, stop and result follow per
+        request while the GPU computes; a request that fails there ends alone."""
+        for r, choice in zip(requests, choices):
+            if choice.error is None:
+                r.seq.tokens.append(choice.token)
+        self.launch_ahead([r for r, choice in zip(requests, choices) if self.goes_on(r, choice)])
         results = []
         for i, (r, choice) in enumerate(zip(requests, choices)):
             if choice.error is not None:
@@ -264,31 +202,43 @@ class FlashCausalLM:
                 results.append(self.end_alone(r, f"{type(error).__name__}: {error}"))
         return results
 
+    @staticmethod
+    def goes_on(r: Request, choice: Choice) -> bool:
+        """Whether the request surely feeds this token back (a stop sequence, known only from its text, may
+        still end it: the step launched ahead then chose one token too many, within the request's blocks)."""
+        return (choice.error is None and len(r.generated) < r.max_new_tokens
+                and choice.token not in r.stopping.eos_token_ids)
+
+    def launch_ahead(self, requests: List[Request]) -> None:
+        """Launches the next decode step of these requests now, so the GPU computes it while the host turns
+        this step into text and results and the router sends the next Decode. The router decodes every
+        live request at its next step (batches concatenated or filtered, never a request skipped), so the
+        choices are read there (`next_choices`); a request filtered out or cleared simply drops its own.
+        Its K/V write lands in the request's reserved blocks at the position the step would write anyway."""
+        if not requests or not self.decode_ahead:
+            return
+        try:
+            logits = self.runner.forward([r.seq for r in requests], [1] * len(requests), prefill=False)
+        except Exception:  # the next decode runs it again, and answers for the failure
+            logger.exception("a decode step launched ahead failed; the next decode step runs it again")
+            return
+        self.ahead.append(self.runner.start(requests, logits))
+
+    def collect_ahead(self) -> None:
+        """Reads the choices of every step launched ahead (one host synchronisation each) into its requests."""
+        pending, self.ahead = self.ahead, []
+        for step in pending:
+            for r, choice in zip(step.requests, step.collect()):
+                r.ahead = choice
+
     def end_alone(self, r: Request, message: str) -> StepResult:
         r.finish_reason = "error"
         return self.failed(r.id, message, r.generated, r.prompt_length if not r.generated else 0)
 
-    def sample(self, requests: List[Request], logits: torch.Tensor) -> List[Choice]:
-        """One Choice per request, from the batched sampler; should it raise, each request samples alone
-        with its own chooser (the per-request oracle), so that a failure stays with its request."""
-        try:
-            return self.sampler.step(logits, requests)
-        except Exception:
-            logger.exception("batched sampling failed; each request of the batch samples alone")
-        return [self.sample_alone(r, row) for r, row in zip(requests, logits)]
-
-    @staticmethod
-    def sample_alone(r: Request, logits: torch.Tensor) -> Choice:
-        r.counts = None  # this step's token is not counted there: the next batched step recounts the sequence
-        try:
-            token, logprob, alternatives = r.chooser(logits, r.seq.tokens)
-        except Exception as error:
-            return Choice(0, math.nan, error=f"{type(error).__name__}: {error}")
-        return Choice(token, logprob, alternatives, None if math.isfinite(logprob) else NON_FINITE)
-
     def choose_one(self, r: Request, choice: Choice, prompt_logits: Optional[torch.Tensor]) -> StepResult:
+        """The result of the token `finish_step` appended: its text, whether it ends the request, and (when
+        it does) the whole text."""
         token = choice.token
-        r.seq.tokens.append(token)
         text = self.decode_increment(r, token)
         result = StepResult(r.id, TokenChoice(token, choice.logprob, text, token in self.special_ids,
                                               [(t, lp, self.token_text(t)) for t, lp in choice.alternatives]))
@@ -373,6 +323,8 @@ class FlashCausalLM:
 
     def clear(self, batch_id: Optional[int] = None) -> None:
         ids = list(self.batches) if batch_id is None else [batch_id]
+        if batch_id is None:
+            self.ahead = []  # no request is left to read them (the GPU finishes them; stream order keeps it safe)
         for i in ids:
             if i in self.batches:
                 self.release(self.batches.pop(i).requests)

@@ -66,7 +66,7 @@ def test_tp_shards_of_an_adapter_add_up(tmp_path):
 
 
 def test_merging_an_adapter_makes_the_base_model_give_its_outputs(served_adapters):
-    from lorax_server.adapters.merge import merge_into
+    from lorax_server.models.merge_adapter import merge_into
 
     model, store, _ = served_adapters
     for index in (1, 2, 3):  # attention + lm_head, experts + router, per-expert experts

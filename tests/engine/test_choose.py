@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lorax_server.cli import DEFAULT_MODEL_DIR
+from lorax_server.engine.runner import ModelRunner
 from lorax_server.engine.sampler import NON_FINITE, BatchSampler
 from lorax_server.models import get_model
 from lorax_server.models.flash_causal_lm import FlashCausalLM
@@ -40,11 +41,14 @@ def engine():
 
 
 def assert_counts_are_the_sequences(engine: FlashCausalLM):
+    """Each request's penalty counts are its sequence's, and the token a step launched ahead chose for it."""
     vocab = engine.config.vocab_size
+    engine.collect_ahead()
     for batch in engine.batches.values():
         for r in batch.requests:
             if r.counts is not None:
-                want = torch.bincount(torch.tensor(r.seq.tokens), minlength=vocab).float()
+                ahead = [r.ahead.token] if r.ahead is not None else []
+                want = torch.bincount(torch.tensor(r.seq.tokens + ahead), minlength=vocab).float()
                 assert torch.equal(r.counts.cpu(), want), f"request {r.id}'s counts are not its sequence's"
 
 
@@ -117,22 +121,36 @@ def test_each_request_alone_gives_what_the_batch_gives(engine, batched, monkeypa
 
 
 def test_a_request_whose_logits_turn_nan_ends_alone(engine, batched, monkeypatch):
-    real = FlashCausalLM.forward
+    real = ModelRunner.forward
     broken = {"done": False}
+    prompt_6 = engine.tokenize(PROMPTS[6], [], 0)
 
-    def forward(self, requests, counts, prefill, all_logits=False):
-        logits = real(self, requests, counts, prefill, all_logits)
-        ids = [r.id for r in requests]
+    def forward(self, seqs, counts, prefill, all_logits=False):
+        logits = real(self, seqs, counts, prefill, all_logits)
+        ids = [6 if s.tokens[:len(prompt_6)] == prompt_6 else None for s in seqs]  # its first decode step
         if not prefill and 6 in ids and not broken["done"]:
             broken["done"] = True
             logits = logits.clone()
             logits[ids.index(6), 3] = math.nan
         return logits
 
-    monkeypatch.setattr(FlashCausalLM, "forward", forward)
+    monkeypatch.setattr(ModelRunner, "forward", forward)
     got = scenario(engine)
     assert broken["done"]
     assert len(got[6]) == 3  # its first token, then the error's token (no logprob) and its end
     assert math.isnan(got[6][1][1]) and got[6][2] == ("error", "", f"request 6: {NON_FINITE}")
     assert_same_runs(got, batched, skip={6})
     assert not engine.batches  # every request ended; the failed one's blocks went back with the rest
+
+
+def test_steps_launched_ahead_choose_what_steps_launched_in_turn_choose(engine, batched, monkeypatch):
+    """The scenario (prefill, concatenate, filter, seeds, penalties, watermark) gives the same tokens when
+    every decode step waits for its Decode call; and with steps launched ahead, one was in flight."""
+    assert engine.decode_ahead
+    request = engine.new_request(1, engine.tokenize(PROMPTS[1], [], 0), PARAMS[1], 4, ignore_eos=True)
+    engine.prefill(201, [request])
+    assert len(engine.ahead) == 1 and engine.ahead[0].requests == [request]
+    engine.clear()
+    assert not engine.ahead
+    monkeypatch.setattr(engine, "decode_ahead", False)
+    assert_same_runs(scenario(engine), batched)

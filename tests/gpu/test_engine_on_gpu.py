@@ -8,7 +8,7 @@ skip_without_gpu()
 
 from lorax_server.cli import DEFAULT_MODEL_DIR  # noqa: E402
 from lorax_server.models import get_model  # noqa: E402
-from lorax_server.models.cuda_graphs import BATCH_BUCKETS  # noqa: E402
+from lorax_server.engine.graphs import BATCH_BUCKETS  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 PROMPTS = ["The for statement", "A list is", "Exceptions are", "def f(x):", "Beautiful is"]

@@ -46,7 +46,8 @@ def test_kernels_are_as_accurate_as_the_torch_loop(model_and_adapters):
 
 
 def test_decode_with_adapters_is_capturable(model_and_adapters):
-    from lorax_server.models.paged_cache import PagedKVCache, PagedSequence, pack_forward
+    from lorax_server.engine.cache import PagedKVCache, PagedSequence
+    from lorax_server.engine.runner import pack
 
     model, root = model_and_adapters
     store = store_for(model, dtype=torch.bfloat16, device="cuda")
@@ -54,11 +55,12 @@ def test_decode_with_adapters_is_capturable(model_and_adapters):
         store.load(i, root / f"a{i}")
     cache = PagedKVCache(2, 32, 16, model.num_kv_heads, model.head_dim, torch.bfloat16, "cuda")
     seqs = [PagedSequence(list(range(30)), adapter, cached=29) for adapter in (0, 1, 2, 3)]
-    inputs = pack_forward(seqs, [1] * 4, cache, False, "cuda")
-    adapter_data = store.batch_data(inputs.pop("token_adapters"))
-    eager, _ = model(**inputs, adapter_data=adapter_data)
+    batch = pack(seqs, [1] * 4, cache, False, "cuda")
+    adapter_data = store.batch_data(batch.token_adapters)
+    inputs = batch.model_inputs(cache.layers, adapter_data)
+    eager, _ = model(**inputs)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured, _ = model(**inputs, adapter_data=adapter_data)
+        captured, _ = model(**inputs)
     graph.replay()
     assert relative_error(captured, eager) < 1e-3

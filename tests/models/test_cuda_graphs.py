@@ -1,6 +1,6 @@
 """The bookkeeping of decode CUDA graphs (captures themselves need a GPU: tests/gpu/test_engine_on_gpu.py)."""
 
-from lorax_server.models.cuda_graphs import DecodeGraphs
+from lorax_server.engine.graphs import DecodeGraphs
 
 
 def graphs_with_steps():
@@ -33,7 +33,7 @@ def test_buckets_round_up_and_stop_at_the_largest():
 def test_batch_buckets_come_from_the_environment(monkeypatch):
     import pytest
 
-    from lorax_server.models.cuda_graphs import DEFAULT_BATCH_BUCKETS, batch_buckets_from_env
+    from lorax_server.engine.graphs import DEFAULT_BATCH_BUCKETS, batch_buckets_from_env
 
     assert batch_buckets_from_env() == DEFAULT_BATCH_BUCKETS and DEFAULT_BATCH_BUCKETS[-1] == 512
     monkeypatch.setenv("LORAX_CUDA_GRAPH_BATCHES", "8, 1,64")

@@ -2,7 +2,8 @@
 
 import torch
 
-from lorax_server.models.paged_cache import PagedKVCache, PagedSequence, mark_cached, pack_forward
+from lorax_server.engine.cache import PagedKVCache, PagedSequence
+from lorax_server.engine.runner import mark_cached, pack
 from tests.tiny_mixtral import load_ours, reference_logits, relative_error, save_tiny_mixtral
 
 
@@ -13,8 +14,7 @@ def new_cache(model, num_blocks=32, block_size=4):
 
 
 def forward(model, seqs, counts, cache, prefill, **extra):
-    inputs = pack_forward(seqs, counts, cache, prefill, "cpu", all_logits=True)
-    inputs.pop("token_adapters")
+    inputs = pack(seqs, counts, cache, prefill, "cpu", all_logits=True).model_inputs(cache.layers)
     inputs.update(extra)
     out = model(**inputs)
     mark_cached(seqs, counts)
@@ -51,8 +51,7 @@ def test_sliding_window_cache_holds_only_the_window(tmp_path):
     prompt = 14
     cache = new_cache(model, block_size=4)
     seq = PagedSequence(list(tokens))
-    inputs = pack_forward([seq], [prompt], cache, True, "cpu", all_logits=True)
-    inputs.pop("token_adapters")
+    inputs = pack([seq], [prompt], cache, True, "cpu", all_logits=True).model_inputs(cache.layers)
     keep = torch.arange(prompt - window, prompt)
     logits = [model(prefill_cache_indices=keep, **inputs)[0]]
     mark_cached([seq], [prompt])

@@ -17,6 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# LoRA target names (LoRAX's adapter target map imports them from this module; they live with the adapters).
+from lorax_server.adapters.targets import (  # noqa: F401
+    ATTN_K_PROJ,
+    ATTN_O_PROJ,
+    ATTN_Q_PROJ,
+    ATTN_QKV,
+    ATTN_V_PROJ,
+    LM_HEAD,
+    LM_HEAD_LAYER_ID,
+    LORA_TARGET_GROUPS,
+    MOE_W1,
+    MOE_W2,
+    MOE_W3,
+    ROUTER,
+)
 from lorax_server.layers.attention import attention_ops
 from lorax_server.layers.linear import (
     TensorParallelColumnLinear,
@@ -40,20 +55,6 @@ from lorax_server.utils.attention.common import Seqlen
 from lorax_server.utils.dist import all_reduce
 from lorax_server.utils.weights import CheckpointError
 
-# LoRA target names, relative to a decoder layer (LoRAX's adapter target map imports these).
-ATTN_Q_PROJ = "self_attn.q_proj"
-ATTN_K_PROJ = "self_attn.k_proj"
-ATTN_V_PROJ = "self_attn.v_proj"
-ATTN_O_PROJ = "self_attn.o_proj"
-LM_HEAD = "lm_head"
-ROUTER = "block_sparse_moe.gate"
-# Upstream's names for the experts' linears (per-expert LoRA targets are "experts.w13"/"experts.w2" here).
-MOE_W1 = "moe.w1"
-MOE_W2 = "moe.w2"
-MOE_W3 = "moe.w3"
-LM_HEAD_LAYER_ID = -1  # lm_head is not in a decoder layer
-ATTN_QKV = (ATTN_Q_PROJ, ATTN_K_PROJ, ATTN_V_PROJ)  # computed in one matmul, so their LoRA is applied together
-LORA_TARGET_GROUPS = (ATTN_QKV,)
 
 ACTIVATIONS = {
     "silu": F.silu,

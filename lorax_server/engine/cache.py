@@ -1,9 +1,8 @@
-"""The paged KV cache and the packing of sequences into one forward pass.
+"""The paged KV cache: blocks of key/value slots, a free list, and the sequences that own blocks.
 
 A sequence owns a list of cache blocks; its token at position p lives in slot
-`blocks[p // block_size] * block_size + p % block_size`. A forward pass packs every sequence's new
-tokens back to back (cu_seqlens) and tells the model where to write them (slots) and where each
-sequence's earlier tokens are (block tables).
+`blocks[p // block_size] * block_size + p % block_size` (`engine.runner.pack` computes the slots and
+block tables of a forward pass from them).
 """
 
 import random
@@ -12,7 +11,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from lorax_server.utils.attention.common import Seqlen
 
 
 class CacheFull(RuntimeError):
@@ -91,43 +89,3 @@ class PagedSequence:
         missing = cache.blocks_for(total_tokens) - len(self.blocks)
         if missing > 0:
             self.blocks.extend(cache.allocate(missing))
-
-
-def pack_forward(seqs: Sequence[PagedSequence], new_counts: Sequence[int], cache: PagedKVCache, prefill: bool,
-                 device, all_logits: bool = False) -> dict:
-    """Model keywords for running `new_counts[i]` uncached tokens of each sequence (blocks reserved here).
-
-    Returns input_ids, position_ids, cu_seqlen_prefill, kv_cache, block_tables, slots, seqlen, max_s and
-    lm_head_indices (the last new token of each sequence, unless `all_logits`); plus `token_adapters`.
-    """
-    ids, positions, slots, adapters = [], [], [], []
-    for seq, count in zip(seqs, new_counts):
-        seq.reserve(cache, seq.cached + count)
-        span = range(seq.cached, seq.cached + count)
-        ids += seq.tokens[seq.cached:seq.cached + count]
-        positions += list(span)
-        slots += [seq.blocks[p // cache.block_size] * cache.block_size + p % cache.block_size for p in span]
-        adapters += [seq.adapter_index] * count
-    max_blocks = max(len(s.blocks) for s in seqs)
-    tables = [s.blocks + [0] * (max_blocks - len(s.blocks)) for s in seqs]
-    input_lengths = torch.tensor(new_counts, dtype=torch.int32, device=device)
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=device)
-    cu[1:] = input_lengths.cumsum(0)
-    seqlen = Seqlen(input_lengths, torch.tensor([s.cached for s in seqs], dtype=torch.int32, device=device), cu)
-    return dict(
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        position_ids=torch.tensor(positions, dtype=torch.int64, device=device),
-        cu_seqlen_prefill=cu if prefill else None,
-        kv_cache=cache.layers,
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-        slots=torch.tensor(slots, dtype=torch.int64, device=device),
-        seqlen=seqlen,
-        max_s=seqlen.max_k,
-        lm_head_indices=None if all_logits else (cu[1:] - 1).long(),
-        token_adapters=torch.tensor(adapters, dtype=torch.int64, device=device),
-    )
-
-
-def mark_cached(seqs: Sequence[PagedSequence], new_counts: Sequence[int]) -> None:
-    for seq, count in zip(seqs, new_counts):
-        seq.cached += count

@@ -91,13 +91,12 @@ class DecodeGraphs:
                 self.capture(key + (None,), None)
         return len(self.steps)
 
-    def run(self, inputs: dict, adapter_data: Optional[AdapterBatchData] = None,
-            stacks=None) -> Optional[torch.Tensor]:
-        """Logits of this decode step from a graph replay, or None when it must run eagerly. `stacks`: the
-        adapter store's current stacks (LoRA graphs over older ones are dropped, freeing what they hold)."""
+    def run(self, batch, adapter_data: Optional[AdapterBatchData] = None, stacks=None) -> Optional[torch.Tensor]:
+        """Logits of this decode step (a runner.ForwardBatch) from a graph replay, or None when it must run
+        eagerly. `stacks`: the adapter store's current stacks (LoRA graphs over older ones are dropped,
+        freeing what they hold)."""
         self.use_stacks(stacks)
-        seqlen: Seqlen = inputs["seqlen"]
-        bucket = self.bucket(len(seqlen.input_lengths), seqlen.max_k)
+        bucket = self.bucket(batch.size, batch.seqlen.max_k)
         if bucket is None or (adapter_data is not None and adapter_data.stacks is None):
             return None  # too large, or adapters served by the per-adapter loop (it synchronises)
         signature = None
@@ -108,9 +107,9 @@ class DecodeGraphs:
         step = self.steps.get(key) or self.capture(key, adapter_data)
         if step is None:
             return None
-        self.load(step.inputs, inputs, adapter_data)
+        self.load(step.inputs, batch, adapter_data)
         step.graph.replay()
-        return step.logits[: len(seqlen.input_lengths)]
+        return step.logits[: batch.size]
 
     def use_stacks(self, stacks) -> None:
         if stacks is not self.stacks:
@@ -118,17 +117,17 @@ class DecodeGraphs:
             self.stacks = stacks
 
     @staticmethod
-    def load(static: Dict[str, torch.Tensor], inputs: dict, adapter_data: Optional[AdapterBatchData]) -> None:
-        batch = len(inputs["input_ids"])
+    def load(static: Dict[str, torch.Tensor], batch, adapter_data: Optional[AdapterBatchData]) -> None:
+        rows = batch.size
         # Requests reserve blocks for all their future tokens; the graph only needs those of its context bucket.
-        tables = inputs["block_tables"][:, : static["block_tables"].shape[1]]
-        static["input_ids"][:batch].copy_(inputs["input_ids"])
-        static["position_ids"][:batch].copy_(inputs["position_ids"])
-        static["slots"].fill_(-1)[:batch].copy_(inputs["slots"])
-        static["cache_lengths"].zero_()[:batch].copy_(inputs["seqlen"].cache_lengths)
-        static["block_tables"].zero_()[:batch, : tables.shape[1]].copy_(tables)
+        tables = batch.block_tables[:, : static["block_tables"].shape[1]]
+        static["input_ids"][:rows].copy_(batch.input_ids)
+        static["position_ids"][:rows].copy_(batch.position_ids)
+        static["slots"].fill_(-1)[:rows].copy_(batch.slots)
+        static["cache_lengths"].zero_()[:rows].copy_(batch.seqlen.cache_lengths)
+        static["block_tables"].zero_()[:rows, : tables.shape[1]].copy_(tables)
         if adapter_data is not None:
-            static["token_slots"].fill_(-1)[:batch].copy_(adapter_data.token_slots)
+            static["token_slots"].fill_(-1)[:rows].copy_(adapter_data.token_slots)
 
     def capture(self, key: StepKey, adapter_data: Optional[AdapterBatchData]) -> Optional[CapturedStep]:
         batch, context, _ = key

@@ -1,0 +1,60 @@
+"""The runner's packing: one typed forward batch whose every field is what the cache layout says."""
+
+import torch
+
+from lorax_server.engine.cache import PagedKVCache, PagedSequence
+from lorax_server.engine.runner import mark_cached, pack
+
+
+def tiny_cache(block_size=4, num_blocks=16):
+    return PagedKVCache(1, num_blocks, block_size, 1, 2, torch.float32, "cpu", shuffle_seed=5)
+
+
+def slot(seq, position, block_size):
+    return seq.blocks[position // block_size] * block_size + position % block_size
+
+
+def test_a_ragged_batch_with_cached_prefixes_packs_where_the_blocks_say():
+    cache = tiny_cache()
+    seqs = [PagedSequence(list(range(10, 17)), adapter_index=2), PagedSequence([5, 6, 7], cached=0),
+            PagedSequence(list(range(30, 40)), adapter_index=1, cached=6)]
+    seqs[2].reserve(cache, 6)  # its prefix is already in blocks of its own
+    counts = [7, 3, 4]
+    batch = pack(seqs, counts, cache, prefill=True, device="cpu")
+
+    assert batch.size == 3 and batch.adapter_indices == {0, 1, 2}
+    assert batch.input_ids.tolist() == list(range(10, 17)) + [5, 6, 7] + list(range(36, 40))
+    assert batch.position_ids.tolist() == list(range(7)) + list(range(3)) + list(range(6, 10))
+    expected_slots = [slot(s, p, 4) for s, n in zip(seqs, counts) for p in range(s.cached, s.cached + n)]
+    assert batch.slots.tolist() == expected_slots
+    assert batch.token_adapters.tolist() == [2] * 7 + [0] * 3 + [1] * 4
+    assert batch.cu_seqlen_prefill.tolist() == [0, 7, 10, 14]
+    assert batch.lm_head_indices.tolist() == [6, 9, 13]  # each sequence's last new token
+    assert batch.seqlen.input_lengths.tolist() == counts and batch.seqlen.cache_lengths.tolist() == [0, 0, 6]
+    # The longest runs come from the host's lists (no device reduction, no wait for the GPU).
+    assert (batch.seqlen.max_q, batch.seqlen.max_k) == (7, 10)
+    width = max(len(s.blocks) for s in seqs)
+    assert batch.block_tables.tolist() == [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
+    assert batch.block_tables.dtype == torch.int32 and batch.slots.dtype == torch.int64
+
+
+def test_a_decode_step_packs_one_token_per_sequence_and_no_prefill_offsets():
+    cache = tiny_cache()
+    seqs = [PagedSequence([1, 2, 3, 4, 5], cached=4), PagedSequence([9, 8], cached=1)]
+    for s in seqs:
+        s.reserve(cache, len(s.tokens))
+    batch = pack(seqs, [1, 1], cache, prefill=False, device="cpu")
+    assert batch.cu_seqlen_prefill is None and batch.input_ids.tolist() == [5, 8]
+    assert batch.position_ids.tolist() == [4, 1] and batch.lm_head_indices.tolist() == [0, 1]
+    assert (batch.seqlen.max_q, batch.seqlen.max_k) == (1, 5)
+    inputs = batch.model_inputs(cache.layers)
+    assert inputs["max_s"] == 5 and inputs["kv_cache"] is cache.layers and inputs["adapter_data"] is None
+
+
+def test_all_logits_keeps_every_token_and_mark_cached_advances():
+    cache = tiny_cache()
+    seqs = [PagedSequence([1, 2, 3]), PagedSequence([4, 5])]
+    batch = pack(seqs, [3, 2], cache, prefill=True, device="cpu", all_logits=True)
+    assert batch.lm_head_indices is None
+    mark_cached(seqs, [3, 2])
+    assert [s.cached for s in seqs] == [3, 2]
