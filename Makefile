@@ -27,12 +27,16 @@ test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q tests/gpu
 
 # On a GPU machine; the two-GPU benchmark runs when the machine has two GPUs (NVLink multicast stays off).
+# bench.serve (serving throughput and latency through the engine) takes about 4 minutes, 3 more with adapters;
+# `python -m bench.serve --smoke` runs it on the CPU with the embedded tiny model (tests/bench).
 bench: $(STAMP)
 	$(BIN)/python -m bench.moe_layer
 	$(BIN)/python -m bench.paged_attention
 	$(BIN)/python -m bench.layer_stack
 	$(BIN)/python -m bench.adapters
 	$(BIN)/python -m bench.engine_step
+	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.serve --adapters 64 --shapes 128x128
 	if [ "$$($(BIN)/python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then \
 	  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
 	  $(BIN)/python -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl; fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune,
-# adapters, engine, tp: the last on a machine with 2 GPUs).
+# adapters, engine, serve, serve-adapters, tp, serve-tp: the last two on a machine with 2 GPUs). serve takes
+# about 4 minutes and serve-adapters about 3: give each its own call.
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -12,6 +13,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ -d .wheels ] && ! python3 -c "import grpc, sys; sys.exit(tuple(map(int, grpc.__version__.split('.')[:2])) < (1, 85))"; then
   python3 -m pip install -q --no-index --no-deps --find-links .wheels --upgrade grpcio protobuf
 fi
+# Structured output's grammar library (llguidance, one wheel with no dependencies) is not in the image either:
+# `pip download llguidance==1.9.1 --only-binary=:all: --python-version 3.12 --no-deps -d .wheels`.
+if [ -d .wheels ] && ! python3 -c "import llguidance" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --find-links .wheels llguidance
+fi
 for step in "$@"; do
   case $step in
     tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
@@ -21,7 +27,11 @@ for step in "$@"; do
     stack) python3 -m bench.layer_stack 2>&1 | tee "$OUT/layer_stack.log" ;;
     adapters) python3 -m bench.adapters 2>&1 | tee "$OUT/adapters.log" ;;
     engine) python3 -m bench.engine_step --profile 64 2>&1 | tee "$OUT/engine_step.log" ;;
+    serve) python3 -m bench.serve 2>&1 | tee "$OUT/serve.log" ;;
+    serve-adapters) python3 -m bench.serve --adapters 64 --shapes 128x128 2>&1 | tee "$OUT/serve_adapters.log" ;;
     tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl 2>&1 | \
         grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/tp_nccl.log" ;;
+    serve-tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.serve --tp 2 2>&1 | \
+        grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/serve_tp.log" ;;
   esac
 done

@@ -11,7 +11,6 @@ tokenizer's incremental decode costs.
 """
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -20,6 +19,7 @@ from bench.common import card, copy_bandwidth, print_table, time_graph_ms
 from bench.layer_stack import MIXTRAL_8X7B, RandomWeights, decode_floor_ms
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
 from lorax_server.models.flash_causal_lm import FlashCausalLM
+from lorax_server.engine.cache import PagedSequence
 from lorax_server.engine.runner import pack, sample_alone
 from lorax_server.utils.tokens import SamplingParams
 
@@ -64,14 +64,17 @@ def live_batch(engine: FlashCausalLM, batch: int, params: SamplingParams, first_
 
 
 def engine_step_ms(engine: FlashCausalLM, batch_id: int, steps: int) -> float:
-    times = []
+    """Wall time per decode call over `steps` calls back to back, as the router makes them (two warm-up calls
+    first). Not per call with a sync before each: a step launched ahead runs between calls, and a sync there
+    would hide it."""
+    for _ in range(2):
+        batch_id = engine.decode([batch_id])[1].id
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        _, kept = engine.decode([batch_id])
-        times.append((time.perf_counter() - start) * 1e3)
-        batch_id = kept.id
-    return statistics.median(times[2:])
+        batch_id = engine.decode([batch_id])[1].id
+    engine.collect_ahead()  # the last call's step launched ahead belongs to the next call: wait for it
+    return (time.perf_counter() - start) * 1e3 / steps
 
 
 def per_request_sampling(engine: FlashCausalLM):
@@ -80,8 +83,10 @@ def per_request_sampling(engine: FlashCausalLM):
 
 
 def model_step_ms(engine: FlashCausalLM, batch_id: int) -> float:
-    """The same step's forward alone, replayed from a CUDA graph (nothing is cached: `cached` is not advanced)."""
-    seqs = [r.seq for r in engine.batches[batch_id].requests]
+    """The same step's forward alone, replayed from a CUDA graph: each sequence's last token again (its K/V
+    slot is rewritten with the same values; copies of the sequences, so nothing is advanced)."""
+    seqs = [PagedSequence(r.seq.tokens, r.seq.adapter_index, len(r.seq.tokens) - 1, r.seq.blocks)
+            for r in engine.batches[batch_id].requests]
     inputs = pack(seqs, [1] * len(seqs), engine.cache, False, engine.device).model_inputs(engine.cache.layers)
     return time_graph_ms(lambda: engine.model(**inputs), repeat=20)
 
@@ -124,10 +129,15 @@ def main():
                 step = engine_step_ms(engine, batch_id, args.steps)
                 rows.append([f"b={batch} {mode}", f"{floor:.2f}", f"{alone:.2f}", f"{step:.2f}",
                              f"{step / alone:.2f}x", f"{step / floor:.2f}x"])
+                engine.decode_ahead = False  # each step launched when its Decode call comes
+                step = engine_step_ms(engine, batch_id, args.steps)
+                engine.decode_ahead = True
+                rows.append([f"b={batch} {mode}, no step ahead", f"{floor:.2f}", f"{alone:.2f}", f"{step:.2f}",
+                             f"{step / alone:.2f}x", f"{step / floor:.2f}x"])
                 if batch in args.per_request:
                     per_request_sampling(engine)
                     step = engine_step_ms(engine, batch_id, args.steps)
-                    del engine.sample  # the class's batched sampling again
+                    del engine.runner.sample  # the class's batched sampling again
                     rows.append([f"b={batch} {mode}, per-request sampling", f"{floor:.2f}", f"{alone:.2f}",
                                  f"{step:.2f}", f"{step / alone:.2f}x", f"{step / floor:.2f}x"])
                 if batch in args.profile:

@@ -83,8 +83,6 @@ def rpc(handler):
 def sampling_params(p: pb.NextTokenChooserParameters):
     from lorax_server.utils.tokens import SamplingParams
 
-    if p.HasField("schema"):
-        raise RequestError("structured output (schema) is not served by this shard yet")
     return SamplingParams(
         temperature=p.temperature or 1.0, top_k=p.top_k, top_p=p.top_p or 1.0, typical_p=p.typical_p or 1.0,
         do_sample=p.do_sample, seed=p.seed, repetition_penalty=p.repetition_penalty or 1.0,
@@ -121,8 +119,10 @@ def engine_request(model, r: pb.Request):
     if r.blocks:
         check_router_slots(r, len(ids), model.cache.block_size)
     stop = r.stopping_parameters
+    schema = r.parameters.schema if r.parameters.HasField("schema") else None
     return model.new_request(r.id, ids, sampling_params(r.parameters), stop.max_new_tokens,
-                             list(stop.stop_sequences), stop.ignore_eos_token, r.adapter_index, r.prefill_logprobs)
+                             list(stop.stop_sequences), stop.ignore_eos_token, r.adapter_index, r.prefill_logprobs,
+                             schema)
 
 
 def admit(model, batch: pb.Batch, unique_ids: bool = True) -> Admission:

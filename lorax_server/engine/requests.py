@@ -58,6 +58,7 @@ class Request:
     counts: Optional[torch.Tensor] = None  # [vocab] token counts on the device, for penalties (engine.sampler)
     decoder: object = None  # its incremental detokenizer (engine.text), made at its first token
     ahead: object = None  # its next token's Choice (engine.sampler), when a step launched ahead chose it
+    grammar: object = None  # its place in its JSON schema (engine.grammar.GrammarState), for structured output
 
     @property
     def tokens(self) -> List[int]:

@@ -14,14 +14,14 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import FrozenSet, List, Optional, Sequence
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
 from lorax_server.adapters.store import AdapterStore
 from lorax_server.engine.cache import PagedKVCache, PagedSequence
 from lorax_server.engine.graphs import DecodeGraphs
-from lorax_server.engine.sampler import NON_FINITE, BatchSampler, Choice
+from lorax_server.engine.sampler import NON_FINITE, BatchSampler, Choice, LaunchedStep, advance_grammars
 from lorax_server.utils.attention.common import Seqlen
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,63 @@ def pack(seqs: Sequence[PagedSequence], new_counts: Sequence[int], cache: PagedK
     )
 
 
+def pack_decode(seqs: Sequence[PagedSequence], cache: PagedKVCache, device, tables: "BlockTables",
+                input_ids: Optional[torch.Tensor] = None) -> ForwardBatch:
+    """`pack` for a decode step (one new token per sequence), with less host work: one copy of 2-3B ints, the
+    block table from `tables` (a batch's table only changes with the batch), the slots computed on the device.
+    `input_ids` [B] on the device: the tokens the previous step chose there (the host does not know them yet)."""
+    block_size = cache.block_size
+    for seq in seqs:
+        seq.reserve(cache, seq.cached + 1)
+    B = len(seqs)
+    cached = [s.cached for s in seqs]
+    host_ids = [s.tokens[s.cached] for s in seqs] if input_ids is None else []
+    longs = to_device(cached + [s.adapter_index for s in seqs] + host_ids, torch.int64, device)
+    positions = longs[:B]
+    table = tables.get(seqs, device)
+    slots = table.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1) * block_size + positions % block_size
+    ones, cu, rows = tables.constants(B, device)
+    seqlen = Seqlen(ones, positions.to(torch.int32), cu, max_q=1, max_k=max(cached) + 1)
+    return ForwardBatch(input_ids=longs[2 * B:] if input_ids is None else input_ids, position_ids=positions,
+                        slots=slots, token_adapters=longs[B:2 * B],
+                        block_tables=table, seqlen=seqlen, cu_seqlen_prefill=None, lm_head_indices=rows,
+                        adapter_indices=frozenset(s.adapter_index for s in seqs))
+
+
+class BlockTables:
+    """Device block tables of the last few batches. A request's blocks are reserved when it is admitted and
+    never change while it lives, so a decode batch's table changes only with the batch; keyed by each
+    sequence's identity and block count, and holding the sequences, so no key is reused while it is here."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.tables: Dict[tuple, Tuple[Sequence[PagedSequence], torch.Tensor]] = {}
+        self.fixed: Dict[int, Tuple[torch.Tensor, ...]] = {}
+
+    def get(self, seqs: Sequence[PagedSequence], device) -> torch.Tensor:
+        key = tuple((id(s), len(s.blocks)) for s in seqs)
+        hit = self.tables.pop(key, None)
+        if hit is None:
+            width = max(len(s.blocks) for s in seqs)
+            table = to_device([b for s in seqs for b in s.blocks + [0] * (width - len(s.blocks))], torch.int32, device)
+            hit = (list(seqs), table.view(len(seqs), width))
+        self.tables[key] = hit  # the most recent last
+        while len(self.tables) > self.keep:
+            del self.tables[next(iter(self.tables))]
+        return hit[1]
+
+    def constants(self, rows: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For `rows` sequences of one new token: input lengths (ones), their offsets and the row indices."""
+        if rows not in self.fixed:
+            self.fixed[rows] = (torch.ones(rows, dtype=torch.int32, device=device),
+                                torch.arange(rows + 1, dtype=torch.int32, device=device),
+                                torch.arange(rows, dtype=torch.int64, device=device))
+        return self.fixed[rows]
+
+    def clear(self) -> None:
+        self.tables.clear()
+
+
 def to_device(values: List[int], dtype: torch.dtype, device) -> torch.Tensor:
     """One host-to-device copy of a list of ints (the host does not wait for it)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -105,15 +162,19 @@ class ModelRunner:
         self.adapters = adapters
         self.device = device
         self.sampler = BatchSampler(device)
+        self.tables = BlockTables()
         self.graphs = None
         if device.type == "cuda" and os.getenv("LORAX_CUDA_GRAPHS", "1") != "0":
             self.graphs = DecodeGraphs(model, cache.layers, cache.block_size, model.config.max_position_embeddings)
 
     def forward(self, seqs: Sequence[PagedSequence], new_counts: Sequence[int], prefill: bool,
-                all_logits: bool = False) -> torch.Tensor:
+                all_logits: bool = False, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of each sequence's last new token [B, V] (every new token's [T, V] with `all_logits`);
-        the new tokens' K/V are in the cache afterwards."""
-        batch = pack(seqs, new_counts, self.cache, prefill, self.device, all_logits=all_logits)
+        the new tokens' K/V are in the cache afterwards. `input_ids`: a decode step's tokens, on the device."""
+        if prefill or all_logits or any(n != 1 for n in new_counts):
+            batch = pack(seqs, new_counts, self.cache, prefill, self.device, all_logits=all_logits)
+        else:
+            batch = pack_decode(seqs, self.cache, self.device, self.tables, input_ids)
         adapter_data = self.adapters.batch_data(batch.token_adapters, batch.adapter_indices)
         logits = None
         if not prefill and self.graphs is not None:
@@ -131,7 +192,7 @@ class ModelRunner:
         """Launches the choice of each request's next token from its row of `logits` [B, V]; the choices are
         read (one host synchronisation) when `collect` is called."""
         try:
-            return PendingChoices(requests, logits, self.sampler.step(logits, requests))
+            return PendingChoices(requests, logits, self.sampler.launch(logits, requests))
         except Exception:
             logger.exception("batched sampling failed; each request of the batch samples alone")
         return PendingChoices(requests, logits, None)
@@ -139,24 +200,38 @@ class ModelRunner:
 
 @dataclass
 class PendingChoices:
-    """The choices of one step for `requests`, from the batched sampler; should it have failed (None), each
-    request samples alone with its own chooser (the per-request oracle), so a failure stays with its request."""
+    """The choices of one step for `requests`, launched by the batched sampler; should it fail (launched is
+    None, or reading it raises), each request samples alone with its own chooser (the per-request oracle),
+    so a failure stays with its request."""
 
     requests: Sequence
     logits: torch.Tensor
-    batched: Optional[List[Choice]]
+    launched: Optional[LaunchedStep]
+
+    @property
+    def device_tokens(self) -> Optional[torch.Tensor]:
+        """[B] the chosen tokens on the device, before they are collected (None without a batched launch)."""
+        return self.launched.tokens if self.launched is not None else None
 
     def collect(self) -> List[Choice]:
-        if self.batched is not None:
-            return self.batched
+        if self.launched is not None:
+            try:
+                return self.launched.collect()
+            except Exception:
+                logger.exception("batched sampling failed; each request of the batch samples alone")
         return [sample_alone(r, row) for r, row in zip(self.requests, self.logits)]
 
 
 def sample_alone(r, logits: torch.Tensor) -> Choice:
-    """The per-request oracle's choice for one request (the fallback of a failed batched step)."""
+    """The per-request oracle's choice for one request (the fallback of a failed batched step); a grammar
+    masks its row first and takes the token after, as in the batched step."""
     r.counts = None  # this step's token is not counted there: the next batched step recounts the sequence
+    grammar = getattr(r, "grammar", None)
     try:
-        token, logprob, alternatives = r.chooser(logits, r.seq.tokens)
+        token, logprob, alternatives = r.chooser(grammar.masked(logits) if grammar else logits, r.seq.tokens)
     except Exception as error:
         return Choice(0, math.nan, error=f"{type(error).__name__}: {error}")
-    return Choice(token, logprob, alternatives, None if math.isfinite(logprob) else NON_FINITE)
+    choice = Choice(token, logprob, alternatives, None if math.isfinite(logprob) else NON_FINITE)
+    if grammar is not None:
+        advance_grammars([choice], [(0, grammar)])
+    return choice

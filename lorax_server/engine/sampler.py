@@ -19,6 +19,11 @@ device. They are built from the sequence at the request's first step and then gr
 each is a row of that step's [P, V] tensor, so the counts follow their request through filter and
 concatenate with no bookkeeping, and the next step stacks them again.
 
+A structured-output row (its request has a `grammar`, engine.grammar) first has the tokens its grammar
+does not allow next set to -inf, so its penalties, warpers and draw only ever see allowed tokens: the masks
+are built on the host and reach the device in one copy (mask_logits), and after the sync each grammar takes
+its row's chosen token. A batch without such rows runs exactly as before.
+
 A row whose values are not finite (NaN logits from a broken adapter, an overflow) has a non-finite
 log-probability for its token: the caller reads that in the same sync and ends the request alone.
 """
@@ -29,6 +34,7 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
+from lorax_server.engine.grammar import GrammarState, mask_logits
 from lorax_server.utils.tokens import NextTokenChooser, SamplingParams
 
 NEG_INF = float("-inf")
@@ -47,6 +53,8 @@ class SamplerRow(Protocol):
 
     chooser: NextTokenChooser  # parameters, seed, generator, watermark
     counts: Optional[torch.Tensor]  # [V] on the device; kept here for requests with penalties
+    # grammar: Optional[GrammarState], read with getattr (absent means None): a structured-output request's
+    # place in its JSON schema (engine.grammar)
 
     @property
     def tokens(self) -> Sequence[int]:  # the sequence so far: prompt and generated tokens
@@ -131,7 +139,24 @@ class BatchSampler:
 
     def step(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> List[Choice]:
         """logits [B, V] (the rows' last positions, any float dtype; never written) -> one Choice per row.
-        Sampled rows advance their generators; penalised rows' `counts` take the chosen tokens."""
+        Sampled rows advance their generators; penalised rows' `counts` take the chosen tokens; constrained
+        rows choose among the tokens their grammar allows, and their grammars advance by the chosen token."""
+        return self.launch(logits, rows).collect()
+
+    @staticmethod
+    def can_follow(row: SamplerRow) -> bool:
+        """Whether this row's next step can be launched before its last token reaches the host: its watermark
+        and grammar read that token on the host, and penalty counts not built yet are built from the host's
+        sequence (counts already built take the token on the device)."""
+        return (row.chooser.watermark is None and getattr(row, "grammar", None) is None
+                and (row.counts is not None or not penalised(row.chooser.params)))
+
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> "LaunchedStep":
+        """`step` without its wait: the choice is queued on the device and copied to pinned host memory;
+        `collect()` waits for the copy (the one synchronisation) and reads it."""
+        constrained = [(i, r.grammar) for i, r in enumerate(rows) if getattr(r, "grammar", None) is not None]
+        if constrained:  # built on the host while the device may still run the forward pass
+            logits = mask_logits(logits, constrained)
         vocab = logits.shape[-1]
         plan = StepPlan.of(rows, vocab)
         if plan.greedy_only:
@@ -140,8 +165,7 @@ class BatchSampler:
         else:
             tokens, logprobs = self.choose(logits, rows, plan)
         k = max(plan.alternatives, default=0)
-        packed = pack(tokens, logprobs, k)
-        return [unpack(values, k, n) for values, n in zip(packed.tolist(), plan.alternatives)]  # the one sync
+        return LaunchedStep(to_host(pack(tokens, logprobs, k)), k, plan.alternatives, constrained, tokens)
 
     def choose(self, logits: torch.Tensor, rows: Sequence[SamplerRow], plan: StepPlan):
         """The full path: (tokens [B], final log-distribution [B, V])."""
@@ -204,6 +228,48 @@ class BatchSampler:
         if self.device.type != "cuda":
             return host.to(self.device)
         return host.pin_memory().to(self.device, non_blocking=True)
+
+
+def to_host(values: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+    """An asynchronous copy to the host and the event that marks its end (None: the values are there now)."""
+    if values.device.type != "cuda":
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+@dataclass
+class LaunchedStep:
+    """A step's choices on their way to the host (BatchSampler.launch)."""
+
+    copy: Tuple[torch.Tensor, Optional["torch.cuda.Event"]]  # [B, 2 + 2k] values and the end of their copy
+    k: int
+    alternatives: List[int]
+    constrained: Sequence[Tuple[int, "GrammarState"]]
+    tokens: torch.Tensor  # [B] int64 on the device: the chosen tokens, which a following step may read there
+
+    def collect(self) -> List[Choice]:
+        values, done = self.copy
+        if done is not None:
+            done.synchronize()  # the one sync
+        choices = [unpack(row, self.k, n) for row, n in zip(values.tolist(), self.alternatives)]
+        if self.constrained:
+            advance_grammars(choices, self.constrained)
+        return choices
+
+
+def advance_grammars(choices: List[Choice], constrained: Sequence[Tuple[int, GrammarState]]) -> None:
+    """Each constrained row's grammar takes its chosen token; a row whose grammar refused a token (this one
+    or an earlier one) carries the grammar's reason and ends alone."""
+    for i, state in constrained:
+        choice = choices[i]
+        if choice.error is None:
+            state.accept(choice.token)
+        if state.error is not None:
+            choice.error = state.error
 
 
 def penalise(scores: torch.Tensor, counts: torch.Tensor, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -24,14 +24,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lorax_server.models.merge_adapter import merge_into
 from lorax_server.adapters.store import AdapterStore
 from lorax_server.adapters.weights import AdapterError
 from lorax_server.engine.cache import BlockInUse, CacheFull, PagedKVCache, PagedSequence
-from lorax_server.engine.requests import DEFAULT_BLOCK_SIZE, Batch, BatchNotFound, Request, StepResult, TokenChoice  # noqa: F401
+from lorax_server.engine.grammar import GrammarCompiler
+from lorax_server.engine.requests import DEFAULT_BLOCK_SIZE, Batch, BatchNotFound, Request, StepResult, TokenChoice
 from lorax_server.engine.runner import ModelRunner, PendingChoices
 from lorax_server.engine.sampler import Choice
 from lorax_server.engine.text import CONTEXT_TOKENS, final_text, incremental_decoder
+from lorax_server.models.merge_adapter import merge_into
 from lorax_server.utils.errors import RequestError
 from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, StoppingCriteria, prompt_logprobs
 
@@ -59,6 +60,7 @@ class FlashCausalLM:
         self.batch_ids = itertools.count(1 << 32)  # ids of batches made here (the router numbers its own below)
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []))
         self.token_texts: Dict[int, str] = {}  # token id -> its text alone (alternatives, prompt tokens)
+        self.grammars = GrammarCompiler(tokenizer, self.config.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(model, self.cache, self.adapters, self.device)
         # Decode steps launched ahead (`launch_ahead`); LORAX_DECODE_AHEAD=0 turns them off (A/B timing).
         self.decode_ahead = os.getenv("LORAX_DECODE_AHEAD", "1") != "0"
@@ -89,14 +91,19 @@ class FlashCausalLM:
         return ids
 
     def new_request(self, request_id: int, ids: List[int], params: SamplingParams, max_new_tokens: int,
-                    stop_sequences=(), ignore_eos=False, adapter_index=0, prefill_logprobs=False) -> Request:
+                    stop_sequences=(), ignore_eos=False, adapter_index=0, prefill_logprobs=False,
+                    schema: Optional[str] = None) -> Request:
+        """A request ready for admission; `schema` (a JSON schema) constrains its output to JSON valid against
+        it (RequestError when the schema cannot be served)."""
         limit = self.config.max_position_embeddings
         if len(ids) + max_new_tokens > limit:
             raise RequestError(f"{len(ids)} input tokens + {max_new_tokens} new tokens exceed the model's "
                                f"{limit} positions")
         stopping = StoppingCriteria(max_new_tokens, self.eos_token_ids, stop_sequences, ignore_eos)
-        return Request(request_id, PagedSequence(ids, adapter_index), len(ids), NextTokenChooser(params, self.device),
-                       stopping, max_new_tokens, prefill_logprobs)
+        seq = PagedSequence(list(ids), adapter_index)  # its own list: generated tokens are appended to it
+        grammar = self.grammars.state(schema) if schema is not None else None
+        return Request(request_id, seq, len(ids), NextTokenChooser(params, self.device), stopping, max_new_tokens,
+                       prefill_logprobs, grammar=grammar)
 
     def admit(self, requests: List[Request], router_blocks: Dict[int, List[int]]) -> Tuple[List[Request], List[StepResult]]:
         """Reserves each request's blocks, in order: the router's blocks when it allocated them (exactly those:
@@ -168,8 +175,13 @@ class FlashCausalLM:
         return results, self.keep(batch)
 
     def next_choices(self, requests: List[Request]) -> List[Choice]:
-        """Each request's next token: chosen by a step launched ahead, or by a forward pass over the rest now."""
+        """Each request's next token: chosen by a step launched ahead, or by a forward pass over the rest now.
+        In the steady state (this batch is the one whose step was launched ahead), the step after it is
+        launched first, from the tokens that step chose on the device, so the GPU never waits for the host."""
+        following = self.launch_following(requests)
         self.collect_ahead()
+        if following is not None:
+            self.ahead.append(following)
         now = [r for r in requests if r.ahead is None]
         if now:
             logits = self.runner.forward([r.seq for r in now], [1] * len(now), prefill=False)
@@ -207,7 +219,33 @@ class FlashCausalLM:
         """Whether the request surely feeds this token back (a stop sequence, known only from its text, may
         still end it: the step launched ahead then chose one token too many, within the request's blocks)."""
         return (choice.error is None and len(r.generated) < r.max_new_tokens
-                and choice.token not in r.stopping.eos_token_ids)
+                and choice.token not in r.stopping.eos_token_ids and not (r.grammar is not None and r.grammar.finished))
+
+    def launch_following(self, requests: List[Request]) -> Optional[PendingChoices]:
+        """The decode step after the one launched ahead for exactly these requests, fed with the tokens that
+        step chose on the device, for the requests that surely get one more token. None when the batch is
+        not that step's, or when a request needs its token on the host first (a watermark, a grammar, or
+        penalty counts still to be built from its sequence)."""
+        if not self.decode_ahead or len(self.ahead) != 1:
+            return None
+        step = self.ahead[0]
+        tokens = step.device_tokens
+        if (tokens is None or len(step.requests) != len(requests)
+                or any(a is not b for a, b in zip(step.requests, requests))
+                or not all(self.runner.sampler.can_follow(r) for r in requests)):
+            return None
+        rows = [i for i, r in enumerate(requests) if len(r.generated) + 1 < r.max_new_tokens]
+        if not rows:
+            return None
+        going = [requests[i] for i in rows]
+        if len(rows) < len(requests):
+            tokens = tokens.index_select(0, torch.tensor(rows, device=tokens.device))
+        try:
+            logits = self.runner.forward([r.seq for r in going], [1] * len(going), prefill=False, input_ids=tokens)
+        except Exception:  # the next decode runs it again, and answers for the failure
+            logger.exception("a decode step launched ahead failed; the next decode step runs it again")
+            return None
+        return self.runner.start(going, logits)
 
     def launch_ahead(self, requests: List[Request]) -> None:
         """Launches the next decode step of these requests now, so the GPU computes it while the host turns
@@ -215,6 +253,8 @@ class FlashCausalLM:
         live request at its next step (batches concatenated or filtered, never a request skipped), so the
         choices are read there (`next_choices`); a request filtered out or cleared simply drops its own.
         Its K/V write lands in the request's reserved blocks at the position the step would write anyway."""
+        in_flight = {id(r) for step in self.ahead for r in step.requests}
+        requests = [r for r in requests if id(r) not in in_flight]  # launched already, by launch_following
         if not requests or not self.decode_ahead:
             return
         try:
@@ -247,6 +287,8 @@ class FlashCausalLM:
         if prompt_logits is not None and r.prefill_logprobs:
             result.prompt_tokens = self.prompt_choices(r, prompt_logits)
         r.finish_reason = result.finish_reason = r.stopping(token, text, len(r.generated))
+        if r.finish_reason is None and r.grammar is not None and r.grammar.finished:
+            r.finish_reason = result.finish_reason = "eos"  # the JSON is complete: only EOS could follow
         if result.finish_reason:
             result.text = self.generated_text(r)
             result.generated_ids = list(r.generated)

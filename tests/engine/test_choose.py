@@ -116,7 +116,7 @@ def test_each_request_alone_gives_what_the_batch_gives(engine, batched, monkeypa
     def refuse(self, logits, rows):
         raise RuntimeError("no batched sampling in this test")
 
-    monkeypatch.setattr(BatchSampler, "step", refuse)
+    monkeypatch.setattr(BatchSampler, "launch", refuse)
     assert_same_runs(scenario(engine), batched)
 
 
@@ -154,3 +154,29 @@ def test_steps_launched_ahead_choose_what_steps_launched_in_turn_choose(engine, 
     assert not engine.ahead
     monkeypatch.setattr(engine, "decode_ahead", False)
     assert_same_runs(scenario(engine), batched)
+
+
+def test_steady_decode_steps_follow_on_the_device(engine, monkeypatch):
+    """Decode calls on the same batch launch each step from the tokens the previous step chose on the device,
+    before reading them; a watermarked request (its green list reads the token on the host) stops that."""
+    fed = []
+    real = ModelRunner.forward
+
+    def forward(self, seqs, counts, prefill, all_logits=False, input_ids=None):
+        fed.append(input_ids is not None)
+        return real(self, seqs, counts, prefill, all_logits, input_ids)
+
+    monkeypatch.setattr(ModelRunner, "forward", forward)
+    engine.clear()
+    requests = [engine.new_request(i, engine.tokenize(PROMPTS[i], [], 0), PARAMS[i], 6, ignore_eos=True)
+                for i in (1, 2, 4)]
+    _, batch = engine.prefill(301, requests)
+    for _ in range(3):
+        _, batch = engine.decode([batch.id])
+    assert fed == [False, False, True, True, True]  # prefill, its step ahead (host), then each step follows
+    fed.clear()
+    engine.clear()
+    _, batch = engine.prefill(302, [engine.new_request(7, engine.tokenize(PROMPTS[7], [], 0), PARAMS[7], 6)])
+    engine.decode([batch.id])
+    assert fed == [False, False, False]  # watermarked: each step waits for its token on the host
+    engine.clear()

@@ -3,7 +3,7 @@
 import torch
 
 from lorax_server.engine.cache import PagedKVCache, PagedSequence
-from lorax_server.engine.runner import mark_cached, pack
+from lorax_server.engine.runner import BlockTables, mark_cached, pack, pack_decode
 
 
 def tiny_cache(block_size=4, num_blocks=16):
@@ -58,3 +58,27 @@ def test_all_logits_keeps_every_token_and_mark_cached_advances():
     assert batch.lm_head_indices is None
     mark_cached(seqs, [3, 2])
     assert [s.cached for s in seqs] == [3, 2]
+
+
+def test_the_decode_packing_equals_the_general_one_and_reuses_the_table():
+    cache = tiny_cache(num_blocks=32)
+    seqs = [PagedSequence(list(range(9)), adapter_index=1, cached=8), PagedSequence([4, 5, 6], cached=2),
+            PagedSequence(list(range(20, 33)), adapter_index=3, cached=12)]
+    for s in seqs:
+        s.reserve(cache, len(s.tokens) + 5)  # blocks for tokens still to come, as admission reserves them
+    tables = BlockTables()
+    fast, general = pack_decode(seqs, cache, "cpu", tables), pack(seqs, [1, 1, 1], cache, False, "cpu")
+    for name in ("input_ids", "position_ids", "slots", "token_adapters", "block_tables", "lm_head_indices"):
+        assert torch.equal(getattr(fast, name), getattr(general, name)), name
+    for name in ("input_lengths", "cache_lengths", "cu_seqlen_q", "max_q", "max_k"):
+        a, b = getattr(fast.seqlen, name), getattr(general.seqlen, name)
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), name
+    assert fast.adapter_indices == general.adapter_indices and fast.cu_seqlen_prefill is None
+    mark_cached(seqs, [1, 1, 1])
+    for s in seqs:
+        s.tokens.append(7)
+    again = pack_decode(seqs, cache, "cpu", tables)
+    assert again.block_tables is fast.block_tables  # same batch: the table is not uploaded again
+    assert again.position_ids.tolist() == [9, 3, 13]
+    fewer = pack_decode(seqs[1:], cache, "cpu", tables)  # another batch: its own table
+    assert fewer.block_tables.tolist() == fast.block_tables[1:].tolist()

@@ -52,3 +52,17 @@ def test_cuda_graph_decode_with_adapters_equals_eager():
     eager = [r.generated_ids for r in model.generate(PROMPTS, 12, adapter_indices=moved)]
     assert with_graphs == after_reload == eager
     assert model.cache.all_free
+
+
+def test_decode_steps_launched_ahead_equal_steps_launched_in_turn():
+    """Sampled with seeds and penalties: the step launched ahead (async copy, pinned memory, graphs) draws
+    what the step launched at its Decode call draws."""
+    from lorax_server.utils.tokens import SamplingParams
+
+    model = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=64 << 20)
+    params = SamplingParams(do_sample=True, seed=5, temperature=0.8, top_k=20, repetition_penalty=1.2)
+    assert model.decode_ahead
+    ahead = [r.generated_ids for r in model.generate(PROMPTS, 16, params)]
+    model.decode_ahead = False
+    in_turn = [r.generated_ids for r in model.generate(PROMPTS, 16, params)]
+    assert ahead == in_turn and model.cache.all_free

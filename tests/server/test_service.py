@@ -63,7 +63,9 @@ BAD_REQUESTS = {
     "infinite presence penalty": (dict(inputs="A list is", presence_penalty=float("inf")), "presence_penalty"),
     "huge frequency penalty": (dict(inputs="A list is", frequency_penalty=-1e38, do_sample=True),
                                "frequency_penalty must be in [-2, 2]"),
-    "structured output": (dict(inputs="A list is", schema='{"type": "object"}'), "schema"),
+    "schema that is not JSON": (dict(inputs="A list is", schema='{"type": '), "schema"),
+    "schema keyword not enforced": (dict(inputs="A list is", schema='{"type": "array", "uniqueItems": true}'),
+                                    "uniqueItems"),
     "adapter never loaded": (dict(inputs="A list is", adapter_index=42), "adapter index 42 is not loaded"),
     "blocks in use": (dict(inputs="A list is", blocks=[5, 5]), "already in use"),
 }
@@ -202,7 +204,7 @@ def test_a_request_failing_mid_generation_ends_alone(served, monkeypatch):
 
     model.batches[67].requests[1].chooser.params = SamplingParams(top_k=7)
     monkeypatch.setattr(NextTokenChooser, "__call__", broken_for_request_1)
-    monkeypatch.setattr(BatchSampler, "step", batch_refused)
+    monkeypatch.setattr(BatchSampler, "launch", batch_refused)
     # The next token of each request was already chosen by the step launched ahead at the prefill: the
     # failure comes with the step after it.
     for _ in range(2 if model.decode_ahead else 1):
@@ -234,3 +236,30 @@ def test_several_adapter_ids_load_as_one_merged_adapter(served, hf_model, tmp_pa
     assert response.generations[0].next_tokens.ids
     client.stub.ClearCache(pb.ClearCacheRequest(id=90))
     assert client.stub.OffloadAdapter(pb.OffloadAdapterRequest(adapter_parameters=params, adapter_index=41)).offloaded
+
+
+def test_a_schema_request_gets_json_valid_against_it_beside_a_free_one(served):
+    """Structured output over the wire: the schema's request ends with JSON its schema accepts (finish reason
+    EOS, as soon as the JSON is complete); its batch-mate is served as without it."""
+    import json
+
+    import jsonschema
+
+    client, model = served
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "size": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["name", "size"], "additionalProperties": False}
+    free = make_request(1, "A list is", max_new_tokens=6, ignore_eos_token=True)
+    alone = prefill(client, 80, [free])
+    while alone.HasField("batch"):
+        alone = client.stub.Decode(pb.DecodeRequest(batches=[alone.batch]))
+    response = prefill(client, 81, [make_request(1, "A list is", max_new_tokens=6, ignore_eos_token=True),
+                                    make_request(2, "A person:", max_new_tokens=60, schema=json.dumps(schema))])
+    finished = {g.request_id: g.generated_text for g in response.generations if g.HasField("generated_text")}
+    while response.HasField("batch"):
+        response = client.stub.Decode(pb.DecodeRequest(batches=[response.batch]))
+        finished.update({g.request_id: g.generated_text for g in response.generations if g.HasField("generated_text")})
+    jsonschema.validate(json.loads(finished[2].text), schema)
+    assert finished[2].finish_reason == pb.FINISH_REASON_EOS_TOKEN
+    assert finished[1].text == alone.generations[0].generated_text.text
+    assert_still_serves(client, model)

@@ -1,0 +1,86 @@
+"""bench.serve on the CPU with the embedded tiny model, so the GPU benchmark cannot rot: it runs end to end
+with and without adapters, its numbers are positive, every request makes exactly its output length, the
+router loop keeps its budgets, and the warm-up covers every decode graph a timed run replays."""
+
+import pytest
+import torch
+
+from bench import serve
+from lorax_server.engine.graphs import DecodeGraphs
+
+
+@pytest.fixture
+def threads():
+    """The smoke sets one CPU thread (a tiny model); the other tests get theirs back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_smoke_closed_and_open_loops_with_adapters(threads, capsys):
+    records = serve.main(["--smoke", "--adapters", "4", "--expert-adapters", "1", "--shapes", "16x8", "40x8",
+                          "--requests", "8", "--open-requests", "4"])
+    assert [(r["mode"], r["shape"], r["model"]) for r in records] == [
+        ("closed", "16x8", "base"), ("closed", "40x8", "base"), ("open", "16x8", "base"),
+        ("closed", "16x8", "4 adapters"), ("closed", "40x8", "4 adapters"), ("open", "16x8", "4 adapters")]
+    for r in records:
+        assert r["requests"] == (8 if r["mode"] == "closed" else 4)
+        assert r["exact_lengths"] == r["requests"]
+        assert r["output_tokens"] == 8 * r["requests"]
+        for key in ("wall_s", "tok_s", "req_s", "floor_s", "floor_share", "ttft_p50_ms", "ttft_p99_ms",
+                    "tpot_p50_ms", "tpot_p99_ms", "mean_decode_batch", "prefill_share"):
+            assert r[key] > 0, key
+        assert 0 < r["mean_decode_batch"] <= r["max_batch"]
+        assert (r["vs_base"] is not None) == (r["model"] != "base" and r["mode"] == "closed")
+    assert all(r["rate"] > 0 for r in records if r["mode"] == "open")
+    out = capsys.readouterr().out
+    assert "Closed loop" in out and "Open loop" in out
+    assert sum(line.startswith('{"bench": "serve"') for line in out.splitlines()) == len(records)
+
+
+class RecordingGraphs(DecodeGraphs):
+    """Decode graphs that only record the key each decode step would replay, and run it eagerly (CPU)."""
+
+    def __init__(self, engine, max_positions):
+        super().__init__(engine.model, engine.cache.layers, engine.cache.block_size, max_positions)
+        self.keys = set()
+
+    def run(self, batch, adapter_data=None, *args, **kwargs):
+        signature = None if adapter_data is None else adapter_data.expert_lora_layers()
+        self.keys.add(self.bucket(len(batch.seqlen.input_lengths), batch.seqlen.max_k) + (signature,))
+        return None
+
+
+def test_warm_up_covers_the_run_and_the_loop_keeps_its_budgets(threads):
+    args = serve.parse_args(["--smoke", "--adapters", "4", "--expert-adapters", "1"])
+    engine, adapters, _, group, _ = serve.setup(args)
+    engine.graphs = graphs = RecordingGraphs(engine, engine.config.max_position_embeddings)
+    total = (engine.cache.num_blocks - 1) * engine.cache.block_size
+    loop = serve.RouterLoop(engine, total, args.max_prefill_tokens, args.max_batch, clock=serve.Clock(group))
+    warm = serve.WarmUp(engine, loop, args.max_batch)
+    warmed = set()  # the warm-up captures each key once, for whichever shape needs it first
+    for kinds, count in (([0], 0), (serve.adapter_kinds(args), args.adapters)):
+        if count:
+            engine.adapters.publish(adapters)
+        for shape in ((16, 8), (40, 8)):
+            graphs.keys.clear()
+            warm(shape, kinds)
+            warmed |= graphs.keys
+            graphs.keys.clear()
+            trace = loop.run(serve.workload(shape, 12, None, engine.config.vocab_size, count, 0, 1))
+            assert graphs.keys and graphs.keys <= warmed
+            assert all(s.exact for s in trace.served.values())
+            assert engine.cache.all_free
+            check_budgets(trace, sum(shape) - 1, engine.cache.block_size, total, args)
+    assert {key[2] for key in warmed} == {None, frozenset(), frozenset(range(engine.config.num_hidden_layers))}
+
+
+def check_budgets(trace, cache_tokens: int, block: int, total: int, args) -> None:
+    """No prefill past max_batch_prefill_tokens, no batch past --max-batch or past the cache."""
+    held = -(-cache_tokens // block) * block
+    for step in trace.steps:
+        assert len(step.lengths) <= args.max_batch
+        if step.kind == "prefill":
+            assert sum(step.lengths) <= args.max_prefill_tokens
+        else:
+            assert len(step.lengths) * held <= total
