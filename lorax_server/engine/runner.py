@@ -101,7 +101,9 @@ def pack_decode(seqs: Sequence[PagedSequence], cache: PagedKVCache, device, tabl
     positions = longs[:B]
     table = tables.get(seqs, device)
     slots = table.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1) * block_size + positions % block_size
-    ones, cu, rows = tables.constants(B, device)
+    ones = torch.ones(B, dtype=torch.int32, device=device)
+    cu = torch.arange(B + 1, dtype=torch.int32, device=device)
+    rows = torch.arange(B, dtype=torch.int64, device=device)
     seqlen = Seqlen(ones, positions.to(torch.int32), cu, max_q=1, max_k=max(cached) + 1)
     return ForwardBatch(input_ids=longs[2 * B:] if input_ids is None else input_ids, position_ids=positions,
                         slots=slots, token_adapters=longs[B:2 * B],
@@ -117,7 +119,6 @@ class BlockTables:
     def __init__(self, keep: int = 4):
         self.keep = keep
         self.tables: Dict[tuple, Tuple[Sequence[PagedSequence], torch.Tensor]] = {}
-        self.fixed: Dict[int, Tuple[torch.Tensor, ...]] = {}
 
     def get(self, seqs: Sequence[PagedSequence], device) -> torch.Tensor:
         key = tuple((id(s), len(s.blocks)) for s in seqs)
@@ -130,14 +131,6 @@ class BlockTables:
         while len(self.tables) > self.keep:
             del self.tables[next(iter(self.tables))]
         return hit[1]
-
-    def constants(self, rows: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For `rows` sequences of one new token: input lengths (ones), their offsets and the row indices."""
-        if rows not in self.fixed:
-            self.fixed[rows] = (torch.ones(rows, dtype=torch.int32, device=device),
-                                torch.arange(rows + 1, dtype=torch.int32, device=device),
-                                torch.arange(rows, dtype=torch.int64, device=device))
-        return self.fixed[rows]
 
     def clear(self) -> None:
         self.tables.clear()

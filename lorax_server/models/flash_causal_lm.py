@@ -332,6 +332,7 @@ class FlashCausalLM:
         self.release([r for r in batch.requests if r.finish_reason is not None])
         if not live:
             self.batches.pop(batch.id, None)
+            self.forget_if_idle()
             return None
         batch.requests = live
         self.batches[batch.id] = batch
@@ -360,16 +361,24 @@ class FlashCausalLM:
         batch.requests = [r for r in batch.requests if r.id in keep]
         if not batch.requests:
             del self.batches[batch_id]
+            self.forget_if_idle()
             return None
         return batch
 
     def clear(self, batch_id: Optional[int] = None) -> None:
         ids = list(self.batches) if batch_id is None else [batch_id]
-        if batch_id is None:
-            self.ahead = []  # no request is left to read them (the GPU finishes them; stream order keeps it safe)
         for i in ids:
             if i in self.batches:
                 self.release(self.batches.pop(i).requests)
+        self.forget_if_idle()
+
+    def forget_if_idle(self) -> None:
+        """With no batch left, nothing launched ahead can be read (a request that ended by a stop sequence or
+        EOS may have had a step in flight) and no block table is needed again: drop them, so an idle server
+        holds the same tensors every time. The GPU finishes what was launched; stream order keeps it safe."""
+        if not self.batches:
+            self.ahead = []
+            self.runner.tables.clear()
 
     def merge_adapter(self, index: int) -> None:
         """Folds adapter `index` into the base weights (every base request then gets it) and frees the index."""
