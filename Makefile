@@ -32,9 +32,11 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.moe_layer
 	$(BIN)/python -m bench.paged_attention
+	$(BIN)/python -m bench.prefill_attention
 	$(BIN)/python -m bench.layer_stack
 	$(BIN)/python -m bench.adapters
 	$(BIN)/python -m bench.engine_step
+	$(BIN)/python -m bench.grammar --model-ms 30
 	$(BIN)/python -m bench.serve
 	$(BIN)/python -m bench.serve --adapters 64 --shapes 128x128
 	if [ "$$($(BIN)/python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then \

@@ -23,7 +23,8 @@ for step in "$@"; do
     tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     moe) python3 -m bench.moe_layer 2>&1 | tee "$OUT/moe_layer.log" ;;
     tune) python3 -m bench.moe_layer --tune --tokens 1 16 64 256 1024 4096 2>&1 | tee "$OUT/moe_tune.log" ;;
-    attention) python3 -m bench.paged_attention 2>&1 | tee "$OUT/paged_attention.log" ;;
+    attention) python3 -m bench.paged_attention 2>&1 | tee "$OUT/paged_attention.log"
+               python3 -m bench.prefill_attention 2>&1 | tee "$OUT/prefill_attention.log" ;;
     stack) python3 -m bench.layer_stack 2>&1 | tee "$OUT/layer_stack.log" ;;
     adapters) python3 -m bench.adapters 2>&1 | tee "$OUT/adapters.log" ;;
     engine) python3 -m bench.engine_step --profile 64 2>&1 | tee "$OUT/engine_step.log" ;;

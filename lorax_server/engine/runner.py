@@ -78,7 +78,7 @@ def pack(seqs: Sequence[PagedSequence], new_counts: Sequence[int], cache: PagedK
     T, B = len(ids), len(seqs)
     input_lengths, cache_lengths, cu_seqlens = ints[:B], ints[B:2 * B], ints[2 * B:3 * B + 1]
     seqlen = Seqlen(input_lengths, cache_lengths, cu_seqlens, max_q=max(new_counts),
-                    max_k=max(c + n for c, n in zip(cached, new_counts)))
+                    max_k=max(c + n for c, n in zip(cached, new_counts)), max_cached=max(cached))
     return ForwardBatch(
         input_ids=longs[:T], position_ids=longs[T:2 * T], slots=longs[2 * T:3 * T], token_adapters=longs[3 * T:4 * T],
         block_tables=ints[3 * B + 1:].view(B, width), seqlen=seqlen, cu_seqlen_prefill=cu_seqlens if prefill else None,

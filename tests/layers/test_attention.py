@@ -59,13 +59,24 @@ def test_paged_attention_over_shuffled_blocks_matches_naive(window, block_size):
         reference.write_kv(kk, vv, key_cache, value_cache, s)
     q = torch.randn(sum(new), H, D)
     seqlen = Seqlen(torch.tensor(new), torch.tensor(cached), cu(new))
-    got = reference.paged_attention(q, key_cache, value_cache, torch.tensor(tables, dtype=torch.int32), seqlen,
-                                    D**-0.5, window)
+    table = torch.tensor(tables, dtype=torch.int32)
+    got = reference.paged_attention(q, key_cache, value_cache, table, seqlen, D**-0.5, window)
     start = 0
     for c, n, kk, vv in zip(cached, new, keys, values):
         want = naive_attention(q[start:start + n], kk, vv, range(c, c + n), window)
         torch.testing.assert_close(got[start:start + n], want)
         start += n
+    # The new tokens' K/V given packed (a sliding window does not cache every prompt token): the cache's
+    # copies of them are never read.
+    new_keys = torch.cat([kk[c:] for c, kk in zip(cached, keys)])
+    new_values = torch.cat([vv[c:] for c, vv in zip(cached, values)])
+    for t, c, blocks in zip(total, cached, tables):
+        s = torch.tensor([blocks[p // block_size] * block_size + p % block_size for p in range(c, t)])
+        garbage = torch.full((t - c, KVH, D), 1e4)  # finite: padding rows of a table may read these blocks
+        reference.write_kv(garbage, garbage, key_cache, value_cache, s)
+    packed = reference.paged_attention(q, key_cache, value_cache, table, seqlen, D**-0.5, window,
+                                       key=new_keys, value=new_values)
+    torch.testing.assert_close(packed, got)
 
 
 def test_write_kv_skips_padding_slots():

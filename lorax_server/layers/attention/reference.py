@@ -61,11 +61,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 
 def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                    block_tables: torch.Tensor, seqlen: Seqlen, scale: float, window: Optional[int]) -> torch.Tensor:
-    """Attention of new tokens q [T, H, D] over their sequence's cache (new keys already written).
+                    block_tables: torch.Tensor, seqlen: Seqlen, scale: float, window: Optional[int],
+                    key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of new tokens q [T, H, D] over their sequence's cache.
 
     Serves decode (one token per sequence) and prefill on top of a cached prefix alike: the i-th new
-    token of sequence b sits at position cache_lengths[b] + i.
+    token of sequence b sits at position cache_lengths[b] + i. Its key and value are read from the cache
+    (written already), or from `key`/`value` [T, KVH, D] when given (a sliding window caches only the
+    last W tokens of a prompt, so the others are not in the cache).
     """
     block_size = key_cache.shape[1]
     n_blocks = -(-seqlen.max_k // block_size)
@@ -74,5 +77,9 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     values = value_cache[tables].flatten(1, 2)
     index, valid = pad_index(seqlen.cu_seqlen_q, seqlen.max_q)
     positions = seqlen.cache_lengths.long().unsqueeze(1) + torch.arange(seqlen.max_q, device=q.device)
+    if key is not None:
+        rows = torch.arange(len(positions), device=q.device).unsqueeze(1).expand_as(positions)[valid]
+        keys = keys.index_put((rows, positions[valid]), key[index[valid]].to(keys.dtype))
+        values = values.index_put((rows, positions[valid]), value[index[valid]].to(values.dtype))
     out = masked_attention(q[index], keys, values, positions, seqlen.total_lengths, scale, window)
     return out[valid]

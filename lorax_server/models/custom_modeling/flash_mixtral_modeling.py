@@ -193,7 +193,10 @@ class BatchMetadata:
 
 def make_batch_metadata(cos, sin, cu_seqlen_prefill, block_tables, slots, seqlen: Seqlen, max_s,
                         prefill_cache_indices, adapter_data) -> BatchMetadata:
-    no_prefix = cu_seqlen_prefill is not None and not bool(seqlen.cache_lengths.any())
+    if seqlen.max_cached is not None:  # known on the host: no wait for the device
+        no_prefix = cu_seqlen_prefill is not None and seqlen.max_cached == 0
+    else:
+        no_prefix = cu_seqlen_prefill is not None and not bool(seqlen.cache_lengths.any())
     return BatchMetadata(cos, sin, cu_seqlen_prefill, block_tables, slots, seqlen, max_s,
                          prefill_cache_indices, adapter_data, no_prefix)
 
@@ -416,6 +419,11 @@ class MixtralAttention(nn.Module):
         self.write_cache(k, v, kv_cache, batch)
         if batch.prefill_without_prefix:
             out = self.ops.prefill(q, k, v, batch.cu_seqlen_prefill, batch.max_s, self.scale, self.window)
+        elif batch.cu_seqlen_prefill is not None:
+            # A prefill on a cached prefix: its new K/V come from here, since with a sliding window only a
+            # prompt's last W tokens were written to the cache.
+            out = self.ops.paged(q, *kv_cache, batch.block_tables, batch.seqlen, self.scale, self.window,
+                                 key=k, value=v)
         else:
             out = self.ops.paged(q, *kv_cache, batch.block_tables, batch.seqlen, self.scale, self.window)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim), batch.adapter_data)

@@ -14,6 +14,7 @@ class Seqlen:
     cache_lengths [B]: tokens already in the KV cache before this step.
     cu_seqlen_q [B+1]: offsets of each sequence's new tokens in the packed batch (derived when absent).
     max_q / max_k: the longest query run and the longest key run (cache + new).
+    max_cached: the most tokens any sequence has in the cache already, when the caller knows it on the host.
     """
 
     input_lengths: torch.Tensor
@@ -21,6 +22,7 @@ class Seqlen:
     cu_seqlen_q: Optional[torch.Tensor] = None
     max_q: Optional[int] = None
     max_k: Optional[int] = None
+    max_cached: Optional[int] = None
 
     def __post_init__(self):
         if self.cu_seqlen_q is None:

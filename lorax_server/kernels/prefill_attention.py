@@ -1,0 +1,257 @@
+"""Varlen prefill attention in one Triton launch: each packed sequence's new tokens over its cached prefix
+and over themselves, causal, with GQA and an optional sliding window.
+
+Oracle: `lorax_server.layers.attention.reference.prefill_attention` (no prefix) and `paged_attention`.
+
+Shapes: T packed new tokens, B sequences, H query heads, KVH key/value heads, D head dim, NB cache blocks,
+BS block size (any; the paged cache is [NB, BS, KVH, D]). Sequence b's i-th new token, row cu_seqlen_q[b] + i
+of q, sits at position cache_lengths[b] + i.
+
+A program owns (query head, sequence, tile of BLOCK_M new tokens) and keeps an fp32 online softmax over its
+keys in two phases: the cached prefix (positions < cache_lengths[b]) gathered from the paged cache through
+the block table, then the sequence's new tokens read from the packed k/v. The new tokens come from the
+packed tensors because with a sliding window not every new token is written into the cache. Keys that every
+query of the tile sees run without a mask; only the tile's diagonal and the window's far edge pay for one.
+The grid is (H, B, tiles of max_q), all host ints the caller has: tiles past a sequence's end return at
+once, so nothing synchronises with the host. The query heads sharing a KV head are neighbours in launch
+order (their K/V reads then hit L2), and the last tiles of the sequences, with the longest key runs, start
+first.
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # the kernel's softmax uses exp2: exp(x) = exp2(x * log2(e))
+
+
+class Tile(NamedTuple):
+    block_m: int  # new tokens (query rows) per program
+    block_n: int  # keys per inner step
+    num_warps: int
+    num_stages: int
+    one_loop: bool = False  # mask every key step (one pipelined loop per phase) instead of only the edges
+
+
+# bf16/fp16, from `python -m bench.prefill_attention --tune` on one H200 (docs/PERF.md, "Prefill attention"):
+# 64 x 64 tiles, 4 warps, 3 stages had the best geometric-mean time over 1x4096, 16x512, 64x128 and
+# 64x(2000+128), head dim 128, in two runs (head dim 64 takes it too, unmeasured).
+DEFAULT_TILE = Tile(64, 64, 4, 3)
+# A long cached prefix (measured: 128 new tokens on 2000 cached, head dim 128): 128 x 128 tiles ran 1.07-1.09 ms
+# against 1.17-1.19 for the default, in both runs.
+LONG_PREFIX_TILE = Tile(128, 128, 8, 2)
+# What `bench.prefill_attention --tune` sweeps (and tests/gpu checks one by one).
+TILE_CANDIDATES = (Tile(64, 64, 4, 3), Tile(64, 64, 4, 3, True), Tile(64, 32, 4, 3), Tile(64, 64, 4, 4),
+                   Tile(128, 64, 8, 3), Tile(128, 128, 8, 2))
+# fp32 (exact IEEE dots, for tests and fp32 models) and head dims over 128: a smaller tile keeps the K/V
+# stages in shared memory.
+SMALL_TILE = Tile(64, 32, 4, 2)
+
+
+def choose_tile(head_dim: int, dtype: torch.dtype, max_q: int, max_k: Optional[int] = None) -> Tile:
+    """The tile for this launch (max_k: the longest prefix + new run, None without a prefix); short query
+    runs (chunks on a long prefix) get short row tiles."""
+    if dtype == torch.float32 or head_dim > 128:
+        tile = SMALL_TILE
+    elif head_dim == 128 and max_k is not None and max_q >= 128 and max_k >= 4 * max_q:
+        return LONG_PREFIX_TILE
+    else:
+        tile = DEFAULT_TILE
+    rows = max(16, triton.next_power_of_2(max(1, max_q)))
+    if rows < tile.block_m:
+        tile = tile._replace(block_m=rows, num_warps=4)
+    return tile
+
+
+@triton.jit
+def attend(acc, l, m, q, q_pos, lo, hi, end, window, qk_scale, k_base, v_base, stride_kn, stride_vn, pos0,
+           table, block_size, stride_block, FROM_CACHE: tl.constexpr, MASKED: tl.constexpr,
+           WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax steps over keys at positions [lo, hi), BLOCK_N at a time; `end` bounds the keys that exist.
+
+    From the cache, position j is slot j % BS of block table[j // BS]; from the packed tensors it is row
+    j - pos0 past k_base/v_base. Unmasked steps must only see keys that every query row may see.
+    """
+    d = tl.arange(0, HEAD_DIM)
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        exists = pos < end
+        if FROM_CACHE:
+            if MASKED:
+                block = tl.load(table + pos // block_size, mask=exists, other=0)
+            else:
+                block = tl.load(table + pos // block_size)
+            k_rows = block.to(tl.int64) * stride_block + (pos % block_size) * stride_kn
+            v_rows = k_rows
+        else:
+            k_rows = (pos - pos0) * stride_kn
+            v_rows = (pos - pos0) * stride_vn
+        if MASKED:
+            k = tl.load(k_base + k_rows[:, None] + d[None, :], mask=exists[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + k_rows[:, None] + d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        if MASKED:
+            visible = exists[None, :] & (pos[None, :] <= q_pos[:, None])
+            if WINDOWED:
+                visible = visible & (q_pos[:, None] - pos[None, :] < window)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        else:
+            m_new = tl.maximum(m, tl.max(s, 1))
+            shift = m_new
+        p = tl.math.exp2(s - shift[:, None])
+        alpha = tl.math.exp2(m - shift)
+        if MASKED:
+            v = tl.load(v_base + v_rows[:, None] + d[None, :], mask=exists[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + v_rows[:, None] + d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, 1)
+        m = m_new
+    return acc, l, m
+
+
+@triton.jit
+def attend_span(acc, l, m, q, q_pos, base, lo, end, first, last, window, qk_scale, k_base, v_base, stride_kn,
+                stride_vn, table, block_size, stride_block, FROM_CACHE: tl.constexpr, WINDOWED: tl.constexpr,
+                ONE_LOOP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Keys at positions [lo, end), lo - base a multiple of BLOCK_N, for query rows at positions first..last.
+
+    The steps whose keys every row sees (at most `first`; with a window, at least last - window + 1) run
+    unmasked; the steps before them (window edge) and after them (diagonal, end of the keys) run masked.
+    With ONE_LOOP every step is masked: one pipelined loop, which can win when there are few steps.
+    """
+    if ONE_LOOP:
+        acc, l, m = attend(acc, l, m, q, q_pos, lo, end, end, window, qk_scale, k_base, v_base, stride_kn,
+                           stride_vn, base, table, block_size, stride_block, FROM_CACHE, True, WINDOWED, HEAD_DIM,
+                           BLOCK_N, PRECISION)
+    else:
+        full_hi = tl.maximum(base + (tl.minimum(end, first + 1) - base) // BLOCK_N * BLOCK_N, lo)
+        full_lo = lo
+        if WINDOWED:
+            oldest = tl.maximum(last - window + 1, lo)
+            full_lo = tl.minimum(base + tl.cdiv(oldest - base, BLOCK_N) * BLOCK_N, full_hi)
+            acc, l, m = attend(acc, l, m, q, q_pos, lo, full_lo, end, window, qk_scale, k_base, v_base, stride_kn,
+                               stride_vn, base, table, block_size, stride_block, FROM_CACHE, True, WINDOWED, HEAD_DIM,
+                               BLOCK_N, PRECISION)
+        acc, l, m = attend(acc, l, m, q, q_pos, full_lo, full_hi, end, window, qk_scale, k_base, v_base, stride_kn,
+                           stride_vn, base, table, block_size, stride_block, FROM_CACHE, False, WINDOWED, HEAD_DIM,
+                           BLOCK_N, PRECISION)
+        acc, l, m = attend(acc, l, m, q, q_pos, full_hi, end, end, window, qk_scale, k_base, v_base, stride_kn,
+                           stride_vn, base, table, block_size, stride_block, FROM_CACHE, True, WINDOWED, HEAD_DIM,
+                           BLOCK_N, PRECISION)
+    return acc, l, m
+
+
+@triton.jit(do_not_specialize=["window", "block_size"])  # one compile for every window and block size
+def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr, k_cache, v_cache, tables_ptr,
+                          qk_scale, window, block_size, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                          stride_vh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_tb,
+                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, HAS_PREFIX: tl.constexpr, NEW_IN_CACHE: tl.constexpr,
+                          WINDOWED: tl.constexpr, ONE_LOOP: tl.constexpr, PRECISION: tl.constexpr):
+    h, b = tl.program_id(0), tl.program_id(1)
+    m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M  # last tiles first: they have the most keys
+    q_start = tl.load(cu_q_ptr + b)
+    n_q = tl.load(cu_q_ptr + b + 1) - q_start
+    if m0 >= n_q:
+        return
+    q_start = q_start.to(tl.int64)
+    kvh = h // GROUP
+    if HAS_PREFIX:
+        ctx = tl.load(cache_len_ptr + b).to(tl.int32)
+    else:
+        ctx = 0
+    rows = m0 + tl.arange(0, BLOCK_M)
+    real = rows < n_q
+    q_pos = ctx + rows  # [BLOCK_M] positions of the tile's queries
+    first = ctx + m0
+    last = ctx + tl.minimum(m0 + BLOCK_M, n_q) - 1  # the last real query
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=real[:, None],
+                other=0.0)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    lo = 0
+    if WINDOWED:
+        lo = tl.maximum(first - window + 1, 0)  # the oldest key any row of the tile sees
+    if HAS_PREFIX:
+        # Phase 1: the paged cache; it also holds this step's tokens when no packed k/v was given.
+        cache_end = ctx
+        if NEW_IN_CACHE:
+            cache_end = last + 1
+        acc, l, m = attend_span(acc, l, m, q, q_pos, 0, lo // BLOCK_N * BLOCK_N, cache_end, first, last, window,
+                                qk_scale, k_cache + kvh * stride_ch, v_cache + kvh * stride_ch, stride_cs,
+                                stride_cs, tables_ptr + b * stride_tb, block_size, stride_cb, True, WINDOWED,
+                                ONE_LOOP, HEAD_DIM, BLOCK_N, PRECISION)
+    if not NEW_IN_CACHE:
+        # Phase 2: the sequence's new tokens (positions ctx + i), from the packed k/v.
+        lo_new = ctx + tl.maximum(lo - ctx, 0) // BLOCK_N * BLOCK_N
+        acc, l, m = attend_span(acc, l, m, q, q_pos, ctx, lo_new, last + 1, first, last, window, qk_scale,
+                                k_ptr + q_start * stride_kt + kvh * stride_kh,
+                                v_ptr + q_start * stride_vt + kvh * stride_vh, stride_kt, stride_vt, tables_ptr,
+                                block_size, stride_cb, False, WINDOWED, ONE_LOOP, HEAD_DIM, BLOCK_N, PRECISION)
+    out = acc / l[:, None]
+    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                             cu_seqlen_q: torch.Tensor, max_q: int, scale: float, window: Optional[int] = None,
+                             cache_lengths: Optional[torch.Tensor] = None, key_cache: Optional[torch.Tensor] = None,
+                             value_cache: Optional[torch.Tensor] = None, block_tables: Optional[torch.Tensor] = None,
+                             max_k: Optional[int] = None, tile: Optional[Tile] = None) -> torch.Tensor:
+    """Causal attention of the packed new tokens q [T, H, D] (cu_seqlen_q [B+1], max_q the longest run).
+
+    Keys: with key_cache/value_cache [NB, BS, KVH, D], block_tables [B, max_blocks] and cache_lengths [B],
+    each sequence's cached prefix; then its new tokens from k/v [T, KVH, D], or, when k/v are None, from the
+    cache too (they must all have been written there). A window W lets a query at position p see keys j with
+    p - j < W. max_k (the longest prefix + new run), when given, drops a window that cannot cut. Returns
+    [T, H, D] in q's dtype; fp32 inputs get IEEE (not TF32) dots.
+    """
+    T, H, D = q.shape
+    has_prefix = key_cache is not None
+    new_in_cache = k is None
+    if new_in_cache and not has_prefix:
+        raise ValueError("without a cache the new tokens' k and v are needed")
+    kv_heads = (key_cache if new_in_cache else k).shape[-2]
+    assert H % kv_heads == 0 and D >= 16 and D & (D - 1) == 0, (H, kv_heads, D)
+    q = last_dim_contiguous(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if T == 0 or max_q == 0:
+        return out
+    longest = max_k if has_prefix else max_q
+    windowed = window is not None and (longest is None or window < longest)
+    if new_in_cache:
+        k = v = q  # not read
+    else:
+        k, v = last_dim_contiguous(k), last_dim_contiguous(v)
+        assert k.dtype == q.dtype and v.dtype == q.dtype, (q.dtype, k.dtype, v.dtype)
+    if has_prefix:
+        assert key_cache.is_contiguous() and value_cache.is_contiguous() and value_cache.shape == key_cache.shape
+        assert key_cache.dtype == q.dtype and value_cache.dtype == q.dtype, (q.dtype, key_cache.dtype)
+        block_size = key_cache.shape[1]
+        cache_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0))
+    else:
+        key_cache = value_cache = block_tables = cache_lengths = cu_seqlen_q  # not read
+        block_size, cache_strides = 1, (0, 0, 0, 0)
+    tile = tile or choose_tile(D, q.dtype, max_q, max_k if has_prefix else None)
+    B = cu_seqlen_q.shape[0] - 1
+    grid = (H, B, triton.cdiv(max_q, tile.block_m))
+    varlen_prefill_kernel[grid](
+        q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables,
+        scale * LOG2E, window if windowed else 0, block_size, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), out.stride(0), out.stride(1), *cache_strides,
+        GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HAS_PREFIX=has_prefix,
+        NEW_IN_CACHE=new_in_cache, WINDOWED=windowed, ONE_LOOP=tile.one_loop,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return out
