@@ -31,9 +31,12 @@ test-gpu: $(STAMP)
 # `python -m bench.serve --smoke` runs it on the CPU with the embedded tiny model (tests/bench).
 bench: $(STAMP)
 	$(BIN)/python -m bench.moe_layer
+	$(BIN)/python -m bench.moe_layer --fp8
+	$(BIN)/python -m bench.fp8_linear
 	$(BIN)/python -m bench.paged_attention
 	$(BIN)/python -m bench.prefill_attention
 	$(BIN)/python -m bench.layer_stack
+	$(BIN)/python -m bench.layer_stack --fp8 --batches 1 64
 	$(BIN)/python -m bench.adapters
 	$(BIN)/python -m bench.engine_step
 	$(BIN)/python -m bench.grammar --model-ms 30

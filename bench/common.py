@@ -55,6 +55,16 @@ def matmul_rate() -> float:
     return 2 * 8192**3 / (ms * 1e-3)
 
 
+def fp8_matmul_rate() -> float:
+    """FP8 (e4m3) FLOP/s of an 8192^3 torch._scaled_mm on random data, row-wise scales, bf16 output (the
+    mode the FP8 linears use)."""
+    a, b = (torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn) for _ in range(2))
+    scale_a, scale_b = torch.ones(8192, 1, device="cuda"), torch.ones(1, 8192, device="cuda")
+    ms = time_ms(lambda: torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16),
+                 warmup=3, repeat=10)
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
 def card() -> str:
     return torch.cuda.get_device_name()
 

@@ -5,7 +5,10 @@ floor is the bytes a step must read (attention weights, the experts the batch to
 under uniform routing, lm_head, the KV cache) over the measured copy bandwidth. Anchor: transformers'
 MixtralForCausalLM (sdpa attention, grouped_mm experts) with the same layers and a 2048-token cache.
 
-    python -m bench.layer_stack [--layers 8]
+With --fp8 the same stack is built twice, bf16 and `--quantize fp8` (attention projections and experts in FP8,
+quantized at load), and the steps are compared; the FP8 floor reads those weights at one byte each.
+
+    python -m bench.layer_stack [--layers 8] [--fp8]
 """
 
 import argparse
@@ -28,9 +31,10 @@ MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
 class RandomWeights(MetaWeights):
     """Random tensors of the shapes the model asks for, on the GPU."""
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, fp8: bool = False):
         super().__init__(group or FakeGroup(0, 1), torch.bfloat16)
         self.device = torch.device("cuda", torch.cuda.current_device())
+        self.fp8_compute = fp8
 
     def get_slice(self, name):
         shape = self.expected[name]
@@ -41,11 +45,12 @@ class RandomWeights(MetaWeights):
         return self.get_slice(name) if len(shape) > 1 else torch.ones(shape, device=self.device, dtype=torch.bfloat16)
 
 
-def decode_floor_ms(config, layers, batch, bandwidth):
+def decode_floor_ms(config, layers, batch, bandwidth, weight_bytes=2):
+    """`weight_bytes` per weight of the attention projections and experts (1 in FP8)."""
     h, f, e, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
-    attention = (h * config.num_attention_heads * 128 * 2 + h * config.num_key_value_heads * 128 * 2) * 2
+    attention = (h * config.num_attention_heads * 128 * 2 + h * config.num_key_value_heads * 128 * 2) * weight_bytes
     touched = e * (1 - (1 - k / e) ** batch)
-    experts = touched * 3 * h * f * 2
+    experts = touched * 3 * h * f * weight_bytes
     kv = batch * CONTEXT * config.num_key_value_heads * 128 * 2 * 2
     total = layers * (attention + experts + kv) + config.vocab_size * h * 2
     return total / bandwidth * 1e3
@@ -87,12 +92,48 @@ def transformers_decode(layers, batch):
     return ms
 
 
+def step_times(config, batches, fp8: bool):
+    """{step: graph ms} for decode at each batch and a 4096-token prefill (eager) of a model built at random."""
+    times = {}
+    with torch.no_grad():
+        model = FlashMixtralForCausalLM("", config, RandomWeights(fp8=fp8)).eval()
+        for batch in batches:
+            inputs = decode_inputs(model, config, batch)
+            times[f"decode b={batch}"] = time_graph_ms(lambda: model(**inputs), repeat=10)
+            del inputs
+        inputs = prefill_inputs(config, 4096)
+        times["prefill 4096"] = time_ms(lambda: model(**inputs), warmup=2, repeat=5)
+        del inputs, model
+        torch.cuda.empty_cache()
+    return times
+
+
+def main_fp8(args, bandwidth):
+    config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers)
+    bf16 = step_times(config, args.batches, fp8=False)
+    fp8 = step_times(config, args.batches, fp8=True)
+    rows = []
+    for step in bf16:
+        batch = int(step.split("=")[1]) if step.startswith("decode") else None
+        floors = [f"{decode_floor_ms(config, args.layers, batch, bandwidth, b):.2f}" for b in (2, 1)] if batch else \
+            ["-", "-"]
+        ratio = fp8[step] / bf16[step]
+        rows.append([step, floors[0], f"{bf16[step]:.2f}", floors[1], f"{fp8[step]:.2f}", f"{ratio:.2f}x"])
+    print_table(f"{args.layers} Mixtral-8x7B layers, bf16 and FP8 (--quantize fp8), context {CONTEXT}, {card()}: copy "
+                f"{bandwidth / 1e12:.2f} TB/s; decode: CUDA-graph replay ms, prefill: eager ms; backends {CHOSEN}",
+                ["step", "bf16 floor ms", "bf16 ms", "fp8 floor ms", "fp8 ms", "fp8 / bf16"], rows)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 128])
     parser.add_argument("--transformers", type=int, nargs="*", default=[1, 32], help="batches to run transformers at")
+    parser.add_argument("--fp8", action="store_true", help="bf16 against --quantize fp8 (see the module docstring)")
     args = parser.parse_args()
+    if args.fp8:
+        main_fp8(args, copy_bandwidth())
+        return
     bandwidth, rate = copy_bandwidth(), matmul_rate()
     config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers)
     with torch.no_grad():

@@ -39,7 +39,7 @@ class CliError(Exception):
     """A refusal or a user error: printed as one line, exit status 1."""
 
 
-class Quantization(str, Enum):  # upstream's choices; none is served here
+class Quantization(str, Enum):  # upstream's choices; fp8 alone is served here
     bitsandbytes = "bitsandbytes"
     bitsandbytes_nf4 = "bitsandbytes-nf4"
     bitsandbytes_fp4 = "bitsandbytes-fp4"
@@ -200,7 +200,8 @@ def serve(
     sharded: bool = typer.Option(
         False, help="One process per rank from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (LoRAX launcher or torchrun)."),
     quantize: Optional[Quantization] = typer.Option(
-        None, help="fp8 for an FP8 checkpoint (dequantized on load); the other methods are refused."),
+        None, help="fp8: attention and experts compute in FP8 (an FP8 checkpoint as stored, a float one quantized at "
+                   "load; a GPU needs FP8 tensor cores); the other methods are refused."),
     compile: bool = typer.Option(
         False, "--compile",
         help="Decode from CUDA graphs on a GPU (the launcher passes it unless --eager); without it, decode eagerly."),
@@ -268,8 +269,8 @@ def _refuse_what_cannot_apply(quantize: Optional[str], dtype: Optional[str], spe
         raise CliError("--dtype and --quantize: only one of them may be set, as both decide how the model is "
                        "initialized")
     if quantize not in (None, "fp8"):
-        raise CliError(f"--quantize {quantize}: this server serves float16, bfloat16 or float32 weights (--dtype) "
-                       f"and FP8 checkpoints (--quantize fp8, dequantized on load)")
+        raise CliError(f"--quantize {quantize}: this server serves float16, bfloat16 or float32 weights (--dtype), "
+                       f"FP8 checkpoints, and FP8 compute (--quantize fp8)")
     if speculative_tokens > 0:
         raise CliError(f"--speculative-tokens {speculative_tokens}: this server does no speculative decoding "
                        f"(Info reports speculate 0); use 0")

@@ -168,10 +168,10 @@ def test_a_bad_cuda_memory_fraction_is_one_line():
 
 
 def test_a_refusal_is_also_an_error_record_for_the_launcher():
-    result = run(["serve", MODEL, "--json-output", "--quantize", "fp8"])
-    assert_one_line_error(result, "quantization 'fp8' is not supported by this server for a float checkpoint")
+    result = run(["serve", MODEL, "--json-output", "--quantize", "gptq"])
+    assert_one_line_error(result, "--quantize gptq: this server serves")
     record = assert_launcher_parses(result.stdout)[-1]["record"]
-    assert record["level"]["name"] == "ERROR" and "quantization 'fp8'" in record["message"]
+    assert record["level"]["name"] == "ERROR" and "--quantize gptq" in record["message"]
 
 
 # -- serve -----------------------------------------------------------------------------------------------

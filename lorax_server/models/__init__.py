@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Optional
@@ -10,12 +11,14 @@ from typing import Optional
 import torch
 
 from lorax_server.utils.dist import FakeGroup, initialize_torch_distributed
-from lorax_server.utils.quantization import check_quantize_option, checkpoint_quantization
+from lorax_server.utils.quantization import check_fp8_device, check_quantize_option, checkpoint_quantization
 from lorax_server.utils.sources import HUB, resolve
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The weights `--quantize fp8` serves in FP8 (attention projections, experts, in both expert layouts).
+FP8_SERVED = re.compile(r"(self_attn\.[qkvo]_proj|experts\.\d+\.w[123])\.weight$|experts\.(gate_up|down)_proj$")
 # Index at which get_model loads `adapter_id` before merging it (the index is free again afterwards).
 MERGE_INDEX = 1
 
@@ -50,9 +53,10 @@ def cuda_memory_fraction() -> float:
     return fraction
 
 
-def checkpoint_bytes(model_dir: Path, dtype: torch.dtype, world_size: int) -> int:
+def checkpoint_bytes(model_dir: Path, dtype: torch.dtype, world_size: int, fp8: bool = False) -> int:
     """The bytes one rank's weights take on the device: every floating tensor of the safetensors headers cast
-    to `dtype`, split over `world_size` ranks (norms and the router are replicated, and small)."""
+    to `dtype` (with `fp8`, one byte per element of the weights served in FP8), split over `world_size` ranks
+    (norms and the router are replicated, and small)."""
     from lorax_server.utils.weights import weight_files
 
     size = torch.tensor([], dtype=dtype).element_size()
@@ -67,17 +71,18 @@ def checkpoint_bytes(model_dir: Path, dtype: torch.dtype, world_size: int) -> in
             for dim in info["shape"]:
                 numel *= dim
             start, end = info["data_offsets"]
-            total += numel * size if info["dtype"].startswith(("F", "BF")) else end - start
+            served = 1 if fp8 and FP8_SERVED.search(name) else size
+            total += numel * served if info["dtype"].startswith(("F", "BF")) else end - start
     return total // world_size
 
 
 def kv_cache_budget(model_dir: Path, dtype: torch.dtype, device: torch.device, world_size: int,
-                    fraction: float) -> int:
+                    fraction: float, fp8: bool = False) -> int:
     """The KV-cache budget within `fraction` of the GPU's memory: what the engine's default leaves (a share of
     the memory free once the weights are in), counted against the memory this process may use."""
     from lorax_server.models.flash_mixtral import GPU_KV_CACHE_FRACTION
 
-    weights = checkpoint_bytes(model_dir, dtype, world_size)
+    weights = checkpoint_bytes(model_dir, dtype, world_size, fp8)
     free, total = torch.cuda.mem_get_info(device)
     allowed = int(total * fraction) - torch.cuda.memory_reserved(device)
     left = min(free, allowed) - weights
@@ -108,9 +113,12 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
     - `compile`: upstream's CUDA graphs for decode. True keeps the engine's decode graphs (GPU only;
       LORAX_CUDA_GRAPHS=0 still turns them off), False decodes eagerly, None keeps the engine's default
       (graphs on a GPU). Nothing to do on a CPU.
-    - `quantize`: None, or "fp8" for an FP8 checkpoint (AutoFP8 or compressed-tensors float-quantized), which
-      is dequantized to the compute dtype on load either way; any other value, "fp8" for a float checkpoint,
-      and quantization methods other than FP8 in config.json are refused (lorax_server/utils/quantization.py).
+    - `quantize`: None, or "fp8": the attention projections and experts compute in FP8 (W8A8 e4m3), from an FP8
+      checkpoint's weights as stored (AutoFP8 or compressed-tensors float-quantized) or from float weights
+      quantized at load; on a CPU each FP8 weight is dequantized in its matmul, and a GPU without FP8 tensor
+      cores is refused. Without it an FP8 checkpoint is dequantized to the compute dtype on load. Any other
+      value, and quantization methods other than FP8 in config.json, are refused
+      (lorax_server/utils/quantization.py).
     - `embedding_dim` is refused (Mixtral has no embedding head); `trust_remote_code` has no effect (no
       remote code is ever run).
     - `kv_cache_bytes` (default: 256 MiB on a CPU, most of the free GPU memory within CUDA_MEMORY_FRACTION),
@@ -143,14 +151,17 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
     process_group = initialize_torch_distributed()[0] if sharded else FakeGroup(0, 1)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
     torch_dtype = resolve_dtype(dtype, device)
+    if quantize == "fp8":
+        check_fp8_device(device)
     fraction = cuda_memory_fraction()
     if device.type == "cuda" and fraction < 1.0:
         torch.cuda.set_per_process_memory_fraction(fraction, device)
         if kv_cache_bytes is None:
-            kv_cache_bytes = kv_cache_budget(model_dir, torch_dtype, device, process_group.size(), fraction)
+            kv_cache_bytes = kv_cache_budget(model_dir, torch_dtype, device, process_group.size(), fraction,
+                                             fp8=quantize == "fp8")
     model = MODEL_TYPES[model_type]()(model_dir, torch_dtype, device, process_group,
                                       kv_cache_bytes=kv_cache_bytes, block_size=block_size,
-                                      expert_parallel=expert_parallel)
+                                      expert_parallel=expert_parallel, quantize=quantize)
     if compile is False and getattr(model, "graphs", None) is not None:
         model.graphs = None
         logger.info("decode steps run eagerly (no compile: CUDA graphs off)")

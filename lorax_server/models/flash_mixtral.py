@@ -42,6 +42,7 @@ GPU_KV_CACHE_FRACTION = 0.85
 class FlashMixtral(FlashCausalLM):
     """A Mixtral checkpoint directory served by the engine.
 
+    With `quantize="fp8"` the attention projections and the experts compute in FP8 (lorax_server/layers/fp8.py).
     Everything cheap is checked before any weight is read: config.json's values and quantization, the
     tokenizer (tokenizer.json or sentencepiece's tokenizer.model; its chat template is
     `tokenizer.chat_template`), generation_config.json's stop ids, and the dtypes and layer/expert indices
@@ -50,7 +51,7 @@ class FlashMixtral(FlashCausalLM):
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, device, process_group,
                  kv_cache_bytes: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 expert_parallel: bool = False):
+                 expert_parallel: bool = False, quantize: Optional[str] = None):
         model_dir = Path(model_dir)
         values = json.loads((model_dir / "config.json").read_text())
         config = MixtralConfig.from_dict(values)
@@ -58,9 +59,9 @@ class FlashMixtral(FlashCausalLM):
         tokenizer = load_tokenizer(model_dir)
         eos_ids = eos_token_ids(model_dir, config.eos_token_id)
         weights = Weights(weight_files(model_dir), device, dtype, process_group, quantization=quantization)
+        weights.fp8_compute = quantize == "fp8"
         check_before_loading(weights, config)
-        if quantization is not None:
-            logger.info("%s checkpoint: weights dequantized to %s on load", quantization, dtype)
+        log_quantization(quantization, weights.fp8_compute, dtype)
         moe_cls = ExpertParallelMoE if expert_parallel else BlockSparseMoE
         with loading_progress(weights, show=process_group.rank() == 0):
             model = FlashMixtralForCausalLM("", config, weights, moe_cls).eval()
@@ -69,6 +70,16 @@ class FlashMixtral(FlashCausalLM):
         num_blocks = agreed_num_blocks(kv_cache_blocks(model, block_size, budget, dtype), process_group, device)
         super().__init__(model, tokenizer, dtype, device, num_blocks, block_size)
         self.eos_token_ids = eos_ids
+
+
+def log_quantization(quantization, fp8_compute: bool, dtype: torch.dtype) -> None:
+    if fp8_compute:
+        stored = f"{quantization} weights as stored" if quantization is not None else \
+            "float weights quantized at load (per output channel; activations per token)"
+        logger.info("--quantize fp8: attention projections and experts in FP8 (%s); router, norms, embeddings and "
+                    "lm_head in %s", stored, dtype)
+    elif quantization is not None:
+        logger.info("%s checkpoint: weights dequantized to %s on load", quantization, dtype)
 
 
 def agreed_num_blocks(num_blocks: int, process_group, device) -> int:

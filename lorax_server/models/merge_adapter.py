@@ -2,11 +2,13 @@
 
 After a merge, every request that uses the base model gets the adapter's outputs, at no per-token cost.
 It cannot be undone exactly (floating point), so the engine offloads the adapter's index when merging.
+An FP8 base weight's rows are dequantized, summed with the delta and quantized again (`add_delta`).
 """
 
 import torch
 
 from lorax_server.adapters.weights import AdapterWeights
+from lorax_server.layers.fp8 import Fp8Weight, add_delta
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
     ATTN_K_PROJ,
     ATTN_O_PROJ,
@@ -30,28 +32,32 @@ def merge_into(model, adapter: AdapterWeights) -> None:
         elif name == ROUTER:
             layers[layer_id].moe.gate += delta.to(layers[layer_id].moe.gate.dtype)
         else:
-            rows = target_rows(layers[layer_id].self_attn, name)
-            rows.add_(delta.to(rows.dtype))
+            linear, rows = target_rows(layers[layer_id].self_attn, name)
+            add_delta(linear.weight, linear.weight_scale, rows, delta)
     for (layer_id, name), lora in adapter.experts.items():
         moe = layers[layer_id].moe
         delta = torch.bmm(lora.b, lora.a)  # [E, out (shard), in (shard)]
         for e in range(delta.shape[0]):
-            weight = expert_weight(moe, name, e)
-            weight.add_(delta[e].to(weight.dtype))
+            add_delta(*expert_weight(moe, name, e), delta[e])
 
 
-def target_rows(attention, name: str) -> torch.Tensor:
-    """The rows of the fused q/k/v weight (or the o_proj weight) that `name` owns on this rank."""
+def target_rows(attention, name: str):
+    """The linear (fused q/k/v, or o_proj) and its rows that `name` owns on this rank."""
     if name == ATTN_O_PROJ:
-        return attention.o_proj.base.weight
+        return attention.o_proj.base, slice(None)
     q, k, v = attention.split
     start = {ATTN_Q_PROJ: 0, ATTN_K_PROJ: q, ATTN_V_PROJ: q + k}[name]
     size = {ATTN_Q_PROJ: q, ATTN_K_PROJ: k, ATTN_V_PROJ: v}[name]
-    return attention.query_key_value.base.weight[start:start + size]
+    return attention.query_key_value.base, slice(start, start + size)
 
 
-def expert_weight(moe, name: str, expert: int) -> torch.Tensor:
-    """Expert `expert`'s fused w13 or its w2, whether stacked (BlockSparseMoE) or per module (DenseMoE)."""
+def expert_weight(moe, name: str, expert: int):
+    """(weight, its FP8 scales or None, index) of expert `expert`'s fused w13 or its w2, whether stacked
+    (BlockSparseMoE) or per module (DenseMoE)."""
     if isinstance(moe, BlockSparseMoE):
-        return (moe.expert_w13 if name == "w13" else moe.expert_w2)[expert]
-    return (moe.expert_w13 if name == "w13" else moe.expert_w2)[expert].weight
+        stacked = moe.expert_w13 if name == "w13" else moe.expert_w2
+        if isinstance(stacked, Fp8Weight):
+            return stacked.weight, stacked.weight_scale, expert
+        return stacked, None, expert
+    linear = (moe.expert_w13 if name == "w13" else moe.expert_w2)[expert]
+    return linear.weight, linear.weight_scale, slice(None)

@@ -1,13 +1,18 @@
 """Quantized checkpoints: what config.json and the stored tensors say, and what this server makes of it.
 
-A checkpoint is served only in a way its numbers support. FP8 checkpoints load exactly: each float8 (e4m3)
-weight is multiplied by its `weight_scale` in float32 and served in the compute dtype (FP8 compute is
-another issue). Two layouts carry them, with the same tensor names:
+A checkpoint is served only in a way its numbers support. Two layouts carry FP8 (e4m3) weights, with the same
+tensor names:
   - AutoFP8: `quantization_config.quant_method: fp8`; per-tensor scales (0-d); static activation scales
-    (`input_scale`) that dequantized weights do not need; router gate and lm_head left in float.
+    (`input_scale`); router gate and lm_head left in float.
   - compressed-tensors (llm-compressor): `quant_method: compressed-tensors`, format `float-quantized`,
     config groups whose weights are `type: float, num_bits: 8, strategy: tensor | channel`; per-channel
     scales are [out, 1].
+Without `--quantize`, an FP8 checkpoint loads exactly: each weight is multiplied by its `weight_scale` in
+float32 and served in the compute dtype. With `--quantize fp8` the attention projections and the experts are
+served in FP8 (lorax_server/layers/fp8.py): an FP8 checkpoint's weights as stored, with their scales (and
+static input scales, where the checkpoint has them), and a float checkpoint's weights quantized at load, one
+scale per output channel, with activations scaled per token. Router, norms, embeddings and lm_head stay in
+the compute dtype either way.
 Every other method (GPTQ, AWQ, bitsandbytes, packed int4 compressed-tensors, ...) is refused by name before
 any weight is read, as are integer tensors where float weights belong.
 """
@@ -19,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from lorax_server.layers.fp8 import Fp8Tensors, fp8_unsupported
 from lorax_server.utils.weights import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -30,8 +36,10 @@ SCALE_SUFFIX = "_scale"  # X.weight -> X.weight_scale, in both FP8 layouts
 # AutoFP8 checkpoints) and the FP8 KV cache's scales. Dequantized weights and a KV cache in the compute
 # dtype need none of them, so ignoring them is exact.
 FP8_COMPUTE_ONLY_SUFFIXES = (".input_scale", ".act_scale", ".output_scale", ".k_scale", ".v_scale", ".kv_scale")
+INPUT_SCALE_SUFFIXES = (".input_scale", ".act_scale")  # X.weight -> X.input_scale (X.act_scale in early AutoFP8)
 SERVED = ("this server loads float16, bfloat16 and float32 checkpoints, and FP8 ones (quant_method 'fp8', or "
-          "'compressed-tensors' with format 'float-quantized'), dequantized to the compute dtype")
+          "'compressed-tensors' with format 'float-quantized'), dequantized to the compute dtype, or served in FP8 "
+          "with --quantize fp8 (which also quantizes a float checkpoint to FP8 on load)")
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,25 @@ class Fp8Checkpoint:
         if scale.numel() == 1:
             return weight.float() * scale.float().reshape(())
         return weight.float() * scale.float().reshape(-1, 1)[rows]
+
+    def fp8_tensors(self, weights, weight: torch.Tensor, stored: str, index: tuple) -> Fp8Tensors:
+        """A stored FP8 weight read at `index` (the stored tensor's coordinates) in this server's FP8 layout: the
+        weight as stored, its scale sliced with its output rows (per-channel; whole for a row-parallel read,
+        which keeps every row) or repeated over them (per-tensor), and its static input scale, if stored."""
+        scale = weights.read_stored(self.scale_name(stored))[0].float()
+        if scale.numel() == 1:
+            scale = scale.reshape(()).expand(weight.shape[-2]).contiguous()
+        else:
+            scale = scale.reshape(-1)[index[0] if index else slice(None)].contiguous()
+        return Fp8Tensors(weight, scale, self.input_scale(weights, stored))
+
+    def input_scale(self, weights, stored: str) -> Optional[torch.Tensor]:
+        """The static activation scale (0-d float32) stored beside weight `stored`, or None."""
+        base = stored[: -len(".weight")]
+        for suffix in INPUT_SCALE_SUFFIXES:
+            if weights.has(base + suffix):
+                return weights.read_stored(base + suffix)[0].float().reshape(())
+        return None
 
     def __str__(self) -> str:
         return f"FP8 ({self.method}, {self.detail})"
@@ -133,19 +160,24 @@ def compressed_tensors_fp8(values: dict) -> Fp8Checkpoint:
 
 
 def check_quantize_option(quantize: Optional[str], quantization: Optional[Fp8Checkpoint]) -> None:
-    """`--quantize` must say what the checkpoint is: 'fp8' for an FP8 checkpoint, or nothing. Float weights
-    are never quantized on load here (the FP8 compute path is another issue)."""
-    if quantize is None:
-        return
-    if quantize != "fp8":
+    """`--quantize` is nothing or 'fp8' (FP8 compute, for a float or an FP8 checkpoint); every other method is
+    refused, naming what the checkpoint is."""
+    if quantize not in (None, "fp8"):
         found = f"the checkpoint is {quantization}" if quantization else "the checkpoint is not quantized"
         raise ValueError(f"quantization '{quantize}' is not supported by this server: {found}, and {SERVED}")
-    if quantization is None:
-        raise ValueError("quantization 'fp8' is not supported by this server for a float checkpoint: its config.json "
-                         "has no quantization_config, and quantizing weights to FP8 on load is not implemented; "
-                         "serve it without --quantize, or serve an FP8 checkpoint")
-    logger.warning("quantization 'fp8': FP8 compute is not available yet, the %s weights are dequantized to the "
-                   "compute dtype on load", quantization)
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """`--quantize fp8` on a GPU without FP8 tensor cores is refused, saying so; a CPU dequantizes each FP8
+    weight in its matmuls (slow, exact: the tests' oracle)."""
+    if device.type == "cuda":
+        reason = fp8_unsupported(device)
+        if reason is not None:
+            raise ValueError(f"quantization 'fp8' is not supported on this machine: {reason}; serve the checkpoint "
+                             f"without --quantize (an FP8 checkpoint is then dequantized to bfloat16 on load)")
+    else:
+        logger.warning("quantization 'fp8' on %s: FP8 weights are dequantized in every matmul (no FP8 GEMMs here)",
+                       device)
 
 
 # -- the stored tensors --------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ import torch
 from safetensors import safe_open
 
 
+# safetensors' names of the float8 dtypes (what `read_stored` gives on the meta device)
+FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model: a missing tensor, a wrong shape, an unshardable size."""
 
@@ -49,7 +53,8 @@ class Weights:
     `process_group` is anything with `rank()` and `size()`; `aliases` maps a name to other names the
     same tensor may have in some checkpoints (e.g. tied embeddings); `quantization` (an Fp8Checkpoint of
     lorax_server/utils/quantization.py, or None) says how FP8 weights are scaled: they are read as
-    float32 weight * scale, then cast to `dtype`.
+    float32 weight * scale, then cast to `dtype`. With `fp8_compute` set (by `--quantize fp8`), the layers
+    that compute in FP8 read their weights through `lorax_server.layers.fp8` instead (`read_stored`).
 
     Every stored tensor a read touches (data or a scale) is recorded in `used`. On the meta device no data
     is read at all: reads return empty tensors of the right shape, so building a model over such weights
@@ -63,6 +68,7 @@ class Weights:
         self.process_group = process_group
         self.aliases = dict(aliases or {})
         self.quantization = quantization
+        self.fp8_compute = False
         self.views: Dict[str, Tuple[str, tuple]] = {}
         self.used: Set[str] = set()
         self.on_first_read: Optional[Callable[[str, Path], None]] = None  # e.g. a progress bar
@@ -150,6 +156,17 @@ class Weights:
             tensor = self._dequantize(stored, tensor.to(self.device), index)
         return self._finish(tensor)
 
+    def read_stored(self, name: str, index: tuple = ()) -> Tuple[torch.Tensor, str, tuple]:
+        """`name[index]` as the file stores it (no cast, no scaling) on `device`, with the stored tensor's name
+        and the index into it (not `name` and `index` when `name` is a view): FP8 weights and their scales."""
+        stored, index = self._locate(name, index)
+        self._mark_used(stored)
+        if self.device.type == "meta":
+            dtype = FP8_DTYPES.get(self.stored_dtype(stored)) if stored in self.routing else None
+            dtype = dtype or self.dtype
+            return torch.empty(self.get_shape(stored), dtype=dtype, device="meta")[index], stored, index
+        return self.get_slice(stored)[index].to(self.device), stored, index
+
     def _dequantize(self, stored: str, tensor: torch.Tensor, index: tuple) -> torch.Tensor:
         if self.quantization is None:
             raise CheckpointError(f"tensor {stored} is FP8, but config.json has no quantization_config saying how "
@@ -180,12 +197,19 @@ class Weights:
 
     def get_sharded(self, name: str, dim: int, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
         """This rank's even slice of `name` along `dim`; `shape` is the full (unsharded) shape."""
+        return self._read(name, self.shard_index(name, dim, shape))
+
+    def shard_index(self, name: str, dim: Optional[int], shape: Optional[Sequence[int]] = None) -> tuple:
+        """The index of this rank's even slice of `name` along `dim` (what `get_sharded` reads); with `dim`
+        None, of the whole tensor. `shape` is the full shape `name` must have."""
         full = self._check_shape(name, shape)
+        if dim is None:
+            return ()
         group = self.process_group
         rows = shard_range(full[dim], group.rank(), group.size(), f"tensor {name} dim {dim}")
         index = [slice(None)] * len(full)
         index[dim] = rows
-        return self._read(name, tuple(index))
+        return tuple(index)
 
     def get_rows(self, name: str, rows: slice, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Rows `rows` of `name` (an uneven split, e.g. of a vocabulary); `shape` is the full shape."""

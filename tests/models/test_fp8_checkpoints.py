@@ -180,20 +180,16 @@ def test_tensor_parallel_shards_are_the_dequantized_shards(checkpoints, layout, 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_fp8_checkpoint_serves_with_or_without_quantize_fp8(checkpoints, layout, tmp_path):
+    """Without --quantize the weights are dequantized on load; with --quantize fp8 they stay FP8
+    (tests/models/test_fp8_compute.py compares the two)."""
     directory = copy_checkpoint(checkpoints, layout, tmp_path / "m")
-    for quantize in (None, "fp8"):
+    for quantize, dtype in ((None, torch.float32), ("fp8", torch.float8_e4m3fn)):
         model = get_model(str(directory), quantize=quantize, dtype="float32", kv_cache_bytes=KV)
-        assert model.model.model.layers[0].moe.expert_w13.dtype == torch.float32
+        assert model.model.model.layers[0].moe.expert_w13.dtype == dtype
+        assert model.model.model.layers[0].moe.gate.dtype == torch.float32
     with pytest.raises(ValueError, match=r"quantization 'gptq' is not supported by this server: the checkpoint is "
                                          r"FP8 \((fp8|compressed-tensors), "):
         get_model(str(directory), quantize="gptq", dtype="float32", kv_cache_bytes=KV)
-
-
-def test_quantize_fp8_of_a_float_checkpoint_is_refused(checkpoints, tmp_path):
-    directory = copy_checkpoint(checkpoints, "original", tmp_path / "m")
-    with pytest.raises(ValueError, match="quantization 'fp8' is not supported by this server for a float checkpoint: "
-                                         "its config.json has no quantization_config"):
-        get_model(str(directory), quantize="fp8", kv_cache_bytes=KV)
 
 
 # -- every other method is refused by name, from config.json alone ---------------------------------------

@@ -7,14 +7,18 @@ from typing import Callable, Optional
 import torch
 
 from lorax_server.layers.backends import Backend, choose, needs_cuda_and_triton
+from lorax_server.layers.fp8 import FP8, fp8_unsupported
 from lorax_server.layers.moe.experts import (
     GroupedLinear,
     grouped_mm_unavailable,
+    linear_fp8_dequantized,
     linear_grouped_mm,
     linear_megablocks,
     linear_per_expert,
+    load_scaled_grouped_mm,
     megablocks_gmm,
     moe_experts,
+    scaled_grouped_mm_unavailable,
     self_check,
 )
 from lorax_server.layers.moe.routing import Dispatch, Routing, dispatch, route
@@ -27,6 +31,10 @@ __all__ = ["Dispatch", "Routing", "dispatch", "route", "moe_experts", "expert_ba
 # Triton clearly ahead at 256 tokens (75% of the floor against 64%), a tie at 1024 (52/48% in one run,
 # 46/49% in the next), grouped_mm ahead at 4096 (65% against 51-57%).
 TRITON_MOE_MAX_TOKENS = 512
+# The same bound for FP8 experts: none. On an H200 at Mixtral-8x7B shapes the fused FP8 kernels beat FP8 grouped
+# GEMMs (torch._scaled_grouped_mm) at every size measured, 1 to 4096 tokens (3.98 against 4.36 ms at 4096;
+# docs/PERF.md, FP8 section); the grouped GEMMs serve expert LoRA that the fused kernels cannot take.
+TRITON_FP8_MOE_MAX_TOKENS = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,36 @@ def triton_unavailable(device: torch.device, activation: str) -> Optional[str]:
     return needs_cuda_and_triton(device)
 
 
-def expert_backends(hidden: int, ffn_shard: int, dtype: torch.dtype, activation: str):
-    """Fastest first; `reference` is last and always available."""
+@lru_cache(maxsize=None)  # the self-check runs once per device and shape, not once per layer
+def fp8_grouped_unavailable(device: torch.device, hidden: int, ffn_shard: int) -> Optional[str]:
+    return scaled_grouped_mm_unavailable(device, hidden, ffn_shard)
+
+
+def load_triton_fp8(device: torch.device, hidden: int, ffn_shard: int) -> ExpertsImpl:
+    """The fused FP8 kernels up to TRITON_FP8_MOE_MAX_TOKENS, FP8 grouped GEMMs above it and for expert LoRA
+    without the LoRA kernels; the dequantizing reference for those where the grouped GEMM is not available."""
+    from lorax_server.kernels.fused_moe import fused_moe
+
+    if fp8_grouped_unavailable(device, hidden, ffn_shard) is None:
+        return ExpertsImpl(load_scaled_grouped_mm(), fused_moe, TRITON_FP8_MOE_MAX_TOKENS)
+    return ExpertsImpl(linear_fp8_dequantized, fused_moe, 1 << 62)
+
+
+def fp8_expert_backends(hidden: int, ffn_shard: int, activation: str, device: torch.device):
+    """FP8 experts (Fp8Weight): the same names as for float experts, fastest first; `reference` dequantizes."""
+    return (
+        Backend("triton", lambda: load_triton_fp8(device, hidden, ffn_shard),
+                lambda device: triton_unavailable(device, activation) or fp8_unsupported(device), lazy=True),
+        Backend("grouped_mm", lambda: ExpertsImpl(load_scaled_grouped_mm()),
+                lambda device: fp8_grouped_unavailable(device, hidden, ffn_shard), lazy=True),
+        Backend("reference", ExpertsImpl(linear_fp8_dequantized)),
+    )
+
+
+def expert_backends(hidden: int, ffn_shard: int, dtype: torch.dtype, activation: str, device: torch.device):
+    """Fastest first; `reference` is last and always available. FP8 weights have their own implementations."""
+    if dtype == FP8:
+        return fp8_expert_backends(hidden, ffn_shard, activation, device)
     return (
         Backend("triton", lambda: load_triton(hidden, ffn_shard, dtype),
                 lambda device: triton_unavailable(device, activation), lazy=True),
@@ -78,5 +114,6 @@ def expert_backends(hidden: int, ffn_shard: int, dtype: torch.dtype, activation:
 
 def expert_backend(hidden: int, ffn_shard: int, dtype: torch.dtype, device: torch.device,
                    activation: str = "silu") -> ExpertsImpl:
-    """The expert computation for these shapes, chosen once (LORAX_MOE_BACKEND overrides)."""
-    return choose("moe", expert_backends(hidden, ffn_shard, dtype, activation), device)
+    """The expert computation for these shapes, chosen once (LORAX_MOE_BACKEND overrides); `dtype` is the
+    experts' weights' (float8_e4m3fn for FP8 experts)."""
+    return choose("moe", expert_backends(hidden, ffn_shard, dtype, activation, device), device)

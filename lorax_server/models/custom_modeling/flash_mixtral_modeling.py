@@ -33,6 +33,7 @@ from lorax_server.adapters.targets import (  # noqa: F401
     ROUTER,
 )
 from lorax_server.layers.attention import attention_ops
+from lorax_server.layers.fp8 import Fp8Tensors, Fp8Weight, cat_fp8, load_fp8, load_fp8_col, load_fp8_row
 from lorax_server.layers.linear import (
     TensorParallelColumnLinear,
     TensorParallelEmbedding,
@@ -237,21 +238,27 @@ def load_router(prefix: str, config: MixtralConfig, weights) -> nn.Parameter:
     return nn.Parameter(weights.get_tensor(f"{prefix}.gate.weight", shape=shape), requires_grad=False)
 
 
-def load_expert_w13(prefix: str, config: MixtralConfig, weights) -> torch.Tensor:
-    """[E, 2F, H]: each expert's gate (w1) rows then up (w3) rows, sharded along the ffn."""
+def load_expert_w13(prefix: str, config: MixtralConfig, weights):
+    """[E, 2F, H]: each expert's gate (w1) rows then up (w3) rows, sharded along the ffn (FP8: an Fp8Tensors)."""
     shapes = [(config.intermediate_size, config.hidden_size)] * 2
-    return torch.stack([
-        weights.get_multi_weights_col([f"{prefix}.experts.{e}.w1", f"{prefix}.experts.{e}.w3"], shapes=shapes)
-        for e in range(config.num_local_experts)
-    ])
+    names = [[f"{prefix}.experts.{e}.w1", f"{prefix}.experts.{e}.w3"] for e in range(config.num_local_experts)]
+    if weights.fp8_compute:
+        return cat_fp8([load_fp8_col(weights, pair, shapes) for pair in names], dim=None)
+    return torch.stack([weights.get_multi_weights_col(pair, shapes=shapes) for pair in names])
 
 
-def load_expert_w2(prefix: str, config: MixtralConfig, weights) -> torch.Tensor:
-    """[E, H, F]: each expert's down projection, sharded along the ffn (its input)."""
+def load_expert_w2(prefix: str, config: MixtralConfig, weights):
+    """[E, H, F]: each expert's down projection, sharded along the ffn (its input) (FP8: an Fp8Tensors)."""
     shape = (config.hidden_size, config.intermediate_size)
-    return torch.stack([
-        weights.get_multi_weights_row(f"{prefix}.experts.{e}.w2", shape=shape) for e in range(config.num_local_experts)
-    ])
+    names = [f"{prefix}.experts.{e}.w2" for e in range(config.num_local_experts)]
+    if weights.fp8_compute:
+        return cat_fp8([load_fp8_row(weights, name, shape) for name in names], dim=None)
+    return torch.stack([weights.get_multi_weights_row(name, shape=shape) for name in names])
+
+
+def expert_state(weight):
+    """A module's stacked experts: a frozen Parameter, or an Fp8Weight (FP8 weights with their scales)."""
+    return Fp8Weight(weight) if isinstance(weight, Fp8Tensors) else nn.Parameter(weight, requires_grad=False)
 
 
 class MoEBlock(nn.Module):
@@ -306,9 +313,8 @@ class BlockSparseMoE(MoEBlock):
 
     def __init__(self, prefix: str, config: MixtralConfig, weights, layer_id: int = 0):
         super().__init__(prefix, config, weights, layer_id)
-        w13, w2 = self.load_experts(prefix, config, weights)
-        self.expert_w13 = nn.Parameter(w13, requires_grad=False)
-        self.expert_w2 = nn.Parameter(w2, requires_grad=False)
+        self.expert_w13, self.expert_w2 = map(expert_state, self.load_experts(prefix, config, weights))
+        w2 = self.expert_w2  # its dtype (float8_e4m3fn for FP8 experts) picks the implementations
         self.experts_impl = expert_backend(config.hidden_size, w2.shape[2], w2.dtype, w2.device, config.hidden_act)
 
     def load_experts(self, prefix: str, config: MixtralConfig, weights):
@@ -364,6 +370,12 @@ class ExpertParallelMoE(BlockSparseMoE):
     def load_experts(self, prefix: str, config: MixtralConfig, weights):
         h, f = config.hidden_size, config.intermediate_size
         local = range(self.first_expert, self.first_expert + self.experts_per_rank)
+        if weights.fp8_compute:  # whole experts: every row and column, with all their scales
+            def whole(e: int, w: str, shape):
+                return load_fp8(weights, f"{prefix}.experts.{e}.{w}.weight", None, shape)
+
+            w13 = cat_fp8([cat_fp8([whole(e, "w1", (f, h)), whole(e, "w3", (f, h))]) for e in local], dim=None)
+            return w13, cat_fp8([whole(e, "w2", (h, f)) for e in local], dim=None)
         w13 = torch.stack([torch.cat([weights.get_tensor(f"{prefix}.experts.{e}.{w}.weight", shape=(f, h))
                                       for w in ("w1", "w3")]) for e in local])
         w2 = torch.stack([weights.get_tensor(f"{prefix}.experts.{e}.w2.weight", shape=(h, f)) for e in local])
