@@ -113,8 +113,9 @@ class Admission:
 
 
 def engine_request(model, r: pb.Request):
-    if r.cache_len or r.HasField("chunk_len"):
-        raise RequestError("prefix caching / chunked prefill is not served by this shard (Info says so)")
+    """pb.Request -> the engine's Request. `cache_len` (prefix caching: prompt tokens its blocks already hold)
+    and `chunk_len` (chunked prefill: prompt tokens its first step runs) are taken as upstream's shard takes them
+    (server/lorax_server/models/flash_causal_lm.py:240-260)."""
     ids = model.tokenize(r.inputs, list(r.tokenized_inputs.ids), r.truncate)
     if r.blocks:
         check_router_slots(r, len(ids), model.cache.block_size)
@@ -122,7 +123,8 @@ def engine_request(model, r: pb.Request):
     schema = r.parameters.schema if r.parameters.HasField("schema") else None
     return model.new_request(r.id, ids, sampling_params(r.parameters), stop.max_new_tokens,
                              list(stop.stop_sequences), stop.ignore_eos_token, r.adapter_index, r.prefill_logprobs,
-                             schema)
+                             schema, cache_len=r.cache_len if r.blocks else 0,
+                             chunk_len=r.chunk_len if r.HasField("chunk_len") else None)
 
 
 def admit(model, batch: pb.Batch, unique_ids: bool = True) -> Admission:
@@ -185,11 +187,14 @@ def generation_pb(result: StepResult) -> pb.Generation:
     return generation
 
 
-def cached_batch_pb(batch: Optional[Batch]) -> Optional[pb.CachedBatch]:
+def cached_batch_pb(batch: Optional[Batch], chunked_prefill: bool = False) -> Optional[pb.CachedBatch]:
+    """With chunked prefill, current_tokens is what upstream reports and the router then budgets with: the tokens
+    of the batch's next forward pass (Batch.next_step_tokens); otherwise the tokens its requests hold."""
     if batch is None:
         return None
     return pb.CachedBatch(id=batch.id, request_ids=[r.id for r in batch.requests], size=len(batch.requests),
-                          max_tokens=batch.max_tokens, current_tokens=batch.current_tokens)
+                          max_tokens=batch.max_tokens,
+                          current_tokens=batch.next_step_tokens if chunked_prefill else batch.current_tokens)
 
 
 def is_base_model(parameters: pb.AdapterParameters) -> bool:
@@ -271,7 +276,7 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         info = pb.InfoResponse(
             requires_padding=False, dtype=str(model.dtype), device_type=model.device.type,
             block_size=model.cache.block_size, speculate=0, supports_generation=True, supports_embeddings=False,
-            supports_classification=False, chunked_prefill=False,
+            supports_classification=False, chunked_prefill=model.chunked_prefill,
             # The router's allocator lays a windowed request over a ring of blocks, which our kernels do not read.
             requires_block_allocator=model.config.sliding_window is None,
             preloaded_adapters=[pb.PreloadedAdapter(adapter_parameters=pb.AdapterParameters(adapter_ids=[p.adapter_id]),
@@ -302,13 +307,15 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
     def FilterBatch(self, request, context):
         if not request.request_ids:
             raise RequestError("FilterBatch must keep at least one request (use ClearCache to drop a batch)")
-        return pb.FilterBatchResponse(batch=cached_batch_pb(self.model.filter(request.batch_id, request.request_ids)))
+        kept = self.model.filter(request.batch_id, request.request_ids)
+        return pb.FilterBatchResponse(batch=cached_batch_pb(kept, self.model.chunked_prefill))
 
     @rpc
     def Warmup(self, request, context):
         """Runs the router's warm-up batch once (its two requests share id 0), gives everything back,
         captures the decode CUDA graphs (on a GPU) for the longest context the router will send, and
         reports how many tokens the router may budget."""
+        self.model.max_prefill_tokens = request.max_prefill_tokens or None  # upstream: set_max_prefill_tokens
         admission = admit(self.model, request.batch, unique_ids=False)
         results = admission.refused
         if admission.requests:
@@ -328,23 +335,32 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
 
     @rpc
     def Prefill(self, request, context):
-        if request.HasField("cached_batch") and request.cached_batch.id not in self.model.batches:
-            raise BatchNotFound(f"batch {request.cached_batch.id} is not in the cache")
-        admission = admit(self.model, request.batch)
+        """With chunked prefill (Info.chunked_prefill) a `cached_batch` is stepped together with the new requests,
+        as upstream's shard does (server/lorax_server/server.py:104-111): one forward pass runs the new prompts
+        (or their first chunks), the next chunk of the cached batch's requests still prefilling, and the next
+        token of its others; the result is the cached batch, grown. Without it, the new batch is prefilled and
+        then joins the cached batch."""
+        model, chunked = self.model, self.model.chunked_prefill
+        cached = request.cached_batch.id if request.HasField("cached_batch") else None
+        if cached is not None and cached not in model.batches:
+            raise BatchNotFound(f"batch {cached} is not in the cache")
+        admission = admit(model, request.batch)
         results, batch = admission.refused, None
-        if admission.requests:
-            served, batch = self.model.prefill(request.batch.id, admission.requests, admission.router_blocks)
+        if admission.requests or (chunked and cached is not None):
+            served, batch = model.prefill(request.batch.id, admission.requests, admission.router_blocks,
+                                          cached_batch_id=cached if chunked else None)
             results = results + served
         log_refusals(results)
-        if request.HasField("cached_batch"):  # new requests join a batch already decoding
-            ids = [request.cached_batch.id] + ([batch.id] if batch is not None else [])
-            batch = self.model.concatenate(ids)
-        return pb.PrefillResponse(generations=[generation_pb(r) for r in results], batch=cached_batch_pb(batch))
+        if cached is not None and not chunked:  # new requests join a batch already decoding
+            batch = model.concatenate([cached] + ([batch.id] if batch is not None else []))
+        return pb.PrefillResponse(generations=[generation_pb(r) for r in results],
+                                  batch=cached_batch_pb(batch, chunked))
 
     @rpc
     def Decode(self, request, context):
         results, batch = self.model.decode([b.id for b in request.batches])
-        return pb.DecodeResponse(generations=[generation_pb(r) for r in results], batch=cached_batch_pb(batch))
+        return pb.DecodeResponse(generations=[generation_pb(r) for r in results],
+                                 batch=cached_batch_pb(batch, self.model.chunked_prefill))
 
     @rpc
     def Embed(self, request, context):

@@ -1,16 +1,22 @@
-"""The paged KV cache: blocks of key/value slots, a free list, and the sequences that own blocks.
+"""The paged KV cache: blocks of key/value slots, reference counts, a free list, and the sequences that own blocks.
 
 A sequence owns a list of cache blocks; its token at position p lives in slot
 `blocks[p // block_size] * block_size + p % block_size` (`engine.runner.pack` computes the slots and
 block tables of a forward pass from them).
+
+Blocks are shared by reference count: with prefix caching (LoRAX's router `--prefix-caching`) the router hands
+several live requests the same blocks for a common prompt prefix, and a block goes back to the free list only
+when the last request holding it lets go. The cache also remembers, per block, which tokens were last written
+there in full (`contents`, a hash chain over the blocks of a prompt): a prefix the router says is cached is
+only skipped where the blocks really hold it (a request refused before its prefill never wrote its blocks,
+though the router's prefix trie takes them as cached when it frees them).
 """
 
 import random
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
-
 
 
 class CacheFull(RuntimeError):
@@ -19,6 +25,16 @@ class CacheFull(RuntimeError):
 
 class BlockInUse(ValueError):
     """Blocks named by the router that this server already gave to another request."""
+
+
+def block_hashes(tokens: Sequence[int], adapter_index: int, block_size: int, num_blocks: int) -> List[int]:
+    """The hash of each of the first `num_blocks` full blocks of `tokens`: block i's hash covers every token
+    up to the end of block i and the adapter (whose LoRA changes K/V), as the router's prefix trie keys them."""
+    hashes, previous = [], hash(("adapter", adapter_index))
+    for i in range(num_blocks):
+        previous = hash((previous, tuple(tokens[i * block_size:(i + 1) * block_size])))
+        hashes.append(previous)
+    return hashes
 
 
 class PagedKVCache:
@@ -41,6 +57,8 @@ class PagedKVCache:
         self.reserved = {b for b in reserved if b < num_blocks} if len(reserved) < num_blocks else set()
         self.reserved_free = set(self.reserved)
         self.free_blocks = [b for b in range(num_blocks) if b not in self.reserved]
+        self.refs = [0] * num_blocks  # live requests holding each block
+        self.contents: Dict[int, int] = {}  # block -> block_hashes() value of the full block last written there
         if shuffle_seed is not None:
             # Tests hand out blocks in a scrambled order so no kernel can rely on contiguity.
             random.Random(shuffle_seed).shuffle(self.free_blocks)
@@ -52,6 +70,9 @@ class PagedKVCache:
         if num_blocks > len(self.free_blocks):
             raise CacheFull(f"needs {num_blocks} cache blocks, {len(self.free_blocks)} free of {self.num_blocks}")
         taken, self.free_blocks = self.free_blocks[:num_blocks], self.free_blocks[num_blocks:]
+        for b in taken:
+            self.refs[b] = 1
+            self.contents.pop(b, None)
         return taken
 
     @property
@@ -59,20 +80,56 @@ class PagedKVCache:
         """Whether every block is back (no request holds any)."""
         return len(self.free_blocks) + len(self.reserved_free) == self.num_blocks
 
-    def claim(self, blocks: Sequence[int]) -> List[int]:
-        """Takes these particular blocks (allocated by the router) out of the free list."""
-        free = set(self.free_blocks) | self.reserved_free
-        taken = [b for b in blocks if b not in free]
+    def claim(self, blocks: Sequence[int], shared: int = 0) -> List[int]:
+        """Takes these particular blocks (allocated by the router). The first `shared` may already be held by
+        live requests (a cached prefix the router shares between them); every other one must be free."""
+        taken = [b for i, b in enumerate(blocks)
+                 if not 0 <= b < self.num_blocks or (i >= shared and self.refs[b] > 0)]
         if taken or len(set(blocks)) != len(blocks):
             raise BlockInUse(f"blocks {taken or list(blocks)} are out of range, repeated or already in use")
-        claimed = set(blocks)
-        self.free_blocks = [b for b in self.free_blocks if b not in claimed]
-        self.reserved_free -= claimed
+        newly = {b for b in blocks if self.refs[b] == 0}
+        if newly:
+            self.free_blocks = [b for b in self.free_blocks if b not in newly]
+            self.reserved_free -= newly
+        for b in blocks:
+            self.refs[b] += 1
         return list(blocks)
 
     def free(self, blocks: Sequence[int]) -> None:
-        self.free_blocks.extend(b for b in blocks if b not in self.reserved)
-        self.reserved_free.update(b for b in blocks if b in self.reserved)
+        for b in blocks:
+            if self.refs[b] <= 0:  # not held: nothing to give back
+                continue
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                (self.reserved_free.add if b in self.reserved else self.free_blocks.append)(b)
+
+    # -- what the blocks hold (prefix caching) -------------------------------------------------------
+
+    def cached_prefix(self, seq: "PagedSequence", claimed: int) -> int:
+        """How many of the first `claimed` tokens of `seq` its blocks really hold: whole blocks whose last full
+        write was these very tokens (under the same adapter), and `claimed` itself when every block it touches
+        was such a block."""
+        size = self.block_size
+        touched = self.blocks_for(claimed)
+        whole = min(touched, len(seq.tokens) // size, len(seq.blocks))
+        held = 0
+        for block, expected in zip(seq.blocks, block_hashes(seq.tokens, seq.adapter_index, size, whole)):
+            if self.contents.get(block) != expected:
+                break
+            held += 1
+        return claimed if held == touched else held * size
+
+    def forget(self, blocks: Sequence[int]) -> None:
+        """These blocks are about to be written with other tokens: their recorded contents no longer hold."""
+        for b in blocks:
+            self.contents.pop(b, None)
+
+    def record(self, seq: "PagedSequence", upto: int) -> None:
+        """The K/V of `seq`'s tokens [0, upto) are in its blocks: remember every full block of them."""
+        full = min(upto // self.block_size, len(seq.blocks))
+        for block, h in zip(seq.blocks, block_hashes(seq.tokens, seq.adapter_index, self.block_size, full)):
+            if block not in self.reserved:
+                self.contents[block] = h
 
 
 @dataclass

@@ -59,6 +59,20 @@ class Request:
     decoder: object = None  # its incremental detokenizer (engine.text), made at its first token
     ahead: object = None  # its next token's Choice (engine.sampler), when a step launched ahead chose it
     grammar: object = None  # its place in its JSON schema (engine.grammar.GrammarState), for structured output
+    cache_len: int = 0  # prompt tokens the router says its blocks already hold (prefix caching)
+    next_chunk: Optional[int] = None  # prompt tokens its next prefill step runs (chunked prefill); None: the rest
+    prompt_logprobs: Optional[List[float]] = None  # with prefill_logprobs: each prompt token's, chunk by chunk
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether part of its prompt is still to be prefilled (a chunked prefill runs over several steps)."""
+        return self.seq.cached < self.prompt_length
+
+    @property
+    def chunk(self) -> int:
+        """The prompt tokens its next prefill step runs."""
+        rest = self.prompt_length - self.seq.cached
+        return rest if self.next_chunk is None else max(1, min(self.next_chunk, rest))
 
     @property
     def tokens(self) -> List[int]:
@@ -90,3 +104,10 @@ class Batch:
     @property
     def current_tokens(self) -> int:
         return sum(len(r.seq.tokens) for r in self.requests)
+
+    @property
+    def next_step_tokens(self) -> int:
+        """Tokens its next forward pass runs: the next chunk of each request still prefilling, one token for every
+        other (upstream's CachedBatch.current_tokens, which the router subtracts from its prefill budget when it
+        chunks prefills: router/src/infer.rs:1101-1105)."""
+        return sum(r.chunk if r.prefilling else 1 for r in self.requests)

@@ -12,7 +12,14 @@ each token into text (`engine.text`: one incremental decode per token) and check
 
 Each request reserves the blocks for its prompt and all its new tokens when it is admitted (or takes the
 blocks the router allocated for it), so a decode step never runs out of cache mid-generation: a batch
-that could not fit is refused up front, one request at a time. A request that fails on its own (its sampler, its text) ends
+that could not fit is refused up front, one request at a time.
+
+Prefix caching and chunked prefill are upstream's (the router drives both; see ../shared/LORAX_ROUTER.md):
+a request whose router blocks already hold its first `cache_len` prompt tokens prefills only the rest, the
+blocks shared by reference count (`engine.cache`); a request with `chunk_len` prefills that much of its
+prompt, and the batch's following steps (`prefill_step`) run the rest chunk by chunk beside the next tokens
+of its other requests. Without the router's blocks the engine caches no prefix of its own, as upstream's
+shard (whose prefix cache is the router's radix trie). A request that fails on its own (its sampler, its text) ends
 alone with an error result; its batch-mates go on.
 """
 
@@ -34,7 +41,7 @@ from lorax_server.engine.sampler import Choice
 from lorax_server.engine.text import CONTEXT_TOKENS, final_text, incremental_decoder
 from lorax_server.models.merge_adapter import merge_into
 from lorax_server.utils.errors import RequestError
-from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, StoppingCriteria, prompt_logprobs
+from lorax_server.utils.tokens import NextTokenChooser, SamplingParams, StoppingCriteria
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +72,14 @@ class FlashCausalLM:
         # Decode steps launched ahead (`launch_ahead`); LORAX_DECODE_AHEAD=0 turns them off (A/B timing).
         self.decode_ahead = os.getenv("LORAX_DECODE_AHEAD", "1") != "0"
         self.ahead: List[PendingChoices] = []
+        # Chunked prefill: the prompt tokens one prefill step may run (Warmup's max_prefill_tokens, as upstream's
+        # set_max_prefill_tokens); None: a prompt prefilled in chunks runs all the rest at its next step.
+        self.max_prefill_tokens: Optional[int] = None
+        # Chunked prefill is served where the router allocates the blocks (no sliding window: see
+        # server.LoraxService.Info): only then does it send chunk_len. CHUNKED_PREFILL is upstream's switch, which
+        # LoRAX's launcher sets from --chunked-prefill (launcher/src/main.rs:849-852). Prefix caching needs no
+        # switch here: the router's --prefix-caching sends cache_len, which is always honoured.
+        self.chunked_prefill = env_flag("CHUNKED_PREFILL") and self.config.sliding_window is None
 
     @property
     def graphs(self):
@@ -92,18 +107,27 @@ class FlashCausalLM:
 
     def new_request(self, request_id: int, ids: List[int], params: SamplingParams, max_new_tokens: int,
                     stop_sequences=(), ignore_eos=False, adapter_index=0, prefill_logprobs=False,
-                    schema: Optional[str] = None) -> Request:
+                    schema: Optional[str] = None, cache_len: int = 0, chunk_len: Optional[int] = None) -> Request:
         """A request ready for admission; `schema` (a JSON schema) constrains its output to JSON valid against
-        it (RequestError when the schema cannot be served)."""
+        it (RequestError when the schema cannot be served). `cache_len`: prompt tokens already in the blocks the
+        router gives it (prefix caching); `chunk_len`: prompt tokens its first prefill step runs (chunked prefill,
+        the rest follows in later steps)."""
         limit = self.config.max_position_embeddings
         if len(ids) + max_new_tokens > limit:
             raise RequestError(f"{len(ids)} input tokens + {max_new_tokens} new tokens exceed the model's "
                                f"{limit} positions")
+        if not 0 <= cache_len < len(ids):
+            raise RequestError(f"cache_len {cache_len} must leave at least one of the {len(ids)} prompt tokens "
+                               f"to prefill")
+        if chunk_len is not None and not 0 < chunk_len <= len(ids) - cache_len:
+            raise RequestError(f"chunk_len {chunk_len} must be between 1 and the {len(ids) - cache_len} prompt "
+                               f"tokens past cache_len {cache_len}")
         stopping = StoppingCriteria(max_new_tokens, self.eos_token_ids, stop_sequences, ignore_eos)
         seq = PagedSequence(list(ids), adapter_index)  # its own list: generated tokens are appended to it
         grammar = self.grammars.state(schema) if schema is not None else None
         return Request(request_id, seq, len(ids), NextTokenChooser(params, self.device), stopping, max_new_tokens,
-                       prefill_logprobs, grammar=grammar)
+                       prefill_logprobs, grammar=grammar, cache_len=cache_len,
+                       next_chunk=None if chunk_len is None else cache_len + chunk_len)
 
     def admit(self, requests: List[Request], router_blocks: Dict[int, List[int]]) -> Tuple[List[Request], List[StepResult]]:
         """Reserves each request's blocks, in order: the router's blocks when it allocated them (exactly those:
@@ -129,50 +153,132 @@ class FlashCausalLM:
             raise CacheFull(f"it needs {needed} cache blocks of {self.cache.block_size} tokens, "
                             f"{len(self.cache.free_blocks)} are free of {self.cache.num_blocks}")
         if blocks is not None:
-            r.seq.blocks = self.cache.claim(blocks)
+            r.seq.blocks = self.cache.claim(blocks, shared=self.cache.blocks_for(r.cache_len))
+            self.skip_cached_prefix(r)
         r.seq.reserve(self.cache, r.cache_tokens)
+        if r.next_chunk is not None:
+            r.next_chunk -= r.seq.cached  # it was counted from position 0: the first chunk ends where the router said
+
+    def skip_cached_prefix(self, r: Request) -> None:
+        """Prefix caching: the prompt's first `cache_len` tokens are not prefilled again where its blocks really
+        hold them (`PagedKVCache.cached_prefix`); the blocks it writes forget what they held."""
+        r.seq.cached = self.cache.cached_prefix(r.seq, r.cache_len)
+        if r.seq.cached < r.cache_len:
+            logger.warning("request %d: its blocks hold %d of the %d prefix tokens the router says are cached; "
+                           "the rest is prefilled again", r.id, r.seq.cached, r.cache_len)
+        self.cache.forget(r.seq.blocks[r.seq.cached // self.cache.block_size:])
 
     def release(self, requests: Sequence[Request]) -> None:
         for r in requests:
             self.cache.free(r.seq.blocks)
             r.seq.blocks = []
+            r.ahead = None
 
     # -- steps ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, batch_id: int, requests: List[Request], router_blocks=None) -> Tuple[List[StepResult], Optional[Batch]]:
-        """Admits the requests and chooses their first tokens. A request that cannot be admitted ends alone
-        (its result says why); if the forward pass itself fails, the admitted requests leave no trace."""
-        if not requests:
+    def prefill(self, batch_id: int, requests: List[Request], router_blocks=None,
+                cached_batch_id: Optional[int] = None) -> Tuple[List[StepResult], Optional[Batch]]:
+        """Admits the requests and runs their first prefill step (the whole prompt, or its first chunk), choosing
+        the first token of each request whose prompt is then complete. A request that cannot be admitted ends
+        alone (its result says why); if the forward pass itself fails, the admitted requests leave no trace.
+
+        `cached_batch_id` (chunked prefill, as upstream's Prefill with `cached_batch`): the new requests join
+        that batch, and the same forward pass runs the next chunk or the next token of each of its requests;
+        the batch keeps its id. Should that step fail, the cached batch is gone too (upstream popped it)."""
+        if not requests and cached_batch_id is None:
             raise RequestError("a batch needs at least one request")
         if batch_id in self.batches:
             raise RequestError(f"batch {batch_id} already exists")
+        if cached_batch_id is not None and cached_batch_id not in self.batches:
+            raise BatchNotFound(f"batch {cached_batch_id} is not in the cache")
         requests, refused = self.admit(requests, router_blocks or {})
-        if not requests:
-            return refused, None
+        if cached_batch_id is None:
+            if not requests:
+                return refused, None
+            batch = Batch(batch_id, requests, self.cache.block_size)
+        else:
+            batch = self.batches.pop(cached_batch_id)
+            batch.requests = batch.requests + requests
         try:
-            want_all = any(r.prefill_logprobs for r in requests)
-            logits = self.runner.forward([r.seq for r in requests], [r.prompt_length for r in requests], prefill=True,
-                                         all_logits=want_all)
-            per_request = list(logits.split([r.prompt_length for r in requests])) if want_all else None
-            last = torch.stack([lg[-1] for lg in per_request]) if want_all else logits
-            results = self.finish_step(requests, self.runner.sample(requests, last[:len(requests)]), per_request)
+            results = self.prefill_step(batch.requests)
         except Exception:
-            self.release(requests)
+            self.release(batch.requests)
             raise
-        return refused + results, self.keep(Batch(batch_id, requests, self.cache.block_size))
+        return refused + results, self.keep(batch)
 
     @torch.no_grad()
     def decode(self, batch_ids: Sequence[int]) -> Tuple[List[StepResult], Optional[Batch]]:
-        """One token for every request of these batches (merged into the first)."""
+        """One token for every request of these batches (merged into the first); while a request of theirs is
+        still prefilled in chunks, the step runs its next chunk alongside (`prefill_step`)."""
         batch = self.concatenate(batch_ids)
         try:
-            results = self.finish_step(batch.requests, self.next_choices(batch.requests), None)
+            if any(r.prefilling for r in batch.requests):
+                results = self.prefill_step(batch.requests)
+            else:
+                results = self.finish_step(batch.requests, self.next_choices(batch.requests))
         except Exception:
             # Half a step cannot be resumed: the batch is dropped and its blocks freed; other batches are untouched.
             self.clear(batch.id)
             raise
         return results, self.keep(batch)
+
+    def prefill_step(self, requests: List[Request]) -> List[StepResult]:
+        """One packed forward pass in which every request still prefilling runs its next chunk of prompt and
+        every other request its next token (unless a step launched ahead already chose it). Results come for
+        the requests that chose a token: a request whose prompt is not complete yet has none (as upstream)."""
+        in_flight = {id(r) for step in self.ahead for r in step.requests}
+        if any(id(r) in in_flight for r in requests):
+            self.collect_ahead()
+        run = [r for r in requests if r.prefilling or r.ahead is None]
+        if run:
+            counts = [r.chunk if r.prefilling else 1 for r in run]
+            starts = [r.seq.cached for r in run]
+            want_all = any(r.prefilling and r.prefill_logprobs for r in run)
+            logits = self.runner.forward([r.seq for r in run], counts, prefill=True, all_logits=want_all)
+            rows = list(logits.split(counts)) if want_all else None
+            last = torch.stack([row[-1] for row in rows]) if want_all else logits
+            for i, (r, start) in enumerate(zip(run, starts)):
+                if start < r.prompt_length:
+                    self.cache.record(r.seq, min(r.seq.cached, r.prompt_length))
+                    if r.prefill_logprobs:
+                        self.add_prompt_logprobs(r, start, rows[i])
+            ready = [i for i, r in enumerate(run) if not r.prefilling]
+            if ready:
+                index = torch.tensor(ready, device=last.device)
+                chosen = [run[i] for i in ready]
+                for r, choice in zip(chosen, self.runner.sample(chosen, last.index_select(0, index))):
+                    r.ahead = choice
+        going = [r for r in requests if not r.prefilling]
+        choices = [r.ahead for r in going]
+        for r in going:
+            r.ahead = None
+        results = self.finish_step(going, choices)
+        self.plan_chunks(requests)
+        return results
+
+    def plan_chunks(self, requests: List[Request]) -> None:
+        """The next chunk of each request still prefilling, as upstream sizes it after a prefill step
+        (server/lorax_server/models/flash_causal_lm.py:1648-1675): the newest requests first, from Warmup's
+        max_prefill_tokens less one token for each other request, and at least one token each."""
+        if self.max_prefill_tokens is None:
+            return  # no budget known: each runs the rest of its prompt next
+        budget = self.max_prefill_tokens - (len(requests) - 1)
+        for r in reversed(requests):
+            if r.prefilling and r.finish_reason is None:
+                r.next_chunk = max(min(r.prompt_length - r.seq.cached, budget), 1)
+                budget -= r.next_chunk
+
+    def add_prompt_logprobs(self, r: Request, start: int, logits: torch.Tensor) -> None:
+        """Adds the log-probabilities of the prompt tokens that this step's logits [n, V] (tokens start..start+n-1)
+        predict; the first token, and those read from the prefix cache, have none (NaN, as upstream)."""
+        if r.prompt_logprobs is None:
+            r.prompt_logprobs = [math.nan] * (start + 1)
+        targets = r.seq.tokens[start + 1:min(start + len(logits), r.prompt_length - 1) + 1]
+        if targets:  # the last row of the prompt predicts a new token, not a prompt token
+            logp = logits[:len(targets)].float().log_softmax(-1)
+            ids = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+            r.prompt_logprobs += logp.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
 
     def next_choices(self, requests: List[Request]) -> List[Choice]:
         """Each request's next token: chosen by a step launched ahead, or by a forward pass over the rest now.
@@ -192,8 +298,7 @@ class FlashCausalLM:
             r.ahead = None
         return choices
 
-    def finish_step(self, requests: List[Request], choices: List[Choice],
-                    prompt_logits: Optional[List[torch.Tensor]]) -> List[StepResult]:
+    def finish_step(self, requests: List[Request], choices: List[Choice]) -> List[StepResult]:
         """Each request's result from its chosen token: the token joins the sequence, the next decode step is
         launched for the requests that go on (see `launch_ahead`), then text, stop and result follow per
         request while the GPU computes; a request that fails there ends alone."""
@@ -208,7 +313,7 @@ class FlashCausalLM:
                 results.append(self.end_alone(r, choice.error))
                 continue
             try:
-                results.append(self.choose_one(r, choice, None if prompt_logits is None else prompt_logits[i]))
+                results.append(self.choose_one(r, choice))
             except Exception as error:  # its text or its stop: this request ends, alone
                 logger.exception("request %d failed; its batch goes on", r.id)
                 results.append(self.end_alone(r, f"{type(error).__name__}: {error}"))
@@ -275,7 +380,7 @@ class FlashCausalLM:
         r.finish_reason = "error"
         return self.failed(r.id, message, r.generated, r.prompt_length if not r.generated else 0)
 
-    def choose_one(self, r: Request, choice: Choice, prompt_logits: Optional[torch.Tensor]) -> StepResult:
+    def choose_one(self, r: Request, choice: Choice) -> StepResult:
         """The result of the token `finish_step` appended: its text, whether it ends the request, and (when
         it does) the whole text."""
         token = choice.token
@@ -284,8 +389,8 @@ class FlashCausalLM:
                                               [(t, lp, self.token_text(t)) for t, lp in choice.alternatives]))
         if len(r.generated) == 1:  # the prefill step reports the prompt
             result.prompt_length = r.prompt_length
-        if prompt_logits is not None and r.prefill_logprobs:
-            result.prompt_tokens = self.prompt_choices(r, prompt_logits)
+        if len(r.generated) == 1 and r.prefill_logprobs:
+            result.prompt_tokens = self.prompt_choices(r)
         r.finish_reason = result.finish_reason = r.stopping(token, text, len(r.generated))
         if r.finish_reason is None and r.grammar is not None and r.grammar.finished:
             r.finish_reason = result.finish_reason = "eos"  # the JSON is complete: only EOS could follow
@@ -305,10 +410,10 @@ class FlashCausalLM:
         """The whole generated text, decoded once when the request ends (engine.text.final_text)."""
         return final_text(self.tokenizer, r.seq.tokens[r.prompt_length - 1], r.generated)
 
-    def prompt_choices(self, r: Request, logits: torch.Tensor) -> List[TokenChoice]:
+    def prompt_choices(self, r: Request) -> List[TokenChoice]:
         prompt = r.seq.tokens[:r.prompt_length]
         return [TokenChoice(t, lp, self.token_text(t), t in self.special_ids)
-                for t, lp in zip(prompt, prompt_logprobs(logits, prompt))]
+                for t, lp in zip(prompt, r.prompt_logprobs)]
 
     def token_text(self, token: int) -> str:
         """A token's text alone, decoded once per token id."""
@@ -411,6 +516,16 @@ class FlashCausalLM:
             if batch is None:
                 return [finished[i] for i in range(len(prompts))]
             results, batch = self.decode([batch.id])
+
+
+def env_flag(name: str) -> bool:
+    """An upstream boolean environment variable ("1" / "0", as the launcher writes them; "true" also taken)."""
+    value = os.getenv(name, "0").strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("", "0", "false", "no"):
+        return False
+    raise ValueError(f"{name}={value!r}: expected 1 or 0")
 
 
 def kv_cache_blocks(model, block_size: int, budget_bytes: int, dtype: torch.dtype) -> int:

@@ -45,9 +45,18 @@ def download_weights_argv(model_id: str, source: str = "hub", adapter_source: st
             "--source", source, "--adapter-source", adapter_source]
 
 
-def launcher_env(rank: int, world_size: int, master_port: int, has_preloaded_adapters: bool) -> dict:
-    """launcher/src/main.rs:809-903 with the launcher's defaults (the current environment is copied first, :809)."""
+def launcher_env(rank: int, world_size: int, master_port: int, has_preloaded_adapters: bool,
+                 prefix_caching: Optional[bool] = None, chunked_prefill: Optional[bool] = None) -> dict:
+    """launcher/src/main.rs:809-903 with the launcher's defaults (the current environment is copied first, :809);
+    `--prefix-caching` / `--chunked-prefill` when given (both unset by default, :522-530)."""
     env = dict(os.environ)
+    # Not inherited here, so that each module's shard has exactly the switches its test asks for.
+    env.pop("PREFIX_CACHING", None)
+    env.pop("CHUNKED_PREFILL", None)
+    if prefix_caching is not None:  # :843-846
+        env["PREFIX_CACHING"] = "1" if prefix_caching else "0"
+    if chunked_prefill is not None:  # :849-852
+        env["CHUNKED_PREFILL"] = "1" if chunked_prefill else "0"
     env.update({
         "RANK": str(rank),  # :820
         "WORLD_SIZE": str(world_size),  # :821
@@ -82,7 +91,8 @@ class ShardProcess:
     """shard_manager (launcher/src/main.rs:660-1021) for one rank."""
 
     def __init__(self, tmp_dir: Path, preloaded_adapter_ids: List[str] = (), extra_args: List[str] = (),
-                 model_id: str = MODEL_DIR):
+                 model_id: str = MODEL_DIR, prefix_caching: Optional[bool] = None,
+                 chunked_prefill: Optional[bool] = None):
         self.tmp_dir = Path(tmp_dir)
         self.uds_path = str(self.tmp_dir / "lorax-server")
         self.socket_path = f"{self.uds_path}-0"  # :711 `{uds_path}-{rank}`
@@ -92,7 +102,7 @@ class ShardProcess:
         # this project's --kv-cache-mib, and says so where it does).
         self.argv = [sys.executable, "-m", "lorax_server.cli"] + serve_argv(
             model_id, self.uds_path, list(preloaded_adapter_ids)) + list(extra_args)
-        self.env = launcher_env(0, 1, self.master_port, bool(preloaded_adapter_ids))
+        self.env = launcher_env(0, 1, self.master_port, bool(preloaded_adapter_ids), prefix_caching, chunked_prefill)
         self.proc: Optional[subprocess.Popen] = None
         self.started_at: Optional[float] = None
         self.ready_after: Optional[float] = None

@@ -13,7 +13,9 @@ What is emulated (the router's default configuration, as the launcher starts it)
   * adapters: router/src/infer.rs:301-326 (index map), adapter.rs, queue.rs (AdapterQueuesState),
     loader.rs (download / load / offload / terminate), scheduler.rs:549-571 (update_adapters);
   * scheduling: router/src/scheduler.rs:283-546 (next_batch; block allocation only if
-    !requires_padding && requires_block_allocator, scheduler.rs:229), block_allocator.rs:152-216 (SimpleAllocator);
+    !requires_padding && requires_block_allocator, scheduler.rs:229), block_allocator.rs:152-216 (SimpleAllocator),
+    radix.rs:20-678 (RadixAllocator and its trie, with --prefix-caching: block_allocator.rs:96-100), chunk_len
+    (scheduler.rs:420-456);
   * batching: router/src/infer.rs:1051-1248 (batching_task), :1251-1330 (prefill / decode, ClearCache after a
     failed RPC), :1447-1507 (filter_batch / filter_send_generations), :1510-1602 (send_responses),
     :1648-1662 (send_errors), router/src/batch.rs (BatchEntries);
@@ -967,21 +969,22 @@ class AdapterLoader:
 
 
 class BlockAllocation:
-    def __init__(self, allocator: "SimpleAllocator", blocks: List[int], slots: List[int], prefix_len: int = 0):
+    def __init__(self, allocator, blocks: List[int], slots: List[int], prefix_len: int = 0, allocation_id: int = 0):
         self.allocator = allocator
         self.blocks = blocks
         self.slots = slots
         self.prefix_len = prefix_len
+        self.allocation_id = allocation_id
         self._freed = False
 
     def drop(self):  # block_allocator.rs:19-25: Drop frees the blocks
         if not self._freed:
             self._freed = True
-            self.allocator.free(self.blocks)
+            self.allocator.free(self.blocks, self.allocation_id)
 
 
 class SimpleAllocator:
-    """router/src/block_allocator.rs:146-216 (prefix caching is off by default: launcher/src/main.rs:1563)."""
+    """router/src/block_allocator.rs:146-216 (the allocator without --prefix-caching, block_allocator.rs:96-100)."""
 
     def __init__(self, max_batch_total_tokens: int, block_size: int, window_size: Optional[int]):
         blocks = max_batch_total_tokens // block_size  # block_allocator.rs:45
@@ -990,8 +993,8 @@ class SimpleAllocator:
         self.free_blocks = list(range(1, blocks))  # block_allocator.rs:156-157 "Block 0 is reserved for health checks"
         self._lock = threading.Lock()
 
-    def allocate(self, tokens: int) -> Optional[BlockAllocation]:  # block_allocator.rs:164-211
-        with self._lock:
+    def allocate(self, adapter_index: int, tokens: int, prefill_tokens=None) -> Optional[BlockAllocation]:
+        with self._lock:  # block_allocator.rs:164-211
             if self.window_size is None:
                 t, repeats = tokens, 1
             else:
@@ -1015,9 +1018,241 @@ class SimpleAllocator:
                     break
             return BlockAllocation(self, blocks, slots, 0)
 
-    def free(self, blocks):  # block_allocator.rs:213-215
+    def free(self, blocks, allocation_id: int = 0):  # block_allocator.rs:213-215
         with self._lock:
             self.free_blocks.extend(blocks)
+
+
+class TrieNode:  # router/src/radix.rs:648-670
+    def __init__(self, key: List[int], blocks: List[int], last_accessed: int, parent):
+        self.key, self.blocks, self.last_accessed, self.parent = key, blocks, last_accessed, parent
+        self.children: Dict[tuple, int] = {}
+        self.ref_count = 0
+
+
+class RadixTrie:
+    """router/src/radix.rs:249-646, line for line (a node's first block of tokens keys it in its parent; Rust hashes
+    that block, here the tuple itself is the key). Its quirks are kept: e.g. `find` returns the parent, not the
+    child, when the key ends exactly at a child's end (:318-337)."""
+
+    def __init__(self, block_size: int):
+        self.roots: Dict[int, int] = {}
+        self.leaves: set = set()  # (last_accessed, node id); BTreeSet ordered by recency
+        self.nodes: Dict[int, TrieNode] = {}
+        self.ids = itertools.count()
+        self.time = 0
+        self.block_size = block_size
+
+    def find(self, adapter_index: int, key: List[int], blocks: List[int]) -> int:  # :312-315
+        self.time += 1
+        return self._find(self.root_id(adapter_index), key, blocks)
+
+    def _find(self, node_id: int, key: List[int], blocks: List[int]) -> int:  # :318-338
+        node = self.nodes[node_id]
+        if len(key) >= self.block_size:
+            child_id = node.children.get(tuple(key[:self.block_size]))
+            if child_id is not None:
+                self.update_access_time(child_id)
+                child = self.nodes[child_id]
+                shared = shared_prefix(child.key, key, self.block_size)
+                blocks.extend(child.blocks[:shared // self.block_size])
+                key = key[shared:]
+                if key:
+                    node_id = self._find(child_id, key, blocks)
+        return node_id
+
+    def decref(self, node_id: int) -> None:  # :341-367
+        if self.is_root(node_id):
+            return
+        node = self.nodes[node_id]
+        assert node.ref_count > 0, "RefCountUnderflow"
+        node.ref_count -= 1
+        if node.ref_count == 0:
+            assert not node.children, "Nodes with children must have refcount > 0"
+            self.leaves.add((node.last_accessed, node_id))
+
+    def incref(self, node_id: int) -> None:  # :370-385
+        if self.is_root(node_id):
+            return
+        node = self.nodes[node_id]
+        if node.ref_count == 0:
+            self.leaves.discard((node.last_accessed, node_id))
+        node.ref_count += 1
+
+    def evict(self, n_blocks: int) -> List[int]:  # :391-437
+        evicted: List[int] = []
+        while self.leaves:
+            last_access, node_id = min(self.leaves)  # BTreeSet::pop_first
+            self.leaves.remove((last_access, node_id))
+            blocks_needed = max(n_blocks - len(evicted), 0)
+            node = self.nodes[node_id]
+            assert node.ref_count == 0, f"Leaf must have refcount of 0, got {node.ref_count}"
+            if blocks_needed >= len(node.blocks):
+                evicted.extend(self.remove_node(node_id).blocks)
+                if len(evicted) >= n_blocks:
+                    break
+            else:
+                truncate_blocks = len(node.blocks) - blocks_needed
+                node.key = node.key[:truncate_blocks * self.block_size]
+                evicted.extend(node.blocks[truncate_blocks:])
+                node.blocks = node.blocks[:truncate_blocks]
+                self.leaves.add((last_access, node_id))
+                break
+        return evicted
+
+    def insert(self, adapter_index: int, tokens: List[int], blocks: List[int]) -> int:  # :444-454
+        self.time += 1
+        return self._insert(self.get_or_create_root(adapter_index), tokens, blocks)
+
+    def _insert(self, node_id: int, tokens: List[int], blocks: List[int]) -> int:  # :457-505
+        assert len(tokens) == len(blocks) * self.block_size
+        child_id = self.nodes[node_id].children.get(tuple(tokens[:self.block_size]))
+        if child_id is None:
+            self.add_node(node_id, tokens, blocks)
+            return 0
+        self.update_access_time(child_id)
+        child = self.nodes[child_id]
+        shared = shared_prefix(child.key, tokens, self.block_size)
+        if shared == len(tokens) or shared == 0:
+            return shared
+        if shared == len(child.key):
+            return shared + self._insert(child_id, tokens[shared:], blocks[shared // self.block_size:])
+        child_id = self.split_node(child_id, shared)
+        return shared + self._insert(child_id, tokens[shared:], blocks[shared // self.block_size:])
+
+    def split_node(self, node_id: int, prefix_len: int) -> int:  # :507-540
+        node = self.nodes[node_id]
+        prefix_blocks = prefix_len // self.block_size
+        parent_key, parent_blocks = node.key[:prefix_len], node.blocks[:prefix_blocks]
+        node.key, node.blocks = node.key[prefix_len:], node.blocks[prefix_blocks:]
+        node_key = tuple(node.key[:self.block_size])
+        grandparent_id = node.parent
+        parent_id = self.add_node(grandparent_id, parent_key, parent_blocks)
+        self.add_node_to_parent(parent_id, node_key, node_id)
+        node.parent = parent_id
+        return parent_id
+
+    def add_node(self, parent_id: int, key: List[int], blocks: List[int]) -> int:  # :543-560
+        first = tuple(key[:self.block_size])
+        child_id = next(self.ids)
+        self.nodes[child_id] = TrieNode(list(key), list(blocks), self.time, parent_id)
+        self.add_node_to_parent(parent_id, first, child_id)
+        self.leaves.add((self.time, child_id))
+        return child_id
+
+    def add_node_to_parent(self, parent_id: int, key: tuple, child_id: int) -> None:  # :563-571
+        parent = self.nodes[parent_id]
+        replaced = key in parent.children
+        parent.children[key] = child_id
+        if not replaced:
+            self.incref(parent_id)
+
+    def remove_node(self, node_id: int) -> TrieNode:  # :574-590
+        node = self.nodes.pop(node_id)
+        assert not node.children, f"Tried to remove a node with {len(node.children)} children"
+        parent = self.nodes[node.parent]
+        parent.children.pop(tuple(node.key[:self.block_size]), None)
+        self.decref(node.parent)
+        return node
+
+    def update_access_time(self, node_id: int) -> None:  # :592-602
+        node = self.nodes[node_id]
+        if (node.last_accessed, node_id) in self.leaves:
+            self.leaves.remove((node.last_accessed, node_id))
+            self.leaves.add((self.time, node_id))
+        node.last_accessed = self.time
+
+    def get_or_create_root(self, adapter_index: int) -> int:  # :631-636
+        if adapter_index not in self.roots:
+            root_id = next(self.ids)
+            self.nodes[root_id] = TrieNode([], [], 0, None)
+            self.roots[adapter_index] = root_id
+        return self.roots[adapter_index]
+
+    def root_id(self, adapter_index: int) -> int:
+        return self.roots[adapter_index]
+
+    def is_root(self, node_id: int) -> bool:
+        return self.nodes[node_id].parent is None
+
+
+def shared_prefix(left: List[int], right: List[int], block_size: int) -> int:  # radix.rs:672-678
+    full = 0
+    for a, b in zip(left, right):
+        if a != b:
+            break
+        full += 1
+    assert full > 0, "Prefixes must at least share 1 token"
+    return (full // block_size) * block_size
+
+
+class RadixAllocator:
+    """router/src/radix.rs:20-247: the allocator with --prefix-caching (block_allocator.rs:96-100). A request's
+    prompt blocks enter the trie when its allocation is freed; a later request with the same adapter and prompt
+    prefix gets those blocks first and prefix_len = the tokens they hold (whole blocks)."""
+
+    def __init__(self, max_batch_total_tokens: int, block_size: int, window_size: Optional[int]):
+        self.allocation_id = 0
+        self.allocations: Dict[int, tuple] = {}  # id -> (adapter_index, prefix_node, cached_prefix_len, tokens)
+        self.cache_blocks = RadixTrie(block_size)
+        self.free_blocks = list(range(1, max_batch_total_tokens // block_size))  # :45-46 block 0: health checks
+        self.window_size = window_size  # unused upstream too (:30-33)
+        self.block_size = block_size
+        self._lock = threading.Lock()
+
+    def alloc_or_reclaim(self, n_blocks_needed: int) -> Optional[List[int]]:  # :52-77
+        if len(self.free_blocks) < n_blocks_needed:
+            self.free_blocks.extend(self.cache_blocks.evict(n_blocks_needed - len(self.free_blocks)))
+        if len(self.free_blocks) >= n_blocks_needed:
+            cut = len(self.free_blocks) - n_blocks_needed
+            taken = self.free_blocks[cut:]
+            del self.free_blocks[cut:]
+            return taken
+        return None
+
+    def allocate(self, adapter_index: int, tokens: int, prefill_tokens=None) -> Optional[BlockAllocation]:
+        with self._lock:  # :82-178
+            self.cache_blocks.get_or_create_root(adapter_index)
+            blocks: List[int] = []
+            if prefill_tokens is not None:
+                prefix_node = self.cache_blocks.find(adapter_index, list(prefill_tokens), blocks)
+            else:
+                prefix_node = self.cache_blocks.root_id(adapter_index)
+            self.cache_blocks.incref(prefix_node)
+            prefix_len = len(blocks) * self.block_size
+            suffix_blocks = (tokens - prefix_len + self.block_size - 1) // self.block_size
+            suffix = self.alloc_or_reclaim(suffix_blocks)
+            if suffix is None:
+                self.cache_blocks.decref(prefix_node)
+                return None
+            blocks.extend(suffix)
+            slots: List[int] = []
+            for block_id in blocks:  # :137-150
+                for s in range(block_id * self.block_size, (block_id + 1) * self.block_size):
+                    if len(slots) == tokens:
+                        break
+                    slots.append(s)
+            self.allocation_id += 1
+            self.allocations[self.allocation_id] = (adapter_index, prefix_node, prefix_len,
+                                                    None if prefill_tokens is None else list(prefill_tokens))
+            return BlockAllocation(self, blocks, slots, prefix_len, self.allocation_id)
+
+    def free(self, blocks: List[int], allocation_id: int) -> None:
+        with self._lock:  # :180-239
+            adapter_index, prefix_node, cached_prefix_len, prefill_tokens = self.allocations.pop(allocation_id)
+            self.cache_blocks.decref(prefix_node)
+            if prefill_tokens is None:
+                self.free_blocks.extend(blocks)
+                return
+            if len(prefill_tokens) > cached_prefix_len:
+                aligned = (len(prefill_tokens) // self.block_size) * self.block_size
+                if aligned > 0:
+                    prefix_len = self.cache_blocks.insert(adapter_index, prefill_tokens[:aligned],
+                                                          blocks[:aligned // self.block_size])
+                    if prefix_len > cached_prefix_len:  # :224-229 blocks of a partially overlapping request
+                        self.free_blocks.extend(blocks[cached_prefix_len // self.block_size:
+                                                       prefix_len // self.block_size])
+            self.free_blocks.extend(blocks[len(prefill_tokens) // self.block_size:])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1231,8 +1466,10 @@ class Router:
         # scheduler.rs:228-236 "Only causal LMs require the block allocator, due to paged attention"
         self.block_allocator = None
         if not info.requires_padding and info.requires_block_allocator:
-            self.block_allocator = SimpleAllocator(self.max_batch_total_tokens, info.block_size,
-                                                   info.window_size if info.HasField("window_size") else None)
+            # block_allocator.rs:96-100: the radix allocator with --prefix-caching (main.rs passes the flag through)
+            allocator = RadixAllocator if self.args.prefix_caching else SimpleAllocator
+            self.block_allocator = allocator(self.max_batch_total_tokens, info.block_size,
+                                             info.window_size if info.HasField("window_size") else None)
         # infer.rs:213-233: the base model is index 0; preloaded adapters keep the shard's indices
         self.adapter_to_index: Dict[AdapterParameters, int] = {
             AdapterParameters(adapter_ids=(BASE_MODEL_ADAPTER_ID,)): 0}
@@ -1520,8 +1757,10 @@ class Router:
                         break  # NB: prefill_tokens / decode_tokens keep this entry's share (see max_tokens below)
                     block_allocation = None
                 else:  # :369-461
+                    # :370-376 "If users wants the prefill logprobs, we cannot reuse the cache."
+                    input_ids = None if entry.request.decoder_input_details else entry.request.input_ids()
                     tokens = entry.request.input_length + entry.request.max_new_tokens() + self.speculate - 1
-                    block_allocation = self.block_allocator.allocate(tokens)
+                    block_allocation = self.block_allocator.allocate(adapter.index, tokens, input_ids)
                     if block_allocation is None:  # "Over budget: not enough free blocks"
                         with self._qlock:
                             self.queues_state.push_front(adapter, entry_id, entry)

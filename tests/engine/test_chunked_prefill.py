@@ -1,0 +1,94 @@
+"""Chunked prefill in the engine, on the embedded tiny Mixtral (fp32, CPU), as LoRAX's router drives it with
+Info.chunked_prefill: a request's first Prefill carries `chunk_len`; the shard runs the rest of the prompt in the
+batch's following steps (Decode, or Prefill with `cached_batch`), each chunk sized from Warmup's
+max_prefill_tokens as upstream's shard sizes it (server/lorax_server/models/flash_causal_lm.py:1648-1675), the
+batch's other requests decoding in the same steps. The output equals a one-piece prefill."""
+
+import pytest
+
+from tests.engine.test_prefix_cache import (
+    SHARED, Outputs, assert_same, blocks_for, forward_counts, full_prefill, request, run, tail,
+)
+from tests.engine.test_prefix_cache import empty_cache, engine  # noqa: F401 (fixtures)
+
+LONG = tail(7, 100)
+
+
+def test_a_long_prompt_prefilled_in_chunks_equals_one_piece(engine, monkeypatch):
+    """chunk_len 24, then chunks of max_prefill_tokens (24) over the following Decode calls; no result until the
+    prompt is complete, then the one-piece prefill's tokens and logprobs, prompt logprobs included."""
+    want = full_prefill(engine, LONG, prefill_logprobs=True)
+    engine.max_prefill_tokens = 24
+    counts = forward_counts(engine, monkeypatch)
+    got = run(engine, 1, [request(engine, 1, LONG, chunk_len=24, prefill_logprobs=True)],
+              {1: blocks_for(engine, LONG, 8, 10)})
+    assert counts[:5] == [[24], [24], [24], [24], [4]]
+    assert got.steps[:4] == [[], [], [], []] and got.steps[4] == [1]
+    assert_same(got, want, 1, 9)
+    assert got.prompt[1][1:] == pytest.approx(want.prompt[9][1:], abs=1e-4)
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["decode-ahead", "in-turn"])
+def test_chunks_run_alongside_running_decodes(engine, monkeypatch, ahead):
+    """A batch of two requests is decoding when a Prefill brings a 100-token prompt with chunk_len 20 and the
+    running batch as cached_batch: every step from then on gives the two running requests a token each (their
+    decodes are never held up for more than one chunk), the long one gets none until its prompt is complete, and
+    every output equals the request's output alone. Without decode steps launched ahead, each step is ONE forward
+    pass over the chunk and the two decode tokens."""
+    monkeypatch.setattr(engine, "decode_ahead", ahead)
+    short = {1: tail(8, 6), 2: tail(9, 11)}
+    alone = {i: full_prefill(engine, ids, new=12) for i, ids in short.items()}
+    want = full_prefill(engine, LONG)
+    engine.max_prefill_tokens = 24
+    counts = forward_counts(engine, monkeypatch)
+
+    out = Outputs()
+    results, running = engine.prefill(1, [request(engine, i, ids, new=12) for i, ids in short.items()],
+                                      {i: blocks_for(engine, ids, 12, 10 * i) for i, ids in short.items()})
+    out.add(results)
+    results, running = engine.decode([running.id])
+    out.add(results)
+    long = request(engine, 3, LONG, chunk_len=20)
+    results, batch = engine.prefill(2, [long], {3: blocks_for(engine, LONG, 8, 40)}, cached_batch_id=running.id)
+    out.add(results)
+    assert batch.id == running.id and [r.id for r in batch.requests] == [1, 2, 3]
+    while batch is not None:
+        results, batch = engine.decode([batch.id])
+        out.add(results)
+
+    if ahead:
+        assert counts[1:5] == [[20], [22], [22], [22]] and counts[5] == [14]
+    else:  # one forward for the decodes and the chunk: the running requests first, as they are in the batch
+        assert counts[1:6] == [[1, 1, 20], [1, 1, 22], [1, 1, 22], [1, 1, 22], [1, 1, 14]]
+    assert out.steps[2:6] == [[1, 2]] * 4 and out.steps[6] == [1, 2, 3]
+    for i in short:
+        assert_same(out, alone[i], i, 9)
+    assert_same(out, want, 3, 9)
+
+
+def test_a_chunked_prompt_after_a_prefix_hit(engine, monkeypatch):
+    """cache_len and chunk_len together (the router sends both, scheduler.rs:420-442): the chunks start after
+    the cached prefix."""
+    ids = SHARED[:32] + tail(10, 50)
+    want = full_prefill(engine, ids)
+    first = blocks_for(engine, ids, 8, 10)
+    run(engine, 1, [request(engine, 1, ids)], {1: first})
+    engine.max_prefill_tokens = 30
+    counts = forward_counts(engine, monkeypatch)
+    got = run(engine, 2, [request(engine, 2, ids, cache_len=32, chunk_len=10)],
+              {2: blocks_for(engine, ids, 8, 40, first[:2])})
+    assert counts[:3] == [[10], [30], [10]]
+    assert_same(got, want, 2, 9)
+
+
+def test_a_request_filtered_out_mid_prefill_gives_its_blocks_back(engine):
+    engine.max_prefill_tokens = 16
+    _, batch = engine.prefill(1, [request(engine, 1, LONG, chunk_len=16), request(engine, 2, tail(11, 5))],
+                              {1: blocks_for(engine, LONG, 8, 10), 2: blocks_for(engine, tail(11, 5), 8, 30)})
+    assert [r.id for r in batch.requests] == [1, 2] and batch.requests[0].prefilling
+    assert batch.next_step_tokens == 15 + 1  # its next chunk (16 less one for the other request) and one token
+    engine.filter(batch.id, [2])
+    results, batch = engine.decode([batch.id])
+    assert [r.request_id for r in results] == [2]
+    engine.clear()
+    assert engine.cache.all_free
