@@ -42,20 +42,20 @@ def synthetic_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=words, bos_token="w1", eos_token="w2")
 
 
-def build_engine(layers: int, max_batch: int) -> FlashCausalLM:
+def build_engine(layers: int, max_batch: int, context: int = CONTEXT) -> FlashCausalLM:
     config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=layers,
-                           max_position_embeddings=CONTEXT + NEW_TOKENS + 64)
+                           max_position_embeddings=context + NEW_TOKENS + 64)
     model = FlashMixtralForCausalLM("", config, RandomWeights()).eval()
-    blocks = max_batch * (CONTEXT + NEW_TOKENS) // 16 + max_batch + 16
+    blocks = max_batch * (context + NEW_TOKENS) // 16 + max_batch + 16
     return FlashCausalLM(model, synthetic_tokenizer(config.vocab_size), torch.bfloat16, "cuda", blocks)
 
 
-def live_batch(engine: FlashCausalLM, batch: int, params: SamplingParams, first_id: int) -> int:
-    """Prefills `batch` requests of CONTEXT random tokens in chunks and merges them; returns the batch id."""
+def live_batch(engine: FlashCausalLM, batch: int, params: SamplingParams, first_id: int, context: int = CONTEXT) -> int:
+    """Prefills `batch` requests of `context` random tokens in chunks and merges them; returns the batch id."""
     generator = torch.Generator().manual_seed(first_id)
     ids = []
     for start in range(0, batch, PREFILL_CHUNK):
-        requests = [engine.new_request(first_id + i, torch.randint(3, 32000, (CONTEXT,), generator=generator).tolist(),
+        requests = [engine.new_request(first_id + i, torch.randint(3, 32000, (context,), generator=generator).tolist(),
                                        params, NEW_TOKENS, ignore_eos=True)
                     for i in range(start, min(batch, start + PREFILL_CHUNK))]
         _, kept = engine.prefill(first_id + start, requests)
@@ -110,20 +110,21 @@ def main():
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 64])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--context", type=int, default=CONTEXT, help="prompt tokens of every row (2048)")
     parser.add_argument("--per-request", type=int, nargs="*", default=[64],
                         help="batches also timed with per-request sampling (the engine before the batched sampler)")
     parser.add_argument("--profile", type=int, nargs="*", default=[],
                         help="batches whose steps are also profiled on the host (cProfile)")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
-    engine = build_engine(args.layers, max(args.batches))
-    engine.graphs.prepare(CONTEXT + NEW_TOKENS) if engine.graphs is not None else None
+    engine = build_engine(args.layers, max(args.batches), args.context)
+    engine.graphs.prepare(args.context + NEW_TOKENS) if engine.graphs is not None else None
     rows, first_id = [], 0
     with torch.no_grad():
         for batch in args.batches:
-            floor = decode_floor_ms(engine.config, args.layers, batch, bandwidth)
+            floor = decode_floor_ms(engine.config, args.layers, batch, bandwidth, context=args.context)
             for mode, params in MODES.items():
-                batch_id = live_batch(engine, batch, params, first_id)
+                batch_id = live_batch(engine, batch, params, first_id, args.context)
                 first_id += 10_000
                 alone = model_step_ms(engine, batch_id)
                 step = engine_step_ms(engine, batch_id, args.steps)
@@ -143,7 +144,7 @@ def main():
                 if batch in args.profile:
                     profile_steps(engine, batch_id, args.steps)
                 engine.clear()
-    print_table(f"Decode step through the engine, {args.layers} Mixtral-8x7B layers, bf16, context {CONTEXT}, "
+    print_table(f"Decode step through the engine, {args.layers} Mixtral-8x7B layers, bf16, context {args.context}, "
                 f"{card()} (copy {bandwidth / 1e12:.2f} TB/s)",
                 ["step", "floor ms", "model alone (graph) ms", "engine step ms", "engine / model", "engine / floor"],
                 rows)
