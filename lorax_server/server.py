@@ -28,7 +28,7 @@ import grpc
 import torch
 
 from lorax_server.adapters.weights import AdapterError
-from lorax_server.layers.backends import CHOSEN
+from lorax_server.utils.backends import CHOSEN
 from lorax_server.engine.cache import BlockInUse, CacheFull
 from lorax_server.engine.requests import Batch, BatchNotFound, StepResult
 from lorax_server.pb import generate_pb2 as pb

@@ -14,7 +14,7 @@ import torch
 
 from lorax_server.adapters.stacked import LoraStacks
 from lorax_server.adapters.weights import BASE_MODEL_ADAPTER_INDEX, AdapterWeights
-from lorax_server.layers.moe.alignment import align_by_expert
+from lorax_server.kernels.alignment import align_by_expert
 
 # Rows of expert LoRA from which the two-stage MoE path (`moe_experts`) groups them by adapter and expert
 # (SGMV) instead of running per-row kernels (BGMV). The fused MoE path (up to TRITON_MOE_MAX_TOKENS = 512

@@ -14,7 +14,7 @@ from lorax_server.adapters.batch import AdapterBatchData
 from lorax_server.adapters.peft import PeftLoraLoader
 from lorax_server.adapters.stacked import LoraStacks, build_stacks
 from lorax_server.adapters.weights import BASE_MODEL_ADAPTER_INDEX, AdapterError, AdapterWeights
-from lorax_server.layers.backends import Backend, choose, needs_cuda_and_triton
+from lorax_server.utils.backends import Backend, choose, needs_cuda_and_triton
 
 # The implementation is a flag: stacked weights + Triton kernels (True) or the per-adapter loop (False).
 LORA_BACKENDS = (Backend("triton", True, needs_cuda_and_triton), Backend("torch", False))

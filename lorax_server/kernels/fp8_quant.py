@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorax_server.layers.fp8 import FP8, FP8_MAX, MIN_SCALE
+from lorax_server.utils.fp8 import FP8, FP8_MAX, MIN_SCALE
 
 BLOCK = 1024  # elements of a row per step: Mixtral's 4096 and 14336 in 4 and 14 steps
 

@@ -11,9 +11,9 @@ Oracle: `lorax_server.layers.moe.experts.moe_experts(..., linear_per_expert)`.
    the K rows of a token are then summed (deterministic, no atomics).
 Tile shapes are chosen per token count from `MOE_TILE_CONFIGS` (measured on the device, see docs/PERF.md).
 
-FP8 experts (`Fp8Weight`, W8A8 e4m3): x is quantized per token before step 2 and h per padded row before step
-3 (`kernels/fp8_quant.py`); both GEMMs multiply e4m3 by e4m3 into fp32 and apply the activation and weight
-scales in their epilogues; tiles from `MOE_FP8_TILE_CONFIGS`. FP8 oracle: the same arithmetic in float32 over
+FP8 experts (W8A8 e4m3: weights with an e4m3 `.weight` and its `.weight_scale`, as layers.fp8.Fp8Weight holds
+them): x is quantized per token before step 2 and h per padded row before step 3 (`kernels/fp8_quant.py`);
+both GEMMs multiply e4m3 by e4m3 into fp32 and apply the activation and weight scales in their epilogues; tiles from `MOE_FP8_TILE_CONFIGS`. FP8 oracle: the same arithmetic in float32 over
 the dequantized weights (tests/gpu/test_fp8_kernels.py).
 """
 
@@ -22,8 +22,7 @@ import triton
 import triton.language as tl
 
 from lorax_server.kernels.fp8_quant import quantize_rows
-from lorax_server.layers.fp8 import Fp8Weight
-from lorax_server.layers.moe.alignment import Alignment, align_by_expert
+from lorax_server.kernels.alignment import Alignment, align_by_expert
 
 # (max tokens, gate/up kernel tiles, down kernel tiles); a tile is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
 # num_stages). The first row whose bound is >= the token count is used. Chosen by `python -m bench.moe_layer
@@ -202,12 +201,12 @@ def fused_moe(x: torch.Tensor, w13, w2, routing_weights: torch.Tensor, experts: 
     with its routing weight. The expert weights are still read once. With `elsewhere`, an expert id of
     E marks an assignment another rank computes (expert parallelism): it is skipped and adds zero.
 
-    FP8: w13 and w2 may be `Fp8Weight`s (e4m3, one scale per expert and output channel). Then x is quantized
+    FP8: w13 and w2 may be FP8 weights (e4m3, one scale per expert and output channel). Then x is quantized
     once per token and h once per assignment (each with its own scale, or the layer's static input scale),
     both GEMMs multiply e4m3 by e4m3 and apply the scales to the fp32 accumulators (W8A8); expert-LoRA deltas
     still see x and h in x's dtype. `fp8_activations=False` keeps the activations in x's dtype (W8A16).
     """
-    fp8 = isinstance(w13, Fp8Weight)
+    fp8 = not isinstance(w13, torch.Tensor)  # an FP8 weight: e4m3 `.weight` and its `.weight_scale`
     scaled_x = fp8 and fp8_activations
     T, H = x.shape
     E, two_f, _ = w13.shape

@@ -171,7 +171,7 @@ def sgmv_expand_kernel(v_ptr, b_ptr, sorted_rows_ptr, block_group_ptr, y_ptr, n_
 def sgmv_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sorted_rows: torch.Tensor,
               block_group: torch.Tensor) -> None:
     """y [N, out] += B[g] @ (A[g] @ x) per row, in place, where the rows are grouped by stack row
-    g: `sorted_rows` / `block_group` as `layers.moe.alignment.align_by_expert` makes them with SGMV_BLOCK_M
+    g: `sorted_rows` / `block_group` as `kernels.alignment.align_by_expert` makes them with SGMV_BLOCK_M
     (rows without LoRA in no group). a [G, R, in], b [G, out, R]."""
     N, rank = x.shape[0], a.shape[1]
     rank_pad = max(16, rank)  # tensor-core tiles are at least 16 deep

@@ -17,20 +17,27 @@ compute dtype, then an ordinary matmul; the CPU path, and the oracle of the test
 """
 
 from functools import lru_cache
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorax_server.layers.backends import Backend, choose
+from lorax_server.utils.backends import Backend, choose
+from lorax_server.utils.fp8 import (  # noqa: F401 (the format's names are also read from here)
+    FP8,
+    FP8_MAX,
+    FP8_MIN_CAPABILITY,
+    MIN_SCALE,
+    Fp8Tensors,
+    dequantize,
+    fp8_unsupported,
+    gpu_without_fp8,
+    quantize_weight,
+    to_fp8,
+)
 from lorax_server.utils.weights import CheckpointError
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
-# Smallest scale: an all-zero row (a padding token, a pruned channel) quantizes to zeros, not to NaN.
-MIN_SCALE = 1e-12
-FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 # Rows up to which the `scaled_mm` backend multiplies with the Triton weight-only kernel (W8A16) instead of
 # quantizing the activations for torch._scaled_mm. On an H200 at Mixtral's q/k/v and o_proj (docs/PERF.md, FP8
 # section): _scaled_mm plus the quantizing launch took 19-25 us up to 64 rows, the weight-only kernel 15-18 us up
@@ -38,32 +45,7 @@ FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and lat
 W8A16_MAX_ROWS = 16
 
 
-class Fp8Tensors(NamedTuple):
-    """An FP8 weight as loaded, before it becomes a module's state (see the module docstring for the layout)."""
-
-    weight: torch.Tensor
-    weight_scale: torch.Tensor
-    input_scale: Optional[torch.Tensor] = None
-
-
 # -- quantization (pure PyTorch: the reference, and the CPU path) ---------------------------------------
-
-
-def quantize_weight(weight: torch.Tensor) -> Fp8Tensors:
-    """[..., out, in] float -> FP8 with one scale per output channel (absmax over the channel's inputs)."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)  # [..., out]
-    return Fp8Tensors(to_fp8(w / scale.unsqueeze(-1)), scale)
-
-
-def dequantize(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """weight * scale in float32 (the product an FP8 checkpoint means), then cast to `dtype`."""
-    return (weight.float() * weight_scale.float().unsqueeze(-1)).to(dtype)
-
-
-def to_fp8(x: torch.Tensor) -> torch.Tensor:
-    """Round to e4m3, saturating: e4m3fn has no infinity, and a cast past 448 would give NaN."""
-    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def quantize_rows_reference(x: torch.Tensor, input_scale: Optional[torch.Tensor] = None
@@ -99,22 +81,6 @@ def cat_fp8(parts: Sequence[Fp8Tensors], dim: int = 0) -> Fp8Tensors:
 
 
 # -- device support and the linear backends --------------------------------------------------------------
-
-
-def fp8_unsupported(device: torch.device) -> Optional[str]:
-    """Why FP8 tensor cores are not available on `device` (None when they are; a CPU has none)."""
-    if device.type != "cuda":
-        return f"FP8 GEMMs need a CUDA GPU, not {device.type}"
-    capability = torch.cuda.get_device_capability(device)
-    return gpu_without_fp8(torch.cuda.get_device_name(device), capability)
-
-
-def gpu_without_fp8(name: str, capability: Tuple[int, int]) -> Optional[str]:
-    if tuple(capability) >= FP8_MIN_CAPABILITY:
-        return None
-    return (f"this GPU ({name}, compute capability {capability[0]}.{capability[1]}) has no FP8 tensor cores, which "
-            f"need compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or newer (Ada, Hopper and "
-            f"later)")
 
 
 def scaled_mm_unavailable(device: torch.device, out_features: int, in_features: int) -> Optional[str]:

@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from lorax_server.layers.backends import Backend, choose, needs_cuda_and_triton
+from lorax_server.utils.backends import Backend, choose, needs_cuda_and_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

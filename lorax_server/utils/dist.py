@@ -14,7 +14,7 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
-from lorax_server.layers.backends import CHOSEN, Backend, choose
+from lorax_server.utils.backends import CHOSEN, Backend, choose
 
 logger = logging.getLogger(__name__)
 

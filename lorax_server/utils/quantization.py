@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from lorax_server.layers.fp8 import Fp8Tensors, fp8_unsupported
+from lorax_server.utils.fp8 import Fp8Tensors, fp8_unsupported
 from lorax_server.utils.weights import CheckpointError
 
 logger = logging.getLogger(__name__)

@@ -231,7 +231,7 @@ def test_tiny_model_in_fp8_against_the_float_model_of_its_fp8_values(tiny_fp8, a
     was measured on the CPU by quantizing them in the float model (same fp32 oracle): 0.03-0.05 per sequence,
     0.006-0.19 with adapters (the per-expert adapter's deltas are larger than the weights they change), top-1
     agreement 0.88 / 1.0. The bounds leave room for bf16."""
-    from lorax_server.layers.backends import CHOSEN
+    from lorax_server.utils.backends import CHOSEN
     from tests.models.test_fp8_compute import load
 
     needs_fp8()

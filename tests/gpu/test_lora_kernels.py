@@ -15,7 +15,7 @@ if not INTERPRETED:
 
     skip_without_gpu()
 
-from lorax_server.layers.moe.alignment import align_by_expert  # noqa: E402
+from lorax_server.kernels.alignment import align_by_expert  # noqa: E402
 from lorax_server.kernels.lora import SGMV_BLOCK_M, lora_expand, lora_shrink, sgmv_lora  # noqa: E402
 
 pytestmark = pytest.mark.gpu

@@ -7,7 +7,7 @@ from tests.gpu.conftest import relative_error, skip_without_gpu
 
 skip_without_gpu()
 
-from lorax_server.layers.backends import CHOSEN
+from lorax_server.utils.backends import CHOSEN
 from tests.tiny_mixtral import load_ours, paged_logits, reference_logits, save_tiny_mixtral
 
 pytestmark = pytest.mark.gpu

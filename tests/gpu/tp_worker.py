@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lorax_server.layers.backends import CHOSEN
+from lorax_server.utils.backends import CHOSEN
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import BlockSparseMoE, ExpertParallelMoE
 from lorax_server.utils.dist import SMALL_ALL_REDUCE, FakeGroup, initialize_torch_distributed
 from tests.adapters.peft_adapters import ATTENTION_AND_HEAD, make_peft_adapter, store_for, write_per_expert_adapter

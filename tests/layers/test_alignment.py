@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lorax_server.layers.moe.alignment import align_by_expert
+from lorax_server.kernels.alignment import align_by_expert
 
 
 def aligned_by_loop(flat, num_experts, block_m):

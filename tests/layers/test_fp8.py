@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from lorax_server.layers.backends import CHOSEN, BackendUnavailable, choose
+from lorax_server.utils.backends import CHOSEN, BackendUnavailable, choose
 from lorax_server.layers.fp8 import (
     FP8,
     FP8_MAX,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from lorax_server.layers.backends import BackendUnavailable
+from lorax_server.utils.backends import BackendUnavailable
 from lorax_server.layers.moe import dispatch, expert_backend, route
 from lorax_server.layers.moe.experts import linear_grouped_mm, linear_per_expert, moe_experts, self_check
 

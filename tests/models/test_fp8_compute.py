@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorax_server.layers.backends import CHOSEN
+from lorax_server.utils.backends import CHOSEN
 from lorax_server.layers.fp8 import FP8, dequantize, quantize_weight
 from lorax_server.models import get_model
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig

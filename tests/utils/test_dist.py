@@ -16,7 +16,7 @@ def choose_on_rank(rank, port, requested, results):
         os.environ["LORAX_ALLREDUCE_BACKEND"] = requested
     import torch
 
-    from lorax_server.layers.backends import CHOSEN, BackendUnavailable
+    from lorax_server.utils.backends import CHOSEN, BackendUnavailable
     from lorax_server.utils.dist import SMALL_ALL_REDUCE, setup_small_all_reduce
 
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from lorax_server.layers.attention import reference
-from lorax_server.layers.backends import Backend, choose, needs_cuda_and_triton
+from lorax_server.utils.backends import Backend, choose, needs_cuda_and_triton
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lorax_server.layers.backends import Backend, choose, needs_cuda_and_triton
+from lorax_server.utils.backends import Backend, choose, needs_cuda_and_triton
 from lorax_server.layers.fp8 import FP8, fp8_unsupported
 from lorax_server.layers.moe.experts import (
     GroupedLinear,
