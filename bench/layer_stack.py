@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from bench.common import card, copy_bandwidth, matmul_rate, print_table, time_graph_ms, time_ms
-from lorax_server.layers.backends import CHOSEN
+from lorax_server.utils.backends import CHOSEN
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
 from lorax_server.engine.cache import PagedKVCache, PagedSequence
 from lorax_server.engine.runner import pack

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from bench.common import card, print_table, time_graph_ms, time_ms
 from bench.layer_stack import MIXTRAL_8X7B, RandomWeights, decode_floor_ms, decode_inputs
-from lorax_server.layers.backends import CHOSEN
+from lorax_server.utils.backends import CHOSEN
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
     BlockSparseMoE,
     ExpertParallelMoE,
