@@ -26,7 +26,8 @@ def test_buckets_round_up_and_stop_at_the_largest():
     assert graphs.bucket(5, 300) == (8, 512)
     assert graphs.bucket(1, 10) == (1, 256)
     assert graphs.bucket(3, 5000) == (4, 4096)  # never past the model's positions
-    assert graphs.bucket(129, 300) == (192, 512) and graphs.bucket(500, 300) == (512, 512)
+    assert graphs.bucket(129, 300) == (160, 512) and graphs.bucket(500, 300) == (512, 512)
+    assert graphs.bucket(418, 300) == (448, 512)  # a large batch pads by a few rows, not up to the next 128
     assert graphs.bucket(513, 300) is None  # larger than the largest batch bucket: eager
 
 
