@@ -71,6 +71,7 @@ Output: a table per workload kind, then one JSON line per row (`{"bench": "serve
 
     python -m bench.serve                                 # base: three closed loops and the open loop (~4 min, H200)
     python -m bench.serve --adapters 64 --shapes 128x128  # base and 64 adapters on one cache (~3 min)
+    python -m bench.serve --fp8 --shapes 128x128          # --quantize fp8: attention and experts in W8A8 e4m3
     python -m bench.serve --layers 4 --requests 128       # a quick look
     torchrun --standalone --nproc-per-node 2 -m bench.serve --tp 2
     python -m bench.serve --smoke [--adapters 4 --expert-adapters 1]   # the tiny embedded model on the CPU
@@ -329,7 +330,7 @@ class Ceilings:
 class Floor:
     """The least time a step can take on one device (see the module docstring for the arithmetic)."""
 
-    def __init__(self, config, world: int, dtype_bytes: int, ceilings: Ceilings):
+    def __init__(self, config, world: int, dtype_bytes: int, ceilings: Ceilings, weight_bytes: Optional[int] = None):
         h, d = config.hidden_size, config.head_dim
         q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
         self.layers, self.experts = config.num_hidden_layers, config.num_local_experts
@@ -340,11 +341,13 @@ class Floor:
         self.query_width = q
         self.kv_bytes = 2 * kv * self.layers * dtype_bytes  # per cached token
         self.dtype_bytes, self.world, self.ceilings = dtype_bytes, world, ceilings
+        # Bytes per weight of the attention projections and experts: 1 with --fp8 (lm_head stays in dtype_bytes).
+        self.layer_weight_bytes = dtype_bytes if weight_bytes is None else weight_bytes
 
     def weight_bytes(self, tokens: int) -> float:
         touched = self.experts * (1 - (1 - self.top_k / self.experts) ** tokens)
-        params = self.layers * (self.attention_params + touched * self.expert_params) + self.head_params
-        return params * self.dtype_bytes
+        layers = self.layers * (self.attention_params + touched * self.expert_params)
+        return layers * self.layer_weight_bytes + self.head_params * self.dtype_bytes
 
     def flops(self, tokens: int, pairs: int, head_rows: int) -> float:
         layers = 2 * tokens * self.layers * (self.attention_params + self.top_k * self.expert_params)
@@ -382,10 +385,11 @@ def cpu_ceilings() -> Ceilings:
     return Ceilings(2 * src.numel() * 4 / best_s(lambda: dst.copy_(src)), 2 * 512**3 / best_s(lambda: a @ b))
 
 
-def device_ceilings() -> Ceilings:
-    from bench.common import copy_bandwidth, matmul_rate
+def device_ceilings(fp8: bool = False) -> Ceilings:
+    """The copy bandwidth and the matmul rate of the serving precision (torch._scaled_mm's with --fp8)."""
+    from bench.common import copy_bandwidth, fp8_matmul_rate, matmul_rate
 
-    return Ceilings(copy_bandwidth(), matmul_rate())
+    return Ceilings(copy_bandwidth(), fp8_matmul_rate() if fp8 else matmul_rate())
 
 
 # -- adapters ------------------------------------------------------------------------------------------
@@ -425,7 +429,8 @@ def smoke_engine(args, world: int):
     kv_heads = config["num_key_value_heads"] // world
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     block_bytes = 2 * config["num_hidden_layers"] * kv_heads * head_dim * BLOCK_SIZE * 4
-    return get_model(str(model_dir), sharded=world > 1, dtype="float32", kv_cache_bytes=SMOKE_KV_BLOCKS * block_bytes)
+    return get_model(str(model_dir), sharded=world > 1, dtype="float32", kv_cache_bytes=SMOKE_KV_BLOCKS * block_bytes,
+                     quantize="fp8" if args.fp8 else None)
 
 
 def gpu_engine(args, group, adapters_wanted: bool):
@@ -443,7 +448,7 @@ def gpu_engine(args, group, adapters_wanted: bool):
     tokenizer = synthetic_tokenizer(config.vocab_size)
     torch.manual_seed(0)  # every rank draws the same replicated weights
     with torch.no_grad():
-        model = FlashMixtralForCausalLM("", config, RandomWeights(group)).eval()
+        model = FlashMixtralForCausalLM("", config, RandomWeights(group, fp8=args.fp8)).eval()
         weights = torch.cuda.memory_allocated(device)
         adapters = {}
         if adapters_wanted:
@@ -645,6 +650,8 @@ def parse_args(argv=None):
     parser.add_argument("--spare-gib", type=float, default=6.0,
                         help="device memory kept free beyond the measured prefill (graphs, sampler, fragmentation)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="attention projections and experts in FP8 (--quantize fp8: weights quantized at load)")
     args = parser.parse_args(argv)
     for name, value in (SMOKE if args.smoke else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -669,7 +676,7 @@ def setup(args):
         notes = f"tiny embedded Mixtral, fp32, CPU, {engine.cache.num_blocks} KV blocks"
         return engine, adapters, cpu_ceilings(), group, notes
     group = initialize_torch_distributed()[0]
-    ceilings = device_ceilings()
+    ceilings = device_ceilings(args.fp8)
     engine, adapters, notes = gpu_engine(args, group, args.adapters > 0)
     return engine, adapters, ceilings, group, notes
 
@@ -726,7 +733,7 @@ def main(argv=None) -> List[dict]:
     args = parse_args(argv)
     engine, adapters, ceilings, group, notes = setup(args)
     dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
-    floor = Floor(engine.config, args.tp, dtype_bytes, ceilings)
+    floor = Floor(engine.config, args.tp, dtype_bytes, ceilings, weight_bytes=1 if args.fp8 else None)
     total_tokens = (engine.cache.num_blocks - 1) * engine.cache.block_size  # block 0 is the router's probe's
     loop = RouterLoop(engine, total_tokens, args.max_prefill_tokens, args.max_batch, args.waiting_served_ratio,
                       args.max_waiting_tokens, Clock(group, engine.device))
@@ -738,14 +745,16 @@ def main(argv=None) -> List[dict]:
             base = {(r["mode"], r["shape"]): r for r in records}
             records += run_workloads(args, loop, warm, floor, f"{args.adapters} adapters", adapter_kinds(args), base)
     card = "CPU" if args.smoke else f"{torch.cuda.get_device_name()} x{args.tp}"
-    meta = dict(card=card, layers=engine.config.num_hidden_layers, tp=args.tp, expert_adapters=args.expert_adapters,
+    meta = dict(card=card, layers=engine.config.num_hidden_layers, tp=args.tp, fp8=args.fp8, expert_adapters=args.expert_adapters,
                 lora_rank=LORA_RANK, kv_tokens=total_tokens, max_batch=args.max_batch,
                 max_prefill_tokens=args.max_prefill_tokens, waiting_served_ratio=args.waiting_served_ratio,
                 max_waiting_tokens=args.max_waiting_tokens, bandwidth_tb_s=float(f"{ceilings.bandwidth / 1e12:.4g}"),
                 matmul_tflop_s=float(f"{ceilings.matmul / 1e12:.4g}"))
     records = [{**r, **meta} for r in records]
     if group.rank() == 0:
-        model = "tiny smoke model, fp32" if args.smoke else f"{meta['layers']} Mixtral-8x7B layers, bf16"
+        precision = "FP8 (W8A8) attention and experts, bf16 elsewhere" if args.fp8 else "bf16"
+        model = f"tiny smoke model, fp32{', --quantize fp8' if args.fp8 else ''}" if args.smoke else \
+            f"{meta['layers']} Mixtral-8x7B layers, {precision}"
         print_report(records, f"{model}, {card}, copy {ceilings.bandwidth / 1e12:.3g} TB/s, matmul "
                               f"{ceilings.matmul / 1e12:.3g} TFLOP/s; {notes}; max batch {args.max_batch}, prefill "
                               f"{args.max_prefill_tokens} tokens, waiting_served_ratio {args.waiting_served_ratio}, "

@@ -38,6 +38,14 @@ def test_smoke_closed_and_open_loops_with_adapters(threads, capsys):
     assert sum(line.startswith('{"bench": "serve"') for line in out.splitlines()) == len(records)
 
 
+def test_smoke_in_fp8_with_adapters(threads):
+    """--fp8 (the CPU's dequantizing FP8 path; W8A8 kernels on the GPU), LoRA on the FP8 base included."""
+    records = serve.main(["--smoke", "--fp8", "--adapters", "2", "--expert-adapters", "1", "--shapes", "16x8",
+                          "--requests", "6", "--open-requests", "0"])
+    assert [r["model"] for r in records] == ["base", "2 adapters"] and all(r["fp8"] for r in records)
+    assert all(r["exact_lengths"] == r["requests"] == 6 and r["tok_s"] > 0 for r in records)
+
+
 class RecordingGraphs(DecodeGraphs):
     """Decode graphs that only record the key each decode step would replay, and run it eagerly (CPU)."""
 
