@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.fp8_linear
 	$(BIN)/python -m bench.paged_attention
 	$(BIN)/python -m bench.prefill_attention
+	$(BIN)/python -m bench.prefill
 	$(BIN)/python -m bench.layer_stack
 	$(BIN)/python -m bench.layer_stack --fp8 --batches 1 64
 	$(BIN)/python -m bench.adapters

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune,
-# adapters, engine, serve, serve-adapters, serve-fp8, tp, serve-tp: the last two on a machine with 2 GPUs). serve takes
+# adapters, engine, prefill, serve, serve-adapters, serve-fp8, tp, serve-tp: the last two on a machine with 2 GPUs). serve takes
 # about 4 minutes and serve-adapters about 3: give each its own call.
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
@@ -30,6 +30,7 @@ for step in "$@"; do
     engine) python3 -m bench.engine_step --profile 64 2>&1 | tee "$OUT/engine_step.log" ;;
     serve) python3 -m bench.serve 2>&1 | tee "$OUT/serve.log" ;;
     serve-adapters) python3 -m bench.serve --adapters 64 --shapes 128x128 2>&1 | tee "$OUT/serve_adapters.log" ;;
+    prefill) python3 -m bench.prefill 2>&1 | tee "$OUT/prefill.log" ;;
     serve-fp8) python3 -m bench.serve --fp8 --adapters 64 --shapes 128x128 2>&1 | tee "$OUT/serve_fp8.log" ;;
     tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl 2>&1 | \
         grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/tp_nccl.log" ;;

@@ -1,0 +1,235 @@
+"""Prefill through the engine: plain prompts against the matmul floor, a shared prefix served from the cache
+(prefix caching), and running decodes while a long prompt is prefilled in chunks (chunked prefill).
+
+Full-size random Mixtral-8x7B (bf16, or `--fp8`) on one GPU through `FlashCausalLM`, the way LoRAX's router
+drives it (the router's blocks, `cache_len`, `chunk_len` and `cached_batch`); `--smoke` runs the same on the
+CPU with the embedded tiny model (tests/bench keeps it from rotting). Every request is greedy.
+
+1. Plain prefill (issue 11): one Prefill of 1 x 4096, 16 x 512 and 64 x 128 prompt tokens, wall time around
+   the call (it returns the first tokens, so it ends synchronised), against its FLOP floor at the matmul rate
+   measured in the same run (bench.serve.Floor: the layers' matmuls, causal attention, and lm_head's rows).
+2. Prefix caching (issue 15; target >= 10x): 64 requests of one shared 2000-token prefix and 128 tokens of
+   their own. Without the cache their prompts are prefilled whole, in Prefills of at most
+   max_batch_prefill_tokens; with it, one request first prefills the prefix (not timed), and the 64 arrive
+   with the router's blocks (the prefix's whole blocks shared) and `cache_len` = the prefix, so one Prefill
+   runs their 64 x 128 own tokens over the cached prefix. Reported: both times and their ratio.
+3. Chunked prefill (issue 15; target: TPOT p99 <= 2x): 32 requests decode at context 512; their time per
+   output token (wall time of a Decode call, calls back to back) is taken over 32 steps alone, then while a
+   16k-token prompt joins in chunks of `--chunk` tokens (Prefill with `cached_batch`, then Decode calls until
+   its first token), and, for comparison, while the same prompt is prefilled in one piece (the stall the
+   running requests see).
+
+    python -m bench.prefill [--layers 32] [--fp8]
+    python -m bench.prefill --smoke
+"""
+
+import argparse
+import statistics
+import time
+from typing import Dict, List, Sequence
+
+import torch
+
+from bench.common import print_table
+from bench.serve import BLOCK_SIZE, FIRST_TOKEN, GREEDY, Floor, cpu_ceilings, device_ceilings, percentile
+from lorax_server.models.flash_causal_lm import FlashCausalLM
+
+FULL = dict(plain=[(1, 4096), (16, 512), (64, 128)], prefix=2000, own=128, sharing=64, running=32, context=512,
+            long=16384, chunk=2048, prefill_budget=16384)
+SMOKE = dict(plain=[(1, 64), (4, 16)], prefix=32, own=8, sharing=4, running=3, context=16, long=96, chunk=24,
+             prefill_budget=64)
+
+
+class Blocks:
+    """Hands out block ids as LoRAX's router does: distinct free blocks for every request of a Prefill; block 0
+    is the router's probe's. A request's blocks come back to the engine's free list when it ends."""
+
+    def __init__(self, engine: FlashCausalLM):
+        self.engine = engine
+        self.taken: set = set()
+
+    def fresh(self, tokens: int, reuse: Sequence[int] = ()) -> List[int]:
+        needed = self.engine.cache.blocks_for(tokens) - len(reuse)
+        free = [b for b in self.engine.cache.free_blocks if b not in self.taken and b not in reuse]
+        if needed > len(free):
+            raise RuntimeError(f"the cache has {len(free)} free blocks, {needed} are needed")
+        self.taken.update(free[:needed])
+        return list(reuse) + free[:needed]
+
+    def settle(self) -> None:
+        """After a Prefill: the engine owns what it claimed."""
+        self.taken.clear()
+
+
+def prompt(seed: int, n: int, vocab: int) -> List[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(FIRST_TOKEN, vocab, (n,), generator=generator).tolist()
+
+
+def timed(engine: FlashCausalLM, fn):
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def prefill(engine: FlashCausalLM, blocks: Blocks, batch_id: int, prompts: Dict[int, List[int]], new: int,
+            cache_len: int = 0, reuse: Sequence[int] = (), chunk_len=None, cached_batch_id=None):
+    requests = [engine.new_request(i, ids, GREEDY, new, ignore_eos=True, cache_len=cache_len, chunk_len=chunk_len)
+                for i, ids in prompts.items()]
+    router = {i: blocks.fresh(len(ids) + new - 1, reuse) for i, ids in prompts.items()}
+    results, batch = engine.prefill(batch_id, requests, router, cached_batch_id=cached_batch_id)
+    blocks.settle()
+    failed = [r.error for r in results if r.finish_reason == "error"]
+    if failed:
+        raise RuntimeError(failed[0])
+    return batch
+
+
+def plain_rows(engine, blocks, shapes, floor: Floor) -> List[List[str]]:
+    rows, vocab = [], engine.config.vocab_size
+    for count, length in shapes:
+        prompts = {i: prompt(i, length, vocab) for i in range(count)}
+        prefill(engine, blocks, 1, {0: prompts[0][:16]}, 1)  # warm-up of this token count's kernels, untimed
+        prefill(engine, blocks, 2, prompts, 1)
+        _, seconds = timed(engine, lambda: prefill(engine, blocks, 3, prompts, 1))
+        flops = floor.flops(count * length, count * length * (length + 1) // 2, count)
+        floor_s = flops / floor.ceilings.matmul
+        rows.append([f"{count} x {length}", f"{seconds * 1e3:.1f}", f"{floor_s * 1e3:.1f}", f"{floor_s / seconds:.0%}"])
+        engine.clear()
+    return rows
+
+
+def prefix_rows(engine, blocks, cfg) -> List[List[str]]:
+    vocab, prefix_len, own, sharing = engine.config.vocab_size, cfg["prefix"], cfg["own"], cfg["sharing"]
+    shared = prompt(7, prefix_len, vocab)
+    prompts = {i: shared + prompt(100 + i, own, vocab) for i in range(sharing)}
+    per_call = max(1, cfg["prefill_budget"] // (prefix_len + own))
+
+    def uncached():
+        ids = list(prompts)
+        for start in range(0, len(ids), per_call):
+            prefill(engine, blocks, 10 + start, {i: prompts[i] for i in ids[start:start + per_call]}, 1)
+
+    uncached()  # warm-up
+    engine.clear()
+    _, without = timed(engine, uncached)
+    engine.clear()
+    cached_len = prefix_len // BLOCK_SIZE * BLOCK_SIZE  # the router's trie gives whole blocks
+    first = prefill(engine, blocks, 20, {1000: shared + prompt(99, own, vocab)}, 2)  # alive: its blocks are read
+    prefix_blocks = list(first.requests[0].seq.blocks[:cached_len // BLOCK_SIZE])
+    engine.clear()  # the prefix's blocks go back to the free list, still holding its K/V (the router's trie)
+
+    def cached():
+        prefill(engine, blocks, 21, prompts, 1, cache_len=cached_len, reuse=prefix_blocks)
+
+    _, with_cache = timed(engine, cached)
+    engine.clear()
+    return [[f"{sharing} x ({prefix_len} shared + {own})", f"{without * 1e3:.1f}", f"{with_cache * 1e3:.1f}",
+             f"{without / with_cache:.1f}x"]]
+
+
+def decode_times(engine, batch_id: int, steps: int) -> List[float]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        _, batch = engine.decode([batch_id])
+        times.append(time.perf_counter() - start)
+        batch_id = batch.id
+    return times
+
+
+def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
+    vocab, steps = engine.config.vocab_size, 32
+    running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
+    long = prompt(300, cfg["long"], vocab)
+    rows = []
+    for mode in ("alone", "chunked", "one piece"):
+        engine.clear()
+        batch = prefill(engine, blocks, 30, running, 4 * steps + 8)
+        decode_times(engine, batch.id, 4)  # warm-up
+        if mode == "alone":
+            times = decode_times(engine, batch.id, steps)
+        elif mode == "chunked":
+            engine.max_prefill_tokens = cfg["chunk"]
+            start = time.perf_counter()
+            prefill(engine, blocks, 31, {999: long}, 2, chunk_len=cfg["chunk"], cached_batch_id=batch.id)
+            times = [time.perf_counter() - start]
+            while any(r.prefilling for r in engine.batches[batch.id].requests):
+                times += decode_times(engine, batch.id, 1)
+            engine.max_prefill_tokens = None
+        else:
+            start = time.perf_counter()
+            new = prefill(engine, blocks, 32, {999: long}, 2)
+            times = [time.perf_counter() - start]
+            times += decode_times(engine, engine.concatenate([batch.id, new.id]).id, 1)
+        rows.append([mode, str(len(times)), f"{statistics.median(times) * 1e3:.1f}", f"{percentile(times, 99) * 1e3:.1f}",
+                     f"{max(times) * 1e3:.1f}"])
+    engine.clear()
+    alone_p99 = float(rows[0][3])
+    for row in rows:
+        row.append(f"{float(row[3]) / alone_p99:.2f}x")
+    return rows
+
+
+def build(args):
+    if args.smoke:
+        from lorax_server.cli import DEFAULT_MODEL_DIR
+        from lorax_server.models import get_model
+
+        torch.set_num_threads(1)  # a tiny model: more threads only contend
+        engine = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=4 << 20,
+                           quantize="fp8" if args.fp8 else None)
+        return engine, cpu_ceilings(), "tiny embedded Mixtral, fp32, CPU"
+    from bench.engine_step import synthetic_tokenizer
+    from bench.layer_stack import MIXTRAL_8X7B, RandomWeights
+    from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
+
+    cfg = FULL
+    config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers, max_position_embeddings=32768)
+    ceilings = device_ceilings(args.fp8)
+    with torch.no_grad():
+        model = FlashMixtralForCausalLM("", config, RandomWeights(fp8=args.fp8)).eval()
+    free, _ = torch.cuda.mem_get_info()
+    block_bytes = 2 * config.num_hidden_layers * model.num_kv_heads * model.head_dim * BLOCK_SIZE * 2
+    tokens = cfg["sharing"] * (cfg["prefix"] + cfg["own"]) + cfg["long"] + cfg["running"] * (cfg["context"] + 200)
+    blocks = min((free - (12 << 30)) // block_bytes, 2 * tokens // BLOCK_SIZE)
+    engine = FlashCausalLM(model, synthetic_tokenizer(config.vocab_size), torch.bfloat16, "cuda", int(blocks),
+                           BLOCK_SIZE)
+    if engine.graphs is not None:  # the decode graphs of the longest context, captured before anything is timed
+        engine.graphs.prepare(cfg["long"] + 8)
+    return engine, ceilings, f"{args.layers} Mixtral-8x7B layers, {'FP8' if args.fp8 else 'bf16'}, {torch.cuda.get_device_name()}"
+
+
+def main(argv=None) -> Dict[str, List[List[str]]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="the embedded tiny model on the CPU")
+    args = parser.parse_args(argv)
+    cfg = SMOKE if args.smoke else FULL
+    engine, ceilings, what = build(args)
+    dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
+    floor = Floor(engine.config, 1, dtype_bytes, ceilings, weight_bytes=1 if args.fp8 else None)
+    blocks = Blocks(engine)
+    tables = {}
+    with torch.no_grad():
+        tables["plain"] = plain_rows(engine, blocks, cfg["plain"], floor)
+        tables["prefix"] = prefix_rows(engine, blocks, cfg)
+        tables["chunked"] = chunked_rows(engine, blocks, cfg)
+    print_table(f"Plain prefill, {what} (matmul {ceilings.matmul / 1e12:.3g} TFLOP/s)",
+                ["prompts", "ms", "FLOP floor ms", "floor / wall"], tables["plain"])
+    print_table(f"Prefix caching, {what}", ["requests", "without cache ms", "with cache ms", "speedup"],
+                tables["prefix"])
+    print_table(f"Running decodes while a {cfg['long']}-token prompt is prefilled, {what} ({cfg['running']} running "
+                f"requests at context {cfg['context']}, chunks of {cfg['chunk']})",
+                ["long prompt", "decode calls", "TPOT p50 ms", "TPOT p99 ms", "max ms", "p99 / alone's p99"],
+                tables["chunked"])
+    return tables
+
+
+if __name__ == "__main__":
+    main()
