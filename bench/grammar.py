@@ -63,8 +63,7 @@ SCHEMAS = [
 def llama_shaped_tokenizer(vocab_size: int = 32000, text_chars: int = 6_000_000):
     """A Rust-backed BPE of `vocab_size` ids over "▁"-prefixed words with 256 byte-fallback tokens and
     Llama's decoder, trained on Python's standard library sources (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from bench.tokenizers import byte_fallback_bpe
 
     def texts():
         total = 0
@@ -79,22 +78,7 @@ def llama_shaped_tokenizer(vocab_size: int = 32000, text_chars: int = 6_000_000)
             if total > text_chars:
                 return
 
-    words = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trained = Tokenizer(models.BPE(unk_token="<unk>"))
-    trained.pre_tokenizer = words
-    trained.train_from_iterator(texts(), trainers.BpeTrainer(vocab_size=vocab_size - 256, show_progress=False,
-                                                             special_tokens=["<unk>", "<s>", "</s>"]))
-    vocab = trained.get_vocab()
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-              for m in json.loads(trained.to_str())["model"]["merges"]]
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
-    tokenizer.pre_tokenizer = words
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(" ", 1, 0)])
-    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return byte_fallback_bpe(texts(), vocab_size - 256)
 
 
 class Row:

@@ -16,9 +16,9 @@ from typing import List, Optional
 import jsonschema
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from bench.tokenizers import byte_fallback_bpe
 from lorax_server.cli import DEFAULT_MODEL_DIR
 from lorax_server.engine.grammar import GrammarCompiler, GrammarState, host_bitmask, mask_logits
 from lorax_server.engine.sampler import BatchSampler
@@ -182,23 +182,7 @@ def sentencepiece_style() -> PreTrainedTokenizerFast:
     """A BPE over "▁"-prefixed words of Python's documentation, with byte fallback and Llama's decoder."""
     import pydoc_data.topics
 
-    words = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trained = Tokenizer(models.BPE(unk_token="<unk>"))
-    trained.pre_tokenizer = words
-    text = list(pydoc_data.topics.topics.values())
-    trained.train_from_iterator(text, trainers.BpeTrainer(vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"],
-                                                          show_progress=False))
-    vocab = trained.get_vocab()
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-              for m in json.loads(trained.to_str())["model"]["merges"]]
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
-    tokenizer.pre_tokenizer = words
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(" ", 1, 0)])
-    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return byte_fallback_bpe(list(pydoc_data.topics.topics.values()), 1500)
 
 
 @pytest.fixture(scope="module", params=["byte_level", "sentencepiece_style"])

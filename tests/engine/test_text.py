@@ -6,13 +6,12 @@ fallback for characters outside the vocabulary, one leading space stripped per d
 text a decode of the whole sequence adds after the prompt's context.
 """
 
-import json
 import random
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
+from bench.tokenizers import byte_fallback_bpe
 from lorax_server.cli import DEFAULT_MODEL_DIR
 from lorax_server.engine.text import (PARTIAL, PROMPT_CONTEXT, WINDOW, StreamDecoder, WindowDecoder,
                                       character_context, final_text, incremental_decoder)
@@ -31,22 +30,7 @@ def byte_level():
 def sentencepiece_like():
     """A BPE over "▁"-prefixed words with byte fallback and Llama's decoder; its vocabulary holds few
     non-ASCII characters, so they go through runs of byte tokens."""
-    words = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    trained = Tokenizer(models.BPE(unk_token="<unk>"))
-    trained.pre_tokenizer = words
-    trained.train_from_iterator(["the quick brown fox jumps over the lazy dog", "Hello café"] * 10,
-                                trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<s>", "</s>"]))
-    vocab = trained.get_vocab()
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-              for m in json.loads(trained.to_str())["model"]["merges"]]
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
-    tokenizer.pre_tokenizer = words
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(" ", 1, 0)])
-    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return byte_fallback_bpe(["the quick brown fox jumps over the lazy dog", "Hello café"] * 10, 80, "always")
 
 
 def expected(tokenizer, prompt, generated) -> str:
