@@ -29,11 +29,11 @@ logger = logging.getLogger(__name__)
 # Batch sizes a decode graph is captured for (a step pads up to the next one). Up to 512 rows: the router's
 # largest batches must not fall back to eager steps. A padded row costs what a real one does (it goes through
 # the projections and the experts), and from about 64 rows a step's time grows with its rows, so the buckets
-# are close there: every 32 rows from 128 (at most 8% padding past 384, where the old 384 -> 512 step padded a
-# batch of 418 by 22%). Each graph keeps only its static buffers (the logits are the largest: [rows, vocab]).
+# are close there: every 32 rows from 128 to 256, every 64 to 512 (a batch of 418 pads to 448, 7%, where the
+# old 384 -> 512 step padded it by 22%). Each graph keeps its static output, [rows, vocab] logits in the model's
+# dtype: 185 MB for all buckets of one context at Mixtral's vocabulary in bf16 (102 MB with the old buckets).
 # LORAX_CUDA_GRAPH_BATCHES="1,2,4,..." overrides.
-DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416,
-                         448, 480, 512)
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 def batch_buckets_from_env() -> Tuple[int, ...]:
@@ -113,7 +113,9 @@ class DecodeGraphs:
             return None
         self.load(step.inputs, batch, adapter_data)
         step.graph.replay()
-        return step.logits[: batch.size]
+        # A copy: the next replay (launched before this step's tokens are read, engine.launch_following)
+        # rewrites the static buffer, and the per-request fallback of the sampler reads these logits later.
+        return step.logits[: batch.size].clone()
 
     def use_stacks(self, stacks) -> None:
         if stacks is not self.stacks:
