@@ -69,8 +69,7 @@ class FlashCausalLM:
         self.token_texts: Dict[int, str] = {}  # token id -> its text alone (alternatives, prompt tokens)
         self.grammars = GrammarCompiler(tokenizer, self.config.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(model, self.cache, self.adapters, self.device)
-        # Decode steps launched ahead (`launch_ahead`); LORAX_DECODE_AHEAD=0 turns them off (A/B timing).
-        self.decode_ahead = os.getenv("LORAX_DECODE_AHEAD", "1") != "0"
+        self.decode_ahead = decode_ahead_default(self.device)  # steps launched ahead (`launch_ahead`)
         self.ahead: List[PendingChoices] = []
         # Chunked prefill: the prompt tokens one prefill step may run (Warmup's max_prefill_tokens, as upstream's
         # set_max_prefill_tokens); None: a prompt prefilled in chunks runs all the rest at its next step.
@@ -516,6 +515,16 @@ class FlashCausalLM:
             if batch is None:
                 return [finished[i] for i in range(len(prompts))]
             results, batch = self.decode([batch.id])
+
+
+def decode_ahead_default(device: torch.device) -> bool:
+    """Whether decode steps are launched ahead: on a GPU, where the host returns while the device computes; not
+    on a CPU, where a step launched ahead is computed before the call answers, so every token would wait for
+    the next one. LORAX_DECODE_AHEAD=1 or 0 decides instead (the CPU tests run the pipelined path with it)."""
+    setting = os.getenv("LORAX_DECODE_AHEAD")
+    if setting is None or setting.strip() == "":
+        return device.type == "cuda"
+    return env_flag("LORAX_DECODE_AHEAD")
 
 
 def env_flag(name: str) -> bool:

@@ -180,3 +180,14 @@ def test_steady_decode_steps_follow_on_the_device(engine, monkeypatch):
     engine.decode([batch.id])
     assert fed == [False, False, False]  # watermarked: each step waits for its token on the host
     engine.clear()
+
+
+def test_steps_are_launched_ahead_by_default_on_a_gpu_only(monkeypatch):
+    from lorax_server.models.flash_causal_lm import decode_ahead_default
+
+    monkeypatch.delenv("LORAX_DECODE_AHEAD")
+    assert decode_ahead_default(torch.device("cuda")) and not decode_ahead_default(torch.device("cpu"))
+    monkeypatch.setenv("LORAX_DECODE_AHEAD", "1")
+    assert decode_ahead_default(torch.device("cpu"))
+    monkeypatch.setenv("LORAX_DECODE_AHEAD", "0")
+    assert not decode_ahead_default(torch.device("cuda"))
