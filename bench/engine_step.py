@@ -73,7 +73,7 @@ def engine_step_ms(engine: FlashCausalLM, batch_id: int, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         batch_id = engine.decode([batch_id])[1].id
-    engine.collect_ahead()  # the last call's step launched ahead belongs to the next call: wait for it
+    engine.steps_ahead.collect()  # the last call's step launched ahead belongs to the next call: wait for it
     return (time.perf_counter() - start) * 1e3 / steps
 
 

@@ -113,7 +113,7 @@ class DecodeGraphs:
             return None
         self.load(step.inputs, batch, adapter_data)
         step.graph.replay()
-        # A copy: the next replay (launched before this step's tokens are read, engine.launch_following)
+        # A copy: the next replay (launched before this step's tokens are read, engine.pipeline)
         # rewrites the static buffer, and the per-request fallback of the sampler reads these logits later.
         return step.logits[: batch.size].clone()
 

@@ -36,7 +36,8 @@ from lorax_server.adapters.weights import AdapterError
 from lorax_server.engine.cache import BlockInUse, CacheFull, PagedKVCache, PagedSequence
 from lorax_server.engine.grammar import GrammarCompiler
 from lorax_server.engine.requests import DEFAULT_BLOCK_SIZE, Batch, BatchNotFound, Request, StepResult, TokenChoice
-from lorax_server.engine.runner import ModelRunner, PendingChoices
+from lorax_server.engine.pipeline import StepsAhead
+from lorax_server.engine.runner import ModelRunner
 from lorax_server.engine.sampler import Choice
 from lorax_server.engine.text import CONTEXT_TOKENS, final_text, incremental_decoder
 from lorax_server.models.merge_adapter import merge_into
@@ -69,8 +70,7 @@ class FlashCausalLM:
         self.token_texts: Dict[int, str] = {}  # token id -> its text alone (alternatives, prompt tokens)
         self.grammars = GrammarCompiler(tokenizer, self.config.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(model, self.cache, self.adapters, self.device)
-        self.decode_ahead = decode_ahead_default(self.device)  # steps launched ahead (`launch_ahead`)
-        self.ahead: List[PendingChoices] = []
+        self.steps_ahead = StepsAhead(self.runner, decode_ahead_default(self.device))
         # Chunked prefill: the prompt tokens one prefill step may run (Warmup's max_prefill_tokens, as upstream's
         # set_max_prefill_tokens); None: a prompt prefilled in chunks runs all the rest at its next step.
         self.max_prefill_tokens: Optional[int] = None
@@ -79,6 +79,15 @@ class FlashCausalLM:
         # LoRAX's launcher sets from --chunked-prefill (launcher/src/main.rs:849-852). Prefix caching needs no
         # switch here: the router's --prefix-caching sends cache_len, which is always honoured.
         self.chunked_prefill = env_flag("CHUNKED_PREFILL") and self.config.sliding_window is None
+
+    @property
+    def decode_ahead(self) -> bool:
+        """Whether decode steps are launched ahead of their Decode call (`engine.pipeline`)."""
+        return self.steps_ahead.enabled
+
+    @decode_ahead.setter
+    def decode_ahead(self, enabled: bool) -> None:
+        self.steps_ahead.enabled = enabled
 
     @property
     def graphs(self):
@@ -226,9 +235,8 @@ class FlashCausalLM:
         """One packed forward pass in which every request still prefilling runs its next chunk of prompt and
         every other request its next token (unless a step launched ahead already chose it). Results come for
         the requests that chose a token: a request whose prompt is not complete yet has none (as upstream)."""
-        in_flight = {id(r) for step in self.ahead for r in step.requests}
-        if any(id(r) in in_flight for r in requests):
-            self.collect_ahead()
+        if self.steps_ahead.in_flight(requests):
+            self.steps_ahead.collect()
         run = [r for r in requests if r.prefilling or r.ahead is None]
         if run:
             counts = [r.chunk if r.prefilling else 1 for r in run]
@@ -283,10 +291,10 @@ class FlashCausalLM:
         """Each request's next token: chosen by a step launched ahead, or by a forward pass over the rest now.
         In the steady state (this batch is the one whose step was launched ahead), the step after it is
         launched first, from the tokens that step chose on the device, so the GPU never waits for the host."""
-        following = self.launch_following(requests)
-        self.collect_ahead()
+        following = self.steps_ahead.follow(requests)
+        self.steps_ahead.collect()
         if following is not None:
-            self.ahead.append(following)
+            self.steps_ahead.pending.append(following)
         now = [r for r in requests if r.ahead is None]
         if now:
             logits = self.runner.forward([r.seq for r in now], [1] * len(now), prefill=False)
@@ -299,12 +307,12 @@ class FlashCausalLM:
 
     def finish_step(self, requests: List[Request], choices: List[Choice]) -> List[StepResult]:
         """Each request's result from its chosen token: the token joins the sequence, the next decode step is
-        launched for the requests that go on (see `launch_ahead`), then text, stop and result follow per
+        launched for the requests that go on (`engine.pipeline`), then text, stop and result follow per
         request while the GPU computes; a request that fails there ends alone."""
         for r, choice in zip(requests, choices):
             if choice.error is None:
                 r.seq.tokens.append(choice.token)
-        self.launch_ahead([r for r, choice in zip(requests, choices) if self.goes_on(r, choice)])
+        self.steps_ahead.launch([r for r, choice in zip(requests, choices) if self.goes_on(r, choice)])
         results = []
         for i, (r, choice) in enumerate(zip(requests, choices)):
             if choice.error is not None:
@@ -324,56 +332,6 @@ class FlashCausalLM:
         still end it: the step launched ahead then chose one token too many, within the request's blocks)."""
         return (choice.error is None and len(r.generated) < r.max_new_tokens
                 and choice.token not in r.stopping.eos_token_ids and not (r.grammar is not None and r.grammar.finished))
-
-    def launch_following(self, requests: List[Request]) -> Optional[PendingChoices]:
-        """The decode step after the one launched ahead for exactly these requests, fed with the tokens that
-        step chose on the device, for the requests that surely get one more token. None when the batch is
-        not that step's, or when a request needs its token on the host first (a watermark, a grammar, or
-        penalty counts still to be built from its sequence)."""
-        if not self.decode_ahead or len(self.ahead) != 1:
-            return None
-        step = self.ahead[0]
-        tokens = step.device_tokens
-        if (tokens is None or len(step.requests) != len(requests)
-                or any(a is not b for a, b in zip(step.requests, requests))
-                or not all(self.runner.sampler.can_follow(r) for r in requests)):
-            return None
-        rows = [i for i, r in enumerate(requests) if len(r.generated) + 1 < r.max_new_tokens]
-        if not rows:
-            return None
-        going = [requests[i] for i in rows]
-        if len(rows) < len(requests):
-            tokens = tokens.index_select(0, torch.tensor(rows, device=tokens.device))
-        try:
-            logits = self.runner.forward([r.seq for r in going], [1] * len(going), prefill=False, input_ids=tokens)
-        except Exception:  # the next decode runs it again, and answers for the failure
-            logger.exception("a decode step launched ahead failed; the next decode step runs it again")
-            return None
-        return self.runner.start(going, logits)
-
-    def launch_ahead(self, requests: List[Request]) -> None:
-        """Launches the next decode step of these requests now, so the GPU computes it while the host turns
-        this step into text and results and the router sends the next Decode. The router decodes every
-        live request at its next step (batches concatenated or filtered, never a request skipped), so the
-        choices are read there (`next_choices`); a request filtered out or cleared simply drops its own.
-        Its K/V write lands in the request's reserved blocks at the position the step would write anyway."""
-        in_flight = {id(r) for step in self.ahead for r in step.requests}
-        requests = [r for r in requests if id(r) not in in_flight]  # launched already, by launch_following
-        if not requests or not self.decode_ahead:
-            return
-        try:
-            logits = self.runner.forward([r.seq for r in requests], [1] * len(requests), prefill=False)
-        except Exception:  # the next decode runs it again, and answers for the failure
-            logger.exception("a decode step launched ahead failed; the next decode step runs it again")
-            return
-        self.ahead.append(self.runner.start(requests, logits))
-
-    def collect_ahead(self) -> None:
-        """Reads the choices of every step launched ahead (one host synchronisation each) into its requests."""
-        pending, self.ahead = self.ahead, []
-        for step in pending:
-            for r, choice in zip(step.requests, step.collect()):
-                r.ahead = choice
 
     def end_alone(self, r: Request, message: str) -> StepResult:
         r.finish_reason = "error"
@@ -481,7 +439,7 @@ class FlashCausalLM:
         EOS may have had a step in flight) and no block table is needed again: drop them, so an idle server
         holds the same tensors every time. The GPU finishes what was launched; stream order keeps it safe."""
         if not self.batches:
-            self.ahead = []
+            self.steps_ahead.drop()
             self.runner.tables.clear()
 
     def merge_adapter(self, index: int) -> None:

@@ -43,7 +43,7 @@ def engine():
 def assert_counts_are_the_sequences(engine: FlashCausalLM):
     """Each request's penalty counts are its sequence's, and the token a step launched ahead chose for it."""
     vocab = engine.config.vocab_size
-    engine.collect_ahead()
+    engine.steps_ahead.collect()
     for batch in engine.batches.values():
         for r in batch.requests:
             if r.counts is not None:
@@ -149,9 +149,9 @@ def test_steps_launched_ahead_choose_what_steps_launched_in_turn_choose(engine, 
     assert engine.decode_ahead
     request = engine.new_request(1, engine.tokenize(PROMPTS[1], [], 0), PARAMS[1], 4, ignore_eos=True)
     engine.prefill(201, [request])
-    assert len(engine.ahead) == 1 and engine.ahead[0].requests == [request]
+    assert len(engine.steps_ahead.pending) == 1 and engine.steps_ahead.pending[0].requests == [request]
     engine.clear()
-    assert not engine.ahead
+    assert not engine.steps_ahead.pending
     monkeypatch.setattr(engine, "decode_ahead", False)
     assert_same_runs(scenario(engine), batched)
 

@@ -1,0 +1,88 @@
+"""Decode steps launched ahead of their Decode call, so that the GPU never waits for the host.
+
+A step's tokens are chosen on the device and read by the host once (the sampler's one synchronisation).
+Waiting for them, then making their text, then packing and launching the next step would leave the GPU idle
+for all of that host work. So:
+- after a step's tokens are read, the next step of the requests that surely go on is launched at once
+  (`launch`), before their text is made and before the router's next Decode arrives;
+- in the steady state (the Decode names exactly the requests of the step in flight), the step after that
+  one is launched first, fed with the tokens the step in flight chose on the device (`follow`), and only
+  then are those tokens read: the GPU always has the next step queued.
+
+The router decodes every live request at its next step (batches concatenated or filtered, never a request
+skipped), so a choice made ahead is always the one its request needs next; a request filtered out or
+cleared simply drops its own. A step launched ahead writes its K/V into the request's reserved blocks, at
+the position the step would write anyway. The engine reads the choices into each request's `ahead`.
+"""
+
+import logging
+from typing import List, Optional, Sequence
+
+import torch
+
+from lorax_server.engine.runner import ModelRunner, PendingChoices
+
+logger = logging.getLogger(__name__)
+
+
+class StepsAhead:
+    def __init__(self, runner: ModelRunner, enabled: bool):
+        self.runner = runner
+        self.enabled = enabled
+        self.pending: List[PendingChoices] = []  # launched, not read yet
+
+    def in_flight(self, requests: Sequence) -> bool:
+        """Whether any of these requests has a step launched ahead that was not read yet."""
+        launched = {id(r) for step in self.pending for r in step.requests}
+        return any(id(r) in launched for r in requests)
+
+    def launch(self, requests: Sequence) -> None:
+        """Launches the next decode step of these requests (those without one in flight already)."""
+        launched = {id(r) for step in self.pending for r in step.requests}
+        requests = [r for r in requests if id(r) not in launched]
+        if not requests or not self.enabled:
+            return
+        try:
+            logits = self.runner.forward([r.seq for r in requests], [1] * len(requests), prefill=False)
+        except Exception:  # the next decode runs it again, and answers for the failure
+            logger.exception("a decode step launched ahead failed; the next decode step runs it again")
+            return
+        self.pending.append(self.runner.start(requests, logits))
+
+    def follow(self, requests: Sequence) -> Optional[PendingChoices]:
+        """The decode step after the one in flight for exactly these requests, fed with the tokens that step
+        chose on the device, for the requests that surely get one more token; the caller adds it to `pending`
+        once it has read the step before. None when the batch is not that step's, or when a request needs its
+        token on the host first (a watermark, a grammar, or penalty counts still to be built)."""
+        if not self.enabled or len(self.pending) != 1:
+            return None
+        step = self.pending[0]
+        tokens = step.device_tokens
+        if (tokens is None or len(step.requests) != len(requests)
+                or any(a is not b for a, b in zip(step.requests, requests))
+                or not all(self.runner.sampler.can_follow(r) for r in requests)):
+            return None
+        rows = [i for i, r in enumerate(requests) if len(r.generated) + 1 < r.max_new_tokens]
+        if not rows:
+            return None
+        going = [requests[i] for i in rows]
+        if len(rows) < len(requests):
+            tokens = tokens.index_select(0, torch.tensor(rows, device=tokens.device))
+        try:
+            logits = self.runner.forward([r.seq for r in going], [1] * len(going), prefill=False, input_ids=tokens)
+        except Exception:  # the next decode runs it again, and answers for the failure
+            logger.exception("a decode step launched ahead failed; the next decode step runs it again")
+            return None
+        return self.runner.start(going, logits)
+
+    def collect(self) -> None:
+        """Reads the choices of every step in flight (one host synchronisation each) into its requests."""
+        pending, self.pending = self.pending, []
+        for step in pending:
+            for r, choice in zip(step.requests, step.collect()):
+                r.ahead = choice
+
+    def drop(self) -> None:
+        """Forgets every step in flight (no request is left to read them); the GPU finishes them, and stream
+        order keeps that safe."""
+        self.pending = []
