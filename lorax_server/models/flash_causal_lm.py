@@ -172,6 +172,11 @@ class FlashCausalLM:
         hold them (`PagedKVCache.cached_prefix`); the blocks it writes forget what they held."""
         r.seq.cached = self.cache.cached_prefix(r.seq, r.cache_len)
         if r.seq.cached < r.cache_len:
+            stale = r.seq.blocks[r.seq.cached // self.cache.block_size:self.cache.blocks_for(r.cache_len)]
+            readers = [b for b in stale if self.cache.refs[b] > 1]
+            if readers:  # prefilling again would write other tokens' K/V under a live request that reads them
+                raise RequestError(f"blocks {readers} do not hold the {r.cache_len} cached prefix tokens the router "
+                                   f"sent, and another live request holds them")
             logger.warning("request %d: its blocks hold %d of the %d prefix tokens the router says are cached; "
                            "the rest is prefilled again", r.id, r.seq.cached, r.cache_len)
         self.cache.forget(r.seq.blocks[r.seq.cached // self.cache.block_size:])

@@ -170,6 +170,26 @@ def test_a_prefix_its_blocks_do_not_hold_is_prefilled_again(engine, monkeypatch)
     assert_same(half, want, 3, 9)
 
 
+def test_a_stale_prefix_in_blocks_a_live_request_reads_is_refused_not_overwritten(engine):
+    """Blocks named as a cached prefix that hold other tokens, while another live request reads them: prefilling
+    the new request there would corrupt the live one's K/V, so the new request alone is refused, and the live
+    request's tokens are those it makes alone."""
+    other = SHARED[:16] + tail(11, 20)
+    want = full_prefill(engine, other, new=4)
+    live = blocks_for(engine, other, 4, 10)
+    out = Outputs()
+    results, batch = engine.prefill(1, [request(engine, 1, other, new=4)], {1: live})
+    out.add(results)
+    ids = SHARED[:32] + tail(12, 6)  # its first block matches the live request's, its second does not
+    results, _ = engine.prefill(2, [request(engine, 2, ids, cache_len=32)], {2: blocks_for(engine, ids, 8, 40, live[:2])})
+    assert results[0].finish_reason == "error" and "another live request holds them" in results[0].error
+    assert [engine.cache.refs[b] for b in live[:2]] == [1, 1]  # the refused request gave its claim back
+    while batch is not None:
+        results, batch = engine.decode([batch.id])
+        out.add(results)
+    assert_same(out, want, 1, 9)
+
+
 def test_a_whole_prompt_in_the_cache_still_prefills_its_last_token(engine, monkeypatch):
     """A prompt found whole in the trie comes with cache_len = its length - 1 (scheduler.rs:409-414): the shard
     rewrites the last token's K/V (the same values) into the shared block and chooses the same first token."""
