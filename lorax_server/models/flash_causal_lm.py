@@ -250,11 +250,14 @@ class FlashCausalLM:
             logits = self.runner.forward([r.seq for r in run], counts, prefill=True, all_logits=want_all)
             rows = list(logits.split(counts)) if want_all else None
             last = torch.stack([row[-1] for row in rows]) if want_all else logits
+            wanted = []
             for i, (r, start) in enumerate(zip(run, starts)):
                 if start < r.prompt_length:
                     self.cache.record(r.seq, min(r.seq.cached, r.prompt_length))
                     if r.prefill_logprobs:
-                        self.add_prompt_logprobs(r, start, rows[i])
+                        wanted.append((r, start, rows[i]))
+            if wanted:
+                self.add_prompt_logprobs(wanted)
             ready = [i for i, r in enumerate(run) if not r.prefilling]
             if ready:
                 index = torch.tensor(ready, device=last.device)
@@ -281,16 +284,23 @@ class FlashCausalLM:
                 r.next_chunk = max(min(r.prompt_length - r.seq.cached, budget), 1)
                 budget -= r.next_chunk
 
-    def add_prompt_logprobs(self, r: Request, start: int, logits: torch.Tensor) -> None:
-        """Adds the log-probabilities of the prompt tokens that this step's logits [n, V] (tokens start..start+n-1)
-        predict; the first token, and those read from the prefix cache, have none (NaN, as upstream)."""
-        if r.prompt_logprobs is None:
-            r.prompt_logprobs = [math.nan] * (start + 1)
-        targets = r.seq.tokens[start + 1:min(start + len(logits), r.prompt_length - 1) + 1]
-        if targets:  # the last row of the prompt predicts a new token, not a prompt token
-            logp = logits[:len(targets)].float().log_softmax(-1)
-            ids = torch.tensor(targets, dtype=torch.int64, device=logits.device)
-            r.prompt_logprobs += logp.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+    def add_prompt_logprobs(self, wanted: List[Tuple[Request, int, torch.Tensor]]) -> None:
+        """For each (request, start, logits [n, V] of its tokens start..start+n-1): adds the log-probabilities of
+        the prompt tokens those logits predict, read in one host synchronisation for the whole step. The first
+        token, and those read from the prefix cache, have none (NaN, as upstream)."""
+        picked, counts = [], []
+        for r, start, logits in wanted:
+            if r.prompt_logprobs is None:
+                r.prompt_logprobs = [math.nan] * (start + 1)
+            targets = r.seq.tokens[start + 1:min(start + len(logits), r.prompt_length - 1) + 1]
+            counts.append(len(targets))
+            if targets:  # the last row of the prompt predicts a new token, not a prompt token
+                logp = logits[:len(targets)].float().log_softmax(-1)
+                ids = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+                picked.append(logp.gather(1, ids.unsqueeze(1)).squeeze(1))
+        values = torch.cat(picked).tolist() if picked else []
+        for (r, _, _), offset, count in zip(wanted, itertools.accumulate([0] + counts), counts):
+            r.prompt_logprobs += values[offset:offset + count]
 
     def next_choices(self, requests: List[Request]) -> List[Choice]:
         """Each request's next token: chosen by a step launched ahead, or by a forward pass over the rest now.
