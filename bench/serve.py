@@ -34,8 +34,8 @@ Workloads (TensorRT-LLM's table shapes, `--shapes 128x128 512x128 2048x128`, inp
   cache size; run without `--adapters` for the base model's numbers with the largest cache. The adapters
   share one set of random tensors (the kernels read a copy per adapter from the stacks, so the traffic is
   that of distinct adapters; a server with distinct raw tensors holds about 5 GB more for 64 of them).
-  The stacks give every loaded adapter a slot in the expert-LoRA stacks (adapters/stacked.py), so 64
-  adapters of which 8 adapt the experts take about 28 GB at 8x7B shapes, nearly all of it zeros.
+  The expert-LoRA stacks hold only the adapters that adapt the experts (adapters/stacked.py): 8 of them take
+  about 3.4 GB at 8x7B shapes (26.6 GiB before, when every loaded adapter had a slot there).
 
 Memory: the KV cache gets what is free once the weights are in (93 GB at 32 layers), less the adapters'
 stacks and the peak of one prefill of max_batch_prefill_tokens (both measured first, through a throwaway

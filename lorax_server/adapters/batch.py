@@ -100,7 +100,8 @@ class AdapterBatchData:
             return None
         if self.stacks is not None:
             row_slots = self.token_slots[row_tokens]
-            rows = torch.where(row_slots >= 0, row_slots * self.stacks.num_experts + row_experts, -1)
+            expert_slots = torch.where(row_slots >= 0, self.stacks.expert_slot[row_slots.clamp(min=0).long()], -1)
+            rows = torch.where(expert_slots >= 0, expert_slots * self.stacks.num_experts + row_experts, -1)
             return StackedExpertLora(rows.to(torch.int32), layer_id, self.stacks)
         return ExpertLoraBatch(self.token_adapters[row_tokens], row_experts, layer_id, present)
 
@@ -132,7 +133,7 @@ class ExpertLoraBatch:
 
 @dataclass(frozen=True)
 class StackedExpertLora:
-    """Expert LoRA through the Triton kernels: row i uses stack row `rows[i]` (slot * E + expert, or -1).
+    """Expert LoRA through the Triton kernels: row i uses stack row `rows[i]` (expert slot * E + expert, or -1).
 
     Below `SGMV_MIN_ROWS` rows, and always inside the fused MoE kernels (`deltas`, and `add` with a row
     scale or an index), each row reads its own A and B (BGMV); otherwise the rows are grouped by stack
@@ -160,7 +161,7 @@ class StackedExpertLora:
         """(sorted_rows, block_group): the rows grouped by stack row, shared by the layer's w13 and w2."""
         from lorax_server.kernels.lora import SGMV_BLOCK_M
 
-        stack_rows = next(iter(self.stacks.experts.values())).a.shape[0]  # slots * E, in every expert stack
+        stack_rows = next(iter(self.stacks.experts.values())).a.shape[0]  # expert slots * E, in every expert stack
         rows = torch.where(self.rows >= 0, self.rows.long(), stack_rows)  # no LoRA: in no group
         aligned = align_by_expert(rows, stack_rows, SGMV_BLOCK_M)
         return aligned.sorted_rows, aligned.block_expert
