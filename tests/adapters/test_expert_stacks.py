@@ -1,40 +1,15 @@
 """The expert-LoRA stacks hold only the adapters that adapt the experts, and a token of any other adapter (or of
 the base model) reads no row of them. Checked on the CPU with torch stand-ins for the Triton LoRA kernels
-(their documented arithmetic), against the per-adapter loop that is the kernels' oracle."""
+(tests/adapters/torch_lora_kernels.py), against the per-adapter loop that is the kernels' oracle."""
 
 import torch
 
 from lorax_server.adapters.batch import AdapterBatchData
 from lorax_server.adapters.stacked import build_stacks
 from lorax_server.adapters.weights import AdapterWeights, ExpertLoraWeights, LoraWeights
+from tests.adapters.torch_lora_kernels import KERNELS
 
 E, H, F = 4, 16, 24
-
-
-def shrink(x, a, slots, sections=1, x_index=None, x_row_div=1):
-    """lora_shrink: v[i] = A[slots[i]] @ x[j] in fp32, zeros where the slot is -1."""
-    rows = x_index if x_index is not None else torch.arange(len(slots)) // x_row_div
-    v = torch.zeros(len(slots), a.shape[1])
-    live = slots >= 0
-    v[live] = torch.bmm(a[slots[live].long()].float(), x[rows[live]].float().unsqueeze(2)).squeeze(2)
-    return v
-
-
-def expand(y, v, b, slots, section_ends=(), y_shifts=(0,), row_scale=None, accumulate=True):
-    """lora_expand for one section: y (+)= row_scale * B[slot] @ v, zeros where the slot is -1."""
-    delta = torch.zeros(len(slots), b.shape[1])
-    live = slots >= 0
-    delta[live] = torch.bmm(b[slots[live].long()].float(), v[live].unsqueeze(2)).squeeze(2)
-    if row_scale is not None:
-        delta = delta * row_scale.float().unsqueeze(1)
-    if accumulate:
-        y += delta.to(y.dtype)
-    else:
-        y.copy_(delta)
-
-
-def no_sgmv(*args):
-    raise AssertionError("the test's batches stay below SGMV_MIN_ROWS")
 
 
 def expert_adapter(seed: int, rank: int) -> AdapterWeights:
@@ -54,7 +29,7 @@ def test_only_expert_adapters_take_expert_stack_rows_and_the_deltas_are_the_loop
               2: expert_adapter(2, 8),
               3: AdapterWeights("attention-only-too", {(0, "self_attn.o_proj"): lora(3, 16)}),
               5: expert_adapter(5, 4)}
-    stacks = build_stacks(loaded, E, "cpu", kernels=(shrink, expand, no_sgmv))
+    stacks = build_stacks(loaded, E, "cpu", kernels=KERNELS)
     assert stacks.expert_slot.tolist() == [-1, 0, -1, 1]  # slots of adapters 1, 2, 3, 5
     assert all(s.a.shape[0] == 2 * E for s in stacks.experts.values())  # two adapters, not four
 

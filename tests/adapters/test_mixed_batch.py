@@ -75,3 +75,19 @@ def test_merging_an_adapter_makes_the_base_model_give_its_outputs(served_adapter
         got = paged_logits(model, SEQUENCES[:2], PROMPT_LENS[:2])
         for g, w in zip(got, want):
             assert relative_error(g, w) <= 1e-5
+
+
+def test_stacked_adapters_give_the_loops_logits(served_adapters):
+    """The path a GPU takes (every adapter stacked per target, each token's slot, the kernels' arithmetic: here
+    their torch stand-ins) gives the per-adapter loop's logits through the whole model: fused q/k/v, o_proj,
+    lm_head, the router, and expert LoRA of full and per-expert adapters, in one mixed batch."""
+    from lorax_server.adapters.stacked import build_stacks
+    from tests.adapters.torch_lora_kernels import KERNELS
+
+    model, store, _ = served_adapters
+    loop = paged_logits(model, SEQUENCES, PROMPT_LENS, adapters=store, adapter_indices=[0, 1, 2, 3])
+    store.stacks = build_stacks(store.loaded, store.num_experts, "cpu", kernels=KERNELS)
+    assert store.stacks.expert_slot.tolist() == [-1, 0, 1]  # adapter 1 adapts no expert
+    stacked = paged_logits(model, SEQUENCES, PROMPT_LENS, adapters=store, adapter_indices=[0, 1, 2, 3])
+    for got, want in zip(stacked, loop):
+        assert relative_error(got, want) <= 1e-5
