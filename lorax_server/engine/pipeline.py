@@ -5,9 +5,9 @@ Waiting for them, then making their text, then packing and launching the next st
 for all of that host work. So:
 - after a step's tokens are read, the next step of the requests that surely go on is launched at once
   (`launch`), before their text is made and before the router's next Decode arrives;
-- in the steady state (the Decode names exactly the requests of the step in flight), the step after that
-  one is launched first, fed with the tokens the step in flight chose on the device (`follow`), and only
-  then are those tokens read: the GPU always has the next step queued.
+- when every request of a Decode has a step in flight (the same batch, batches concatenated, a batch
+  filtered), the step after that one is launched first, fed with the tokens the steps in flight chose on the
+  device (`follow`), and only then are those tokens read: the GPU always has the next step queued.
 
 The router decodes every live request at its next step (batches concatenated or filtered, never a request
 skipped), so a choice made ahead is always the one its request needs next; a request filtered out or
@@ -50,23 +50,26 @@ class StepsAhead:
         self.pending.append(self.runner.start(requests, logits))
 
     def follow(self, requests: Sequence) -> Optional[PendingChoices]:
-        """The decode step after the one in flight for exactly these requests, fed with the tokens that step
-        chose on the device, for the requests that surely get one more token; the caller adds it to `pending`
-        once it has read the step before. None when the batch is not that step's, or when a request needs its
+        """The decode step after the ones in flight, for these requests (each must have one in flight: the same
+        batch, a batch the router concatenated from several, or one it filtered), fed with the tokens those
+        steps chose on the device, for the requests that surely get one more token; the caller adds it to
+        `pending` once it has read the steps before. None when a request has no step in flight or needs its
         token on the host first (a watermark, a grammar, or penalty counts still to be built)."""
-        if not self.enabled or len(self.pending) != 1:
+        if not self.enabled or not self.pending or any(step.device_tokens is None for step in self.pending):
             return None
-        step = self.pending[0]
-        tokens = step.device_tokens
-        if (tokens is None or len(step.requests) != len(requests)
-                or any(a is not b for a, b in zip(step.requests, requests))
-                or not all(self.runner.sampler.can_follow(r) for r in requests)):
+        where, offset = {}, 0  # request -> its row in the in-flight steps' tokens, side by side
+        for step in self.pending:
+            where.update((id(r), offset + j) for j, r in enumerate(step.requests))
+            offset += len(step.requests)
+        if any(id(r) not in where for r in requests) or not all(self.runner.sampler.can_follow(r) for r in requests):
             return None
-        rows = [i for i, r in enumerate(requests) if len(r.generated) + 1 < r.max_new_tokens]
-        if not rows:
+        going = [r for r in requests if len(r.generated) + 1 < r.max_new_tokens]
+        if not going:
             return None
-        going = [requests[i] for i in rows]
-        if len(rows) < len(requests):
+        steps = [step.device_tokens for step in self.pending]
+        tokens = steps[0] if len(steps) == 1 else torch.cat(steps)
+        rows = [where[id(r)] for r in going]
+        if rows != list(range(len(tokens))):
             tokens = tokens.index_select(0, torch.tensor(rows, device=tokens.device))
         try:
             logits = self.runner.forward([r.seq for r in going], [1] * len(going), prefill=False, input_ids=tokens)

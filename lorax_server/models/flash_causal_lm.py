@@ -304,8 +304,8 @@ class FlashCausalLM:
 
     def next_choices(self, requests: List[Request]) -> List[Choice]:
         """Each request's next token: chosen by a step launched ahead, or by a forward pass over the rest now.
-        In the steady state (this batch is the one whose step was launched ahead), the step after it is
-        launched first, from the tokens that step chose on the device, so the GPU never waits for the host."""
+        When every request has a step in flight, the step after it is launched first, from the tokens those
+        steps chose on the device, so the GPU never waits for the host (`engine.pipeline`)."""
         following = self.steps_ahead.follow(requests)
         self.steps_ahead.collect()
         if following is not None:

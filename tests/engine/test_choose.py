@@ -174,6 +174,16 @@ def test_steady_decode_steps_follow_on_the_device(engine, monkeypatch):
     for _ in range(3):
         _, batch = engine.decode([batch.id])
     assert fed == [False, False, True, True, True]  # prefill, its step ahead (host), then each step follows
+    # A batch joins (Decode of both, as the router concatenates) and one request is cancelled (FilterBatch):
+    # every request still has its step in flight, so each step still follows on the device.
+    fed.clear()
+    joining = [engine.new_request(i, engine.tokenize(PROMPTS[i], [], 0), PARAMS[i], 6, ignore_eos=True)
+               for i in (5, 6)]
+    _, new = engine.prefill(303, joining)
+    _, batch = engine.decode([batch.id, new.id])
+    batch = engine.filter(batch.id, [r.id for r in batch.requests if r.id != 2])
+    _, batch = engine.decode([batch.id])
+    assert fed == [False, False, True, True]  # the new batch's prefill and its step ahead, then followed twice
     fed.clear()
     engine.clear()
     _, batch = engine.prefill(302, [engine.new_request(7, engine.tokenize(PROMPTS[7], [], 0), PARAMS[7], 6)])
