@@ -33,21 +33,18 @@ class StepsAhead:
 
     def in_flight(self, requests: Sequence) -> bool:
         """Whether any of these requests has a step launched ahead that was not read yet."""
-        launched = {id(r) for step in self.pending for r in step.requests}
+        launched = self.launched()
         return any(id(r) in launched for r in requests)
+
+    def launched(self) -> set:
+        return {id(r) for step in self.pending for r in step.requests}
 
     def launch(self, requests: Sequence) -> None:
         """Launches the next decode step of these requests (those without one in flight already)."""
-        launched = {id(r) for step in self.pending for r in step.requests}
-        requests = [r for r in requests if id(r) not in launched]
-        if not requests or not self.enabled:
-            return
-        try:
-            logits = self.runner.forward([r.seq for r in requests], [1] * len(requests), prefill=False)
-        except Exception:  # the next decode runs it again, and answers for the failure
-            logger.exception("a decode step launched ahead failed; the next decode step runs it again")
-            return
-        self.pending.append(self.runner.start(requests, logits))
+        launched = self.launched()
+        step = self.decode_step([r for r in requests if id(r) not in launched]) if self.enabled else None
+        if step is not None:
+            self.pending.append(step)
 
     def follow(self, requests: Sequence) -> Optional[PendingChoices]:
         """The decode step after the ones in flight, for these requests (each must have one in flight: the same
@@ -71,12 +68,20 @@ class StepsAhead:
         rows = [where[id(r)] for r in going]
         if rows != list(range(len(tokens))):
             tokens = tokens.index_select(0, torch.tensor(rows, device=tokens.device))
+        return self.decode_step(going, tokens)
+
+    def decode_step(self, requests: Sequence, input_ids: Optional[torch.Tensor] = None) -> Optional[PendingChoices]:
+        """One decode step of these requests, launched (None for none, or when it failed: the next decode runs
+        it again, and answers for the failure)."""
+        if not requests:
+            return None
         try:
-            logits = self.runner.forward([r.seq for r in going], [1] * len(going), prefill=False, input_ids=tokens)
-        except Exception:  # the next decode runs it again, and answers for the failure
+            logits = self.runner.forward([r.seq for r in requests], [1] * len(requests), prefill=False,
+                                         input_ids=input_ids)
+        except Exception:
             logger.exception("a decode step launched ahead failed; the next decode step runs it again")
             return None
-        return self.runner.start(going, logits)
+        return self.runner.start(requests, logits)
 
     def collect(self) -> None:
         """Reads the choices of every step in flight (one host synchronisation each) into its requests."""

@@ -177,8 +177,12 @@ class ModelRunner:
         mark_cached(seqs, new_counts)
         return logits
 
+    def forget_tables(self) -> None:
+        """Drops the cached block tables (the engine is idle: no batch will need them again)."""
+        self.tables.clear()
+
     def sample(self, requests: Sequence, logits: torch.Tensor) -> List[Choice]:
-        """One Choice per request (see `start`), waiting for them."""
+        """One Choice per request (see `start`, through which every choice goes), waiting for them."""
         return self.start(requests, logits).collect()
 
     def start(self, requests: Sequence, logits: torch.Tensor) -> "PendingChoices":

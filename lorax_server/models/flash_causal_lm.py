@@ -455,7 +455,7 @@ class FlashCausalLM:
         holds the same tensors every time. The GPU finishes what was launched; stream order keeps it safe."""
         if not self.batches:
             self.steps_ahead.drop()
-            self.runner.tables.clear()
+            self.runner.forget_tables()
 
     def merge_adapter(self, index: int) -> None:
         """Folds adapter `index` into the base weights (every base request then gets it) and frees the index."""
