@@ -20,7 +20,7 @@ from bench.layer_stack import MIXTRAL_8X7B, RandomWeights, decode_floor_ms
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
 from lorax_server.models.flash_causal_lm import FlashCausalLM
 from lorax_server.engine.cache import PagedSequence
-from lorax_server.engine.runner import pack, sample_alone
+from lorax_server.engine.runner import PendingChoices, pack
 from lorax_server.utils.tokens import SamplingParams
 
 CONTEXT = 2048
@@ -79,7 +79,9 @@ def engine_step_ms(engine: FlashCausalLM, batch_id: int, steps: int) -> float:
 
 def per_request_sampling(engine: FlashCausalLM):
     """The engine as it sampled before the batched sampler: each request with its own chooser (the oracle)."""
-    engine.runner.sample = lambda requests, logits: [sample_alone(r, row) for r, row in zip(requests, logits)]
+    # Every choice goes through `start` (steps launched ahead and in turn); without a batched launch it is the
+    # per-request fallback.
+    engine.runner.start = lambda requests, logits: PendingChoices(requests, logits, None)
 
 
 def model_step_ms(engine: FlashCausalLM, batch_id: int) -> float:
@@ -138,7 +140,7 @@ def main():
                 if batch in args.per_request:
                     per_request_sampling(engine)
                     step = engine_step_ms(engine, batch_id, args.steps)
-                    del engine.runner.sample  # the class's batched sampling again
+                    del engine.runner.start  # the class's batched sampling again
                     rows.append([f"b={batch} {mode}, per-request sampling", f"{floor:.2f}", f"{alone:.2f}",
                                  f"{step:.2f}", f"{step / alone:.2f}x", f"{step / floor:.2f}x"])
                 if batch in args.profile:
