@@ -12,7 +12,7 @@ prompts are random token ids.
 The policy, as the router's code has it. A new batch takes waiting requests in order while its prompt tokens
 stay within `max_batch_prefill_tokens` (default 16384), while the running batch's cache tokens plus the new
 requests' stay within `max_batch_total_tokens` (what the KV cache holds), and while the batch stays within
-`--max-batch` requests (512; the router itself has no such cap). With a batch running, a new one is only
+`--max-batch` requests (512; 0 = no cap, which is the router's default). With a batch running, a new one is only
 prefilled when it would hold at least floor(1.2 x running) requests (`waiting_served_ratio`), or once 20
 decode steps (`max_waiting_tokens`) passed since the last prefill. A request's cache tokens are counted in
 whole blocks of prompt + output - 1, which is what the engine reserves at admission (the router counts
@@ -96,6 +96,7 @@ import torch
 
 from bench.common import print_table
 from lorax_server.adapters.weights import AdapterWeights, ExpertLoraWeights, LoraWeights
+from lorax_server.engine.graphs import BATCH_BUCKETS
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
     ATTN_K_PROJ,
     ATTN_O_PROJ,
@@ -270,7 +271,7 @@ class RouterLoop:
     def next_batch(self, waiting: deque, min_size: Optional[int]) -> List[Arrival]:
         """The longest prefix of the queue within the budgets, or nothing if it is shorter than `min_size`."""
         held = sum(self.cache_tokens(self.trace.served[i].arrival) for i in self.live)
-        room = self.max_batch - len(self.live)
+        room = None if not self.max_batch else self.max_batch - len(self.live)  # 0: no cap, as the router's default
         taken, prompt_tokens, cache_tokens = [], 0, held
         for a in itertools.islice(waiting, room):
             prompt_tokens += len(a.prompt)
@@ -512,6 +513,7 @@ class WarmUp:
 
     def __init__(self, engine, loop: RouterLoop, max_batch: int):
         self.engine, self.loop, self.max_batch = engine, loop, max_batch
+        engine.warm_up_kernels()  # as the server's Warmup: prefill kernels of short prompts and cached prefixes
         self.done = set()
         self.ids = itertools.count(1 << 40)
 
@@ -537,7 +539,8 @@ class WarmUp:
             key = graphs.bucket(1, attended)
             if key is not None:
                 contexts.setdefault(key[1], attended)
-        buckets = sorted({key[0] for b in range(1, self.max_batch + 1) if (key := graphs.bucket(b, prompt + 1))})
+        most = self.max_batch or BATCH_BUCKETS[-1]  # no cap: every bucket (larger batches run eagerly)
+        buckets = sorted({key[0] for b in range(1, most + 1) if (key := graphs.bucket(b, prompt + 1))})
         for rows, (context, attended) in itertools.product(buckets, contexts.items()):
             self.once(("graph", rows, context, adapter), lambda: self.decode_once(rows, attended, adapter))
 
@@ -643,7 +646,8 @@ def parse_args(argv=None):
     parser.add_argument("--rate", type=float, help="open-loop arrivals per second (default: 70%% of the closed loop's)")
     parser.add_argument("--adapters", type=int, default=0, help="also serve N random rank-16 adapters (try 64)")
     parser.add_argument("--expert-adapters", type=int, default=8, help="how many of them also adapt every expert")
-    parser.add_argument("--max-batch", type=int, help="most requests in the running batch (default 512)")
+    parser.add_argument("--max-batch", type=int,
+                        help="most requests in the running batch (default 512; 0: no cap, the router's default)")
     parser.add_argument("--max-prefill-tokens", type=int, help="max_batch_prefill_tokens (default 16384)")
     parser.add_argument("--waiting-served-ratio", type=float, default=1.2)
     parser.add_argument("--max-waiting-tokens", type=int, default=20)

@@ -313,7 +313,8 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
     @rpc
     def Warmup(self, request, context):
         """Runs the router's warm-up batch once (its two requests share id 0), gives everything back,
-        captures the decode CUDA graphs (on a GPU) for the longest context the router will send, and
+        compiles the prefill kernels of short prompts and cached prefixes, captures the decode CUDA graphs
+        (on a GPU) for the longest context the router will send, and
         reports how many tokens the router may budget."""
         self.model.max_prefill_tokens = request.max_prefill_tokens or None  # upstream: set_max_prefill_tokens
         admission = admit(self.model, request.batch, unique_ids=False)
@@ -324,6 +325,7 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         failed = [r.error for r in results if r.finish_reason == "error"]
         if failed:  # the router exits with this message: nothing it sends later would be served either
             raise RequestError(f"the warm-up batch cannot be served: {'; '.join(failed)}")
+        self.model.warm_up_kernels()
         if self.model.graphs is not None and request.max_input_length:
             self.model.graphs.prepare(request.max_input_length + request.max_new_tokens)
         supported = max_supported_total_tokens(self.model, request)

@@ -457,6 +457,17 @@ class FlashCausalLM:
             self.steps_ahead.drop()
             self.runner.forget_tables()
 
+    @torch.no_grad()
+    def warm_up_kernels(self) -> None:
+        """Compiles the prefill kernels serving can meet (`ModelRunner.warm_up_prefill`), with no batch alive;
+        a cache too small for the long-prefix case warms what fits."""
+        if self.batches:
+            raise RequestError("kernels are warmed up with no batch alive")
+        room = len(self.cache.free_blocks) * self.cache.block_size
+        prefix = min(512, room - 128)
+        if prefix >= 16:
+            self.runner.warm_up_prefill(prefix)
+
     def merge_adapter(self, index: int) -> None:
         """Folds adapter `index` into the base weights (every base request then gets it) and frees the index."""
         if self.batches:

@@ -236,3 +236,29 @@ def test_block_contents_follow_the_writes():
     assert cache.cached_prefix(twin, 4) == 4  # given back, the block still holds its tokens
     cache.allocate(cache.num_blocks - 1)
     assert cache.cached_prefix(twin, 4) == 0  # handed out again: no longer
+
+
+def test_kernel_warm_up_runs_every_prefill_tile_and_leaves_the_cache_as_it_was(engine, monkeypatch):
+    """Warmup compiles the prefill kernels of short prompts and cached prefixes (on a GPU the first such
+    request would otherwise stall its batch on a Triton compile); the cache comes back untouched."""
+    ids = SHARED + tail(1, 9)
+    before = run(engine, 1, [request(engine, 1, ids)], {1: blocks_for(engine, ids, 8, 1)}).tokens[1]
+    engine.clear()
+    runs = []
+    forward = engine.runner.forward
+
+    def spy(seqs, counts, prefill, **kw):
+        runs.append((seqs[0].cached, counts[0]))
+        return forward(seqs, counts, prefill, **kw)
+
+    monkeypatch.setattr(engine.runner, "forward", spy)
+    contents = dict(engine.cache.contents)  # the blocks the first run left for the router's prefix trie
+    engine.warm_up_kernels()
+    monkeypatch.undo()
+    assert (0, 16) in runs and (0, 32) in runs and (512, 16) in runs and (512, 32) in runs and (512, 64) in runs
+    assert (512, 128) in runs  # 128 rows on a prefix >= 4x longer: the long-prefix tile
+    assert engine.cache.all_free and engine.cache.contents == contents
+    assert run(engine, 2, [request(engine, 2, ids)], {2: blocks_for(engine, ids, 8, 1)}).tokens[2] == before
+    engine.prefill(3, [request(engine, 3, ids)], {3: blocks_for(engine, ids, 8, 1)})
+    with pytest.raises(Exception, match="no batch alive"):
+        engine.warm_up_kernels()

@@ -82,3 +82,23 @@ def test_the_decode_packing_equals_the_general_one_and_reuses_the_table():
     assert again.position_ids.tolist() == [9, 3, 13]
     fewer = pack_decode(seqs[1:], cache, "cpu", tables)  # another batch: its own table
     assert fewer.block_tables.tolist() == fast.block_tables[1:].tolist()
+
+
+def test_every_packed_tensor_starts_16_byte_aligned_whatever_the_batch_size():
+    """Triton compiles a kernel per pattern of aligned pointer arguments: were the sections of the packed copy
+    back to back, each new batch size could mean a compile in the middle of serving."""
+    for size in range(1, 8):
+        cache = tiny_cache(num_blocks=64)
+        seqs = [PagedSequence(list(range(3 + i)), cached=i % 3) for i in range(size)]
+        counts = [len(s.tokens) - s.cached for s in seqs]
+        prefill = pack(seqs, counts, cache, prefill=True, device="cpu")
+        fields = [prefill.input_ids, prefill.position_ids, prefill.slots, prefill.token_adapters,
+                  prefill.lm_head_indices, prefill.block_tables, prefill.seqlen.input_lengths,
+                  prefill.seqlen.cache_lengths, prefill.seqlen.cu_seqlen_q]
+        mark_cached(seqs, counts)
+        for s in seqs:
+            s.tokens.append(100 + len(s.tokens))  # the token each one chose
+        decode = pack_decode(seqs, cache, "cpu", BlockTables())
+        fields += [decode.input_ids, decode.position_ids, decode.token_adapters]
+        assert all(t.data_ptr() % 16 == 0 for t in fields), size
+        assert decode.token_adapters.tolist() == [0] * size and decode.input_ids.tolist() == [s.tokens[-1] for s in seqs]
