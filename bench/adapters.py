@@ -3,7 +3,12 @@ distinct rank-16 adapters (random weights) on q/k/v/o, and on q/k/v/o plus every
 base model in the same run (CUDA-graph replays); then a 2048-token prefill (eager) with 8 adapters, each
 on a run of 256 tokens. The adapters go through the Triton LoRA kernels.
 
+`--serve-mix B` instead times the mix `bench.serve --adapters 64` serves: a decode batch of B rows spread at
+random over 64 adapters on q/k/v/o, 8 of them on every expert too, against the base model (CUDA-graph
+replays), and lists the CUDA kernels of that step by total time (eager, one step).
+
     python -m bench.adapters [--layers 8]
+    python -m bench.adapters --serve-mix 384
 """
 
 import argparse
@@ -57,14 +62,37 @@ def random_store(config, layers: int, experts: bool, distinct: int) -> AdapterSt
     return store
 
 
+def serve_mix(model, config, layers: int, batch: int, distinct: int = 64, on_experts: int = 8) -> None:
+    """The decode step of `bench.serve --adapters 64`: its time against the base model's, and its kernels."""
+    store = AdapterStore(config, FakeGroup(0, 1), torch.bfloat16, "cuda")
+    store.publish({i + 1: random_adapter(config, layers, i < on_experts) for i in range(distinct)})
+    generator = torch.Generator().manual_seed(0)
+    data = store.batch_data(torch.randint(1, distinct + 1, (batch,), generator=generator).cuda())
+    inputs = decode_inputs(model, config, batch)
+    base = time_graph_ms(lambda: model(**inputs), repeat=10)
+    with_adapters = {**inputs, "adapter_data": data}
+    mixed = time_graph_ms(lambda: model(**with_adapters), repeat=10)
+    print_table(f"{layers} Mixtral-8x7B layers, decode batch {batch}, context 2048, {distinct} rank-{RANK} adapters "
+                f"({on_experts} also on every expert), bf16, {card()}, CUDA-graph replays",
+                ["step", "ms", "vs base"], [["base model", f"{base:.2f}", "1.00x"],
+                                            ["adapters", f"{mixed:.2f}", f"{mixed / base:.2f}x"]])
+    for name, step_inputs in (("base model", inputs), ("adapters", with_adapters)):
+        model(**step_inputs)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model(**step_inputs)
+            torch.cuda.synchronize()
+        print(f"\nkernels of one eager step, {name}:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
 def profile_prefill(model, config, layers: int) -> None:
     """The CUDA kernels of a prefill with 8 adapters on q/k/v/o and the experts, by total time."""
     inputs = prefill_inputs(config, PREFILL)
     store = random_store(config, layers, True, 8)
     data = store.batch_data(torch.arange(PREFILL, device="cuda") // 256 % 8 + 1)
-    model(**inputs, adapter_data=data)
+    model(**{**inputs, "adapter_data": data})
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        model(**inputs, adapter_data=data)
+        model(**{**inputs, "adapter_data": data})
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
 
@@ -73,8 +101,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--profile-prefill", action="store_true", help="only list the kernels of a prefill")
+    parser.add_argument("--serve-mix", type=int, metavar="BATCH",
+                        help="only the decode step of bench.serve's adapter mix at this batch, and its kernels")
     args = parser.parse_args()
     config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers)
+    if args.serve_mix:
+        with torch.no_grad():
+            model = FlashMixtralForCausalLM("", config, RandomWeights()).eval()
+            return serve_mix(model, config, args.layers, args.serve_mix)
     if args.profile_prefill:
         with torch.no_grad():
             return profile_prefill(FlashMixtralForCausalLM("", config, RandomWeights()).eval(), config, args.layers)
@@ -88,7 +122,7 @@ def main():
             for distinct in (1, 8, 32):
                 store = random_store(config, args.layers, experts, distinct)
                 data = store.batch_data(torch.arange(BATCH, device="cuda") % distinct + 1)
-                ms = time_graph_ms(lambda: model(**inputs, adapter_data=data), repeat=10)
+                ms = time_graph_ms(lambda: model(**{**inputs, "adapter_data": data}), repeat=10)
                 where = "q/k/v/o + experts" if experts else "q/k/v/o"
                 rows.append([where, str(distinct), f"{ms:.2f}", f"{ms / base:.2f}x"])
                 del store, data
@@ -110,7 +144,7 @@ def prefill_rows(model, config, layers: int):
         lora_batch.SGMV_MIN_ROWS = 1 << 62 if per_row else sgmv_min_rows
         store = random_store(config, layers, experts, 8)
         data = store.batch_data(torch.arange(PREFILL, device="cuda") // 256 % 8 + 1)
-        ms = time_ms(lambda: model(**inputs, adapter_data=data), warmup=2, repeat=5)
+        ms = time_ms(lambda: model(**{**inputs, "adapter_data": data}), warmup=2, repeat=5)
         rows.append([where, "8", f"{ms:.2f}", f"{ms / base:.2f}x"])
         del store, data
         torch.cuda.empty_cache()

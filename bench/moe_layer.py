@@ -10,17 +10,34 @@ scales): the fused Triton kernels, the same with bf16 activations (W8A16), and F
 (torch._scaled_grouped_mm), against the bf16 Triton kernels of the same run. Its floor counts one byte per
 weight and the FLOPs at the measured FP8 rate of torch._scaled_mm.
 
-    python -m bench.moe_layer [--tokens 1 16 256] [--tune] [--fp8]
+After that table, the fused experts alone (routing computed once, shared) against a peer written from vLLM's
+fused-MoE design and its tuned H200 table (bench/peer_vllm_moe.py): the peer with its alignment precomputed
+(free) and with it, ours, ours with expert LoRA of 8 rank-16 adapters (one per token, round robin), and two
+grouped_mm calls from 256 tokens. CUDA-graph replays. --peer prints only this table.
+
+--tune times tile candidates for the fused kernels (the whole `fused_moe` call, CUDA-graph replays) per token
+count; with --write the winners replace MOE_TILE_CONFIGS in lorax_server/kernels/fused_moe.py. Candidates
+compile in parallel worker processes into Triton's on-disk cache first (compiling dominates a serial sweep).
+
+    python -m bench.moe_layer [--tokens 1 16 256] [--tune [--write]] [--peer] [--fp8]
 """
 
 import argparse
+import datetime
 import itertools
+import math
+import multiprocessing
+import re
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bench.common import card, copy_bandwidth, fp8_matmul_rate, matmul_rate, print_table, time_graph_ms, time_ms
-from lorax_server.kernels.fused_moe import MOE_FP8_TILE_CONFIGS, MOE_TILE_CONFIGS, fused_moe
+from bench import peer_vllm_moe as peer
+from lorax_server.kernels import fused_moe as fused_moe_module
+from lorax_server.kernels.fused_moe import MOE_FP8_TILE_CONFIGS, Tile, fused_moe
 from lorax_server.layers.fp8 import Fp8Weight, quantize_weight
 from lorax_server.layers.moe import dispatch, moe_experts, route
 from lorax_server.layers.moe.experts import linear_grouped_mm, load_scaled_grouped_mm
@@ -80,20 +97,258 @@ def floor_ms(x, gate, bandwidth, rate):
     return max(bytes_moved / bandwidth, flops / rate) * 1e3
 
 
-def tune(gate, w13, w2, tokens):
-    """Times every tile shape in a small grid per token count; prints the best (for MOE_TILE_CONFIGS)."""
-    grid = [(bm, bn, bk, w, s) for bm, bn, bk, w, s in itertools.product(
-        (16, 32, 64, 128), (64, 128), (64, 128), (4, 8), (3, 4)) if not (bm == 128 and bk == 128)]
-    for T in tokens:
-        x = torch.randn(T, H, device="cuda").bfloat16()
-        best = []
-        for cfg in grid:
-            try:
-                best.append((time_ms(lambda: ours_fused(x, gate, w13, w2, (cfg, cfg)), warmup=2, repeat=10), cfg))
-            except Exception as error:  # a shape that does not fit in shared memory
-                print(f"  {cfg}: {type(error).__name__}")
-        best.sort()
-        print(f"tokens {T}: best {best[0][1]} {best[0][0]:.3f} ms; next {[f'{t:.3f}' for t, _ in best[1:4]]}")
+# -- tile sweep ------------------------------------------------------------------------------------------
+
+TUNE_TOKENS = (1, 4, 8, 16, 64, 256, 1024, 4096)
+SMEM_BYTES = 225 * 1024  # a block may take 227 KB on an H100/H200
+
+
+def fits(tile: Tile, gate_up: bool) -> bool:
+    """Shared memory of the pipelined operands and registers of the fp32 accumulators (bf16 operands). Triton
+    keeps `stages` operand buffers for Hopper's wgmma (block_m >= 64) and stages - 1 for the older mma path
+    (as compiled for sm_90a with Triton 3.6)."""
+    rows = max(tile.block_m, 16)
+    cols = tile.block_n * (2 if gate_up else 1)  # gate and up accumulators side by side
+    buffers = tile.stages if rows >= 64 else tile.stages - 1
+    smem = buffers * (rows * tile.block_k + tile.block_k * cols) * 2
+    return smem <= SMEM_BYTES and rows * cols <= 128 * 32 * tile.warps
+
+
+def tiles(gate_up, block_m, block_n, block_k, warps, stages, groups=(1024,)):
+    return [t for t in (Tile(block_m, *rest) for rest in itertools.product(block_n, block_k, warps, stages, groups))
+            if fits(t, gate_up)]
+
+
+def candidates(T):
+    """[(gate/up tiles, down tiles)] sharing one block_m each: what the sweep tries at T tokens."""
+    out = []
+    if T <= 8:  # pairs: no alignment, one assignment (step 1) or one token (step 2) per program
+        out.append((tiles(True, 1, (32, 64, 128), (64, 128, 256), (4,), (3, 4, 5, 6)),
+                    tiles(False, 1, (16, 32, 64), (128, 256, 512), (4,), (3, 4, 5, 6))))
+    if T <= 16:
+        out.append((tiles(True, 16, (32, 64, 128), (128, 256), (4,), (3, 4, 5)),
+                    tiles(False, 16, (32, 64, 128), (128, 256), (4,), (3, 4, 5))))
+    elif T <= 64:
+        for bm in (16, 32):
+            out.append((tiles(True, bm, (32, 64, 128), (64, 128, 256), (4,), (3, 4, 5)),
+                        tiles(False, bm, (32, 64, 128), (64, 128, 256), (4,), (3, 4, 5))))
+    elif T <= 256:
+        for bm in (32, 64):
+            out.append((tiles(True, bm, (64, 128), (64, 128), (4, 8), (3, 4)),
+                        tiles(False, bm, (64, 128, 256), (64, 128), (4, 8), (3, 4))))
+        out.append((tiles(True, 128, (64, 128), (64,), (8,), (3, 4)),
+                    tiles(False, 128, (128, 256), (64,), (8,), (3, 4))))
+    else:
+        for bm in (64, 128):
+            out.append((tiles(True, bm, (64, 128), (64,), (4, 8), (3, 4), (8, 16, 1024)),
+                        tiles(False, bm, (128, 256), (64,), (8,), (3, 4), (8, 16, 1024))))
+    return out
+
+
+_WORKER = {}
+
+
+def worker_inputs():
+    if not _WORKER:
+        torch.manual_seed(0)
+        _WORKER.update(zip(("gate", "w13", "w2"), make_weights()))
+    return _WORKER["gate"], _WORKER["w13"], _WORKER["w2"]
+
+
+def run_job(job):
+    """One launch of a variant, so that Triton compiles it (into the on-disk cache the timing process reads).
+    Returns the error's name when the variant cannot compile or run."""
+    kind, T, configs = job
+    gate, w13, w2 = worker_inputs()
+    x = torch.randn(T, H, device="cuda").bfloat16()
+    r = route(F.linear(x, gate), K)
+    try:
+        with torch.no_grad():
+            if kind == "ours":
+                fused_moe(x, w13, w2, r.weights, r.experts, configs)
+            elif kind == "lora":
+                fused_moe(x, w13, w2, r.weights, r.experts, lora=expert_lora(T, r.experts))
+            else:
+                peer.experts(x, w13, w2, r.weights, r.experts)
+        torch.cuda.synchronize()
+    except Exception as error:  # a shape that does not fit in shared memory or registers
+        return f"{type(error).__name__}: {str(error)[:120]}"
+    return None
+
+
+def prewarm(jobs, workers: int = 12):
+    """Compiles every job's kernels in parallel processes; returns {job: error} for those that failed."""
+    from bench import moe_layer  # by its module name, also when run as __main__, so the workers can import it
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        return {job: error for job, error in zip(jobs, pool.map(moe_layer.run_job, jobs, chunksize=1)) if error}
+
+
+def tune(gate, w13, w2, tokens, write: bool):
+    """Per token count and block_m: every gate/up tile with the first down tile, then every down tile with
+    the best gate/up tile; the fastest pair wins. Winners are checked against the peer's output."""
+    jobs = [("ours", T, (g, d)) for T in tokens for gs, ds in candidates(T)
+            for g, d in [(g, ds[0]) for g in gs] + [(gs[0], d) for d in ds[1:]]]
+    jobs += [("peer", T, None) for T in tokens]  # the check of the winners below
+    print(f"compiling {len(jobs)} variants in worker processes")
+    failed = prewarm(jobs)
+    for job, error in failed.items():
+        print(f"  {job}: {error}")
+    winners = {}
+    with torch.no_grad():
+        for T in tokens:
+            x = torch.randn(T, H, device="cuda").bfloat16()
+            r = route(F.linear(x, gate), K)
+
+            def timed(configs):
+                if ("ours", T, configs) in failed:
+                    return float("inf")
+                try:
+                    ms = time_graph_ms(lambda: fused_moe(x, w13, w2, r.weights, r.experts, configs), repeat=20)
+                except Exception as error:  # not compiled by a worker (its partner failed there), and failing here
+                    print(f"  {configs}: {type(error).__name__}")
+                    return float("inf")
+                return ms if ms == ms else float("inf")  # NaN: not capturable
+
+            results = []
+            for gs, ds in candidates(T):
+                first = sorted((timed((g, ds[0])), g) for g in gs)
+                best_g = first[0][1]
+                second = sorted((timed((best_g, d)), d) for d in ds)
+                results.append((second[0][0], best_g, second[0][1], first[:3], second[:3]))
+            ms, g, d, first, second = min(results)
+            want = peer.experts(x, w13, w2, r.weights, r.experts)
+            error = ((fused_moe(x, w13, w2, r.weights, r.experts, (g, d)).float() - want.float()).norm()
+                     / want.float().norm()).item()
+            assert error < 1e-2, f"tokens {T}: the winner {g}, {d} is off the peer by {error:.2e}"
+            winners[T] = (ms, g, d)
+            print(f"tokens {T}: {ms:.3f} ms gate/up {tuple(g)} down {tuple(d)} (vs peer {error:.1e}); "
+                  f"gate/up runners-up {[(round(t, 3), tuple(c)) for t, c in first[1:]]}, "
+                  f"down runners-up {[(round(t, 3), tuple(c)) for t, c in second[1:]]}")
+    print(table_text(winners))
+    if write:
+        write_table(winners)
+
+
+def table_rows(winners):
+    """Each tuned token count's tiles up to the geometric mean of it and the next; equal neighbours merged."""
+    counts = sorted(winners)
+    rows = []
+    for i, T in enumerate(counts):
+        bound = int(math.sqrt(T * counts[i + 1])) if i + 1 < len(counts) else 1 << 62
+        _, g, d = winners[T]
+        tiles_here = (tuple(g), tuple(d))
+        if rows and rows[-1][1:] == tiles_here:
+            rows[-1] = (bound, *tiles_here)
+        else:
+            rows.append((bound, *tiles_here))
+    return rows
+
+
+def table_text(winners) -> str:
+    rows = [f"    ({'1 << 62' if bound == 1 << 62 else bound}, {g}, {d})," for bound, g, d in table_rows(winners)]
+    return "MOE_TILE_CONFIGS = (\n" + "\n".join(rows) + "\n)"
+
+
+def write_table(winners):
+    """Replaces the table between the tune-table markers of lorax_server/kernels/fused_moe.py."""
+    path = Path(fused_moe_module.__file__)
+    text = path.read_text()
+    lines = [f"# Chosen by `python -m bench.moe_layer --tune --write` on an {card()}, {datetime.date.today()}, at "
+             f"Mixtral-8x7B shapes",
+             "# (bf16, CUDA-graph replays of the whole fused_moe call, routing given; log "
+             "docs/logs/moe_tune_s5_h200.log).",
+             "# Measured, tokens: ms: " + ", ".join(f"{T}: {ms:.3f}" for T, (ms, _, _) in sorted(winners.items()))
+             + "."]
+    body = "\n".join(lines) + "\n" + table_text(winners) + "\n"
+    text = re.sub(r"(# tune-table-begin\n).*?(# tune-table-end)", lambda m: m.group(1) + body + m.group(2), text,
+                  flags=re.S)
+    path.write_text(text)
+    print(f"wrote the table into {path}")
+
+
+# -- against the peer ---------------------------------------------------------------------------------------
+
+LORA_ADAPTERS, LORA_RANK, LORA_MAX_TOKENS = 8, 16, 256
+GROUPED_MIN_TOKENS = 256
+_LORA = {}
+
+
+def lora_stacks():
+    """8 random rank-16 adapters on every expert's w13 and w2 (layer 0), stacked for the kernels."""
+    if not _LORA:
+        from lorax_server.adapters.stacked import build_stacks
+        from lorax_server.adapters.weights import AdapterWeights, ExpertLoraWeights
+
+        def pair(n_in, n_out):
+            return ExpertLoraWeights(torch.randn(E, LORA_RANK, n_in, device="cuda").bfloat16() / n_in**0.5,
+                                     torch.randn(E, n_out, LORA_RANK, device="cuda").bfloat16() / LORA_RANK)
+
+        loaded = {i + 1: AdapterWeights(f"random-{i}", experts={(0, "w13"): pair(H, 2 * FF), (0, "w2"): pair(FF, H)})
+                  for i in range(LORA_ADAPTERS)}
+        _LORA["loaded"], _LORA["stacks"] = loaded, build_stacks(loaded, E, "cuda")
+    return _LORA["loaded"], _LORA["stacks"]
+
+
+def expert_lora(T, experts):
+    """The StackedExpertLora the MoE block hands the fused kernels, token t on adapter t % 8 + 1."""
+    from lorax_server.adapters.batch import AdapterBatchData
+
+    loaded, stacks = lora_stacks()
+    token_adapters = torch.arange(T, device="cuda") % LORA_ADAPTERS + 1
+    rows = torch.arange(T * K, device="cuda") // K
+    return AdapterBatchData.for_tokens(token_adapters, loaded, stacks).expert_lora(0, rows, experts.flatten())
+
+
+def best_of_two(fns):
+    """Each variant's CUDA-graph median, timed twice (in order, then reversed); the smaller of the two."""
+    times = {name: float("inf") for name in fns}
+    for order in (list(fns), list(reversed(fns))):
+        for name in order:
+            if fns[name] is not None:
+                times[name] = min(times[name], time_graph_ms(fns[name], repeat=50))
+    return times
+
+
+def main_peer(tokens):
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    gate, w13, w2 = make_weights()
+    jobs = [(kind, T, None) for T in tokens for kind in ("ours", "peer")]
+    jobs += [("lora", T, None) for T in tokens if T <= LORA_MAX_TOKENS]
+    failed = prewarm(jobs)
+    for job, error in failed.items():
+        print(f"  {job}: {error}")
+    assert not any(kind != "lora" for kind, _, _ in failed), "ours or the peer failed"
+    rows = []
+    with torch.no_grad():
+        for T in tokens:
+            x = torch.randn(T, H, device="cuda").bfloat16()
+            r = route(F.linear(x, gate), K)
+            floor = floor_ms(x, gate, bandwidth, rate)
+            aligned = peer.align(r.experts, peer.config_for(T)[0], E)
+            lora = expert_lora(T, r.experts) if T <= LORA_MAX_TOKENS and ("lora", T, None) not in failed else None
+            want = peer.experts(x, w13, w2, r.weights, r.experts)
+            got = fused_moe(x, w13, w2, r.weights, r.experts)
+            error = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            assert error < 1e-2, f"tokens {T}: ours is off the peer by {error:.2e}"
+            t = best_of_two({
+                "free": lambda: peer.experts(x, w13, w2, r.weights, r.experts, aligned),
+                "aligned": lambda: peer.experts(x, w13, w2, r.weights, r.experts),
+                "ours": lambda: fused_moe(x, w13, w2, r.weights, r.experts),
+                "lora": (lambda: fused_moe(x, w13, w2, r.weights, r.experts, lora=lora)) if lora else None,
+                "grouped": (lambda: moe_experts(x, w13, w2, dispatch(r, E), F.silu, linear_grouped_mm))
+                if T >= GROUPED_MIN_TOKENS else None})
+            rows.append([str(T), f"{floor:.3f}", cell(t["free"], floor), cell(t["aligned"], floor),
+                         cell(t["ours"], floor), f"{t['ours'] / t['free']:.2f}",
+                         cell(t["lora"], floor) if lora else "-", f"{t['lora'] / t['ours']:.2f}" if lora else "-",
+                         cell(t["grouped"], floor) if T >= GROUPED_MIN_TOKENS else "-"])
+    print_table(f"MoE experts, Mixtral-8x7B shapes, bf16, {card()}: copy {bandwidth / 1e12:.2f} TB/s, matmul "
+                f"{rate / 1e12:.0f} TFLOP/s; CUDA-graph replay ms (percent of floor), routing given, best of two",
+                ["tokens", "floor ms", "vLLM design, alignment free", "vLLM design, with alignment", "ours",
+                 "ours / vLLM free", f"ours + expert LoRA ({LORA_ADAPTERS} adapters)", "LoRA / ours",
+                 "two grouped_mm (the block's path above TRITON_MOE_MAX_TOKENS)"], rows)
+    print(f"tile table in use: {fused_moe_module.MOE_TILE_CONFIGS}")
 
 
 # -- FP8 ---------------------------------------------------------------------------------------------
@@ -184,23 +439,31 @@ def main_fp8(tokens, tune: bool):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
+    parser.add_argument("--tokens", type=int, nargs="*", default=None)
     parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--write", action="store_true", help="with --tune: write the winners into fused_moe.py")
+    parser.add_argument("--peer", action="store_true", help="only the table against the vLLM-design peer")
     parser.add_argument("--fp8", action="store_true", help="FP8 experts against bf16 (see the module docstring)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.fp8:
-        main_fp8(args.tokens, args.tune)
+        main_fp8(args.tokens or TOKENS, args.tune)
         return
+    if args.tune:
+        tune(*make_weights()[:3], args.tokens or TUNE_TOKENS, args.write)
+        return
+    if not args.peer:
+        main_layer(args.tokens or TOKENS)
+    main_peer(args.tokens or TOKENS)
+
+
+def main_layer(tokens):
     bandwidth, rate = copy_bandwidth(), matmul_rate()
     gate, w13, w2 = make_weights()
-    if args.tune:
-        tune(gate, w13, w2, args.tokens)
-        return
     hf = transformers_block(gate, w13, w2)
     rows = []
     with torch.no_grad():
-        for T in args.tokens:
+        for T in tokens:
             x = torch.randn(T, H, device="cuda").bfloat16()
             floor = floor_ms(x, gate, bandwidth, rate)
             variants = {"triton": lambda: ours_fused(x, gate, w13, w2),
@@ -220,7 +483,7 @@ def main():
                 f"matmul {rate / 1e12:.0f} TFLOP/s; ms (percent of floor), eager / CUDA-graph replay",
                 ["tokens", "floor ms", "ours triton", "ours grouped_mm", "transformers grouped_mm", "upstream dense bmm"],
                 rows)
-    print(f"tile table in use: {MOE_TILE_CONFIGS}")
+    print(f"tile table in use: {fused_moe_module.MOE_TILE_CONFIGS}")
 
 
 if __name__ == "__main__":

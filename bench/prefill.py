@@ -16,15 +16,17 @@ CPU with the embedded tiny model (tests/bench keeps it from rotting). Every requ
    next). Reported: the times and their ratios.
 3. Chunked prefill (issue 15; target: TPOT p99 <= 2x): 32 requests decode at context 512; their time per
    output token (wall time of a Decode call, calls back to back) is taken over 32 steps alone, then while a
-   16k-token prompt joins in chunks of 256, 512, 1024 or 2048 tokens (the router's max_batch_prefill_tokens sizes
+   16k-token prompt joins in chunks of 128 to 2048 tokens (the router's max_batch_prefill_tokens sizes
    them; Prefill with `cached_batch`, then Decode calls until its first token), and, for comparison, while the same prompt is prefilled in one piece (the stall the
    running requests see).
 
     python -m bench.prefill [--layers 32] [--fp8]
     python -m bench.prefill --smoke
+    python -m bench.prefill --profile-chunk 256
 """
 
 import argparse
+import itertools
 import statistics
 import time
 from typing import Dict, List, Sequence
@@ -36,7 +38,7 @@ from bench.serve import BLOCK_SIZE, FIRST_TOKEN, GREEDY, Floor, cpu_ceilings, de
 from lorax_server.models.flash_causal_lm import FlashCausalLM
 
 FULL = dict(plain=[(1, 4096), (16, 512), (64, 128)], prefix=2000, own=128, sharing=64, running=32, context=512,
-            long=16384, chunks=(256, 512, 1024, 2048), prefill_budget=16384)
+            long=16384, chunks=(128, 256, 512, 1024, 2048), prefill_budget=16384)
 SMOKE = dict(plain=[(1, 64), (4, 16)], prefix=32, own=8, sharing=4, running=3, context=16, long=96, chunks=(24,),
              prefill_budget=64)
 
@@ -51,9 +53,10 @@ class Blocks:
 
     def fresh(self, tokens: int, reuse: Sequence[int] = ()) -> List[int]:
         needed = self.engine.cache.blocks_for(tokens) - len(reuse)
-        free = [b for b in self.engine.cache.free_blocks if b not in self.taken and b not in reuse]
+        skip = self.taken.union(reuse)
+        free = list(itertools.islice((b for b in self.engine.cache.free_blocks if b not in skip), needed))
         if needed > len(free):
-            raise RuntimeError(f"the cache has {len(free)} free blocks, {needed} are needed")
+            raise RuntimeError(f"the cache has {len(free)} free blocks of the {needed} needed")
         self.taken.update(free[:needed])
         return list(reuse) + free[:needed]
 
@@ -179,6 +182,28 @@ def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
     return rows
 
 
+def profile_chunk(engine, blocks, cfg, chunk: int) -> None:
+    """The kernels of one step that runs a chunk (half-way through the long prompt) beside the running decodes,
+    and how much of the step's wall time the GPU was busy (the rest is the host launching)."""
+    vocab = engine.config.vocab_size
+    running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
+    engine.clear()
+    batch = prefill(engine, blocks, 30, running, 4 * cfg["long"] // chunk + 8)
+    engine.max_prefill_tokens = chunk
+    prefill(engine, blocks, 31, {999: prompt(300, cfg["long"], vocab)}, 2, chunk_len=chunk, cached_batch_id=batch.id)
+    decode_times(engine, batch.id, cfg["long"] // chunk // 2)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        (wall,) = decode_times(engine, batch.id, 1)
+    engine.max_prefill_tokens = None
+    engine.clear()
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"\none step with a {chunk}-token chunk at prefix {cfg['long'] // 2} beside {cfg['running']} decodes: "
+          f"wall {wall * 1e3:.1f} ms (profiled), GPU busy {busy:.1f} ms")
+    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+
+
 def build(args):
     if args.smoke:
         from lorax_server.cli import DEFAULT_MODEL_DIR
@@ -215,12 +240,17 @@ def main(argv=None) -> Dict[str, List[List[str]]]:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="the embedded tiny model on the CPU")
+    parser.add_argument("--profile-chunk", type=int, metavar="TOKENS",
+                        help="only profile one step of chunked prefill with chunks of this size")
     args = parser.parse_args(argv)
     cfg = SMOKE if args.smoke else FULL
     engine, ceilings, what = build(args)
     dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
     floor = Floor(engine.config, 1, dtype_bytes, ceilings, weight_bytes=1 if args.fp8 else None)
     blocks = Blocks(engine)
+    if args.profile_chunk:
+        with torch.no_grad():
+            return profile_chunk(engine, blocks, cfg, args.profile_chunk)
     tables = {}
     with torch.no_grad():
         tables["plain"] = plain_rows(engine, blocks, cfg["plain"], floor)

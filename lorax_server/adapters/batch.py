@@ -17,9 +17,10 @@ from lorax_server.adapters.weights import BASE_MODEL_ADAPTER_INDEX, AdapterWeigh
 from lorax_server.kernels.alignment import align_by_expert
 
 # Rows of expert LoRA from which the two-stage MoE path (`moe_experts`) groups them by adapter and expert
-# (SGMV) instead of running per-row kernels (BGMV). The fused MoE path (up to TRITON_MOE_MAX_TOKENS = 512
-# tokens) always takes per-row deltas, so with the Triton backend the two-stage path starts above 1024
-# rows and always groups; with other backends smaller batches keep BGMV. Not tuned.
+# (SGMV) instead of running per-row kernels (BGMV). The fused MoE kernels (up to TRITON_MOE_MAX_TOKENS = 1024
+# tokens) apply expert LoRA themselves (kernels/fused_moe.py: A per row, B inside the GEMM tiles), so with the
+# Triton backend the two-stage path starts above 2048 rows and always groups; with other backends smaller
+# batches keep BGMV. Not tuned.
 SGMV_MIN_ROWS = 1024
 
 
@@ -135,9 +136,10 @@ class ExpertLoraBatch:
 class StackedExpertLora:
     """Expert LoRA through the Triton kernels: row i uses stack row `rows[i]` (expert slot * E + expert, or -1).
 
-    Below `SGMV_MIN_ROWS` rows, and always inside the fused MoE kernels (`deltas`, and `add` with a row
-    scale or an index), each row reads its own A and B (BGMV); otherwise the rows are grouped by stack
-    row once per layer and each group's weights are read once per tile of rows (SGMV)."""
+    In the two-stage path (`add`), below `SGMV_MIN_ROWS` rows (or with a row scale or an index) each row reads
+    its own A and B (BGMV); otherwise the rows are grouped by stack row once per layer and each group's
+    weights are read once per tile of rows (SGMV). The fused MoE kernels read `rows` and the stacks
+    themselves; `deltas` is the same per-row maths as one tensor (the CPU tests' check of the stacks)."""
 
     rows: torch.Tensor  # [T*K] int32
     layer_id: int

@@ -17,6 +17,12 @@ class Alignment:
     padded_rows: int  # P
 
 
+def padded_size(n: int, num_experts: int, block_m: int) -> int:
+    """Rows of the aligned layout of n assignments: at most min(E, n) groups hold any, and each of those pads
+    its run by at most block_m - 1 rows (the bound depends on n alone, never on the routing)."""
+    return max(block_m, -(-(n + min(num_experts, n) * (block_m - 1)) // block_m) * block_m)
+
+
 def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     """experts [T, K] -> the assignments grouped by expert, each group padded to a multiple of block_m.
 
@@ -27,7 +33,7 @@ def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> Al
     """
     flat = experts.flatten()
     n = flat.numel()
-    padded_rows = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    padded_rows = padded_size(n, num_experts, block_m)
     order = torch.argsort(flat, stable=True)  # an expert id of E (another rank's assignment) sorts last
     sorted_experts = flat[order]
     here = sorted_experts < num_experts

@@ -2,39 +2,75 @@
 
 Oracle: `lorax_server.layers.moe.experts.moe_experts(..., linear_per_expert)`.
 
-1. `align_by_expert` (one Triton program; torch ops for large batches): the T*K assignments sorted by expert, each expert's run
-   padded to a multiple of BLOCK_M, in a buffer whose size is fixed by T, K and E alone (so the launch
-   grid never depends on the routing and the whole thing can be captured in a CUDA graph).
-2. `gate_up_kernel`: for a tile of BLOCK_M rows of one expert, both gate and up columns at once,
-   writing silu(gate) * up: h [padded rows, F].
-3. `down_kernel`: h @ w2[e].T scaled by each row's routing weight, written per assignment [T*K, H];
-   the K rows of a token are then summed (deterministic, no atomics).
-Tile shapes are chosen per token count from `MOE_TILE_CONFIGS` (measured on the device, see docs/PERF.md).
+1. `gate_up_kernel`: a tile of rows of one expert against both its gate and up columns at once, writing
+   silu(gate) * up: h [rows, F] (no [rows, 2F] intermediate, no activation launch).
+2. `down_kernel`: h @ w2[e].T scaled by each assignment's routing weight.
+
+The T*K (token, expert) assignments reach the programs in one of two layouts, chosen per token count by the
+tile table (`MOE_TILE_CONFIGS`):
+- pairs (a tile's block_m is 1; a few tokens): no alignment at all. Each program of step 1 takes one
+  assignment as it comes, each program of step 2 one token and sums its K assignments itself, so one
+  token's MoE is two launches. (A tile still has 16 rows, the least a tensor-core dot takes; one is live.)
+- sorted: `align_by_expert` (one Triton program; torch ops above 8192 assignments) groups the assignments by
+  expert, each group padded to a multiple of BLOCK_M, in a buffer whose size depends on T, K and E alone (so
+  the grid never depends on the routing and the step can be captured in a CUDA graph). Programs take
+  GROUP_M row blocks at a time across the columns (a column block of an expert's weights is read by all the
+  expert's row blocks together, from L2); the K rows of a token are summed after step 2 (deterministic, no
+  atomics).
+
+Expert LoRA (`lora`, a StackedExpertLora): the shrinks v = A @ x are one small launch each (`lora_shrink_kernel`,
+one program per assignment and 512 columns, so a single token's shrink is not one long serial loop); the
+expands B @ v run inside steps 1 and 2 on the accumulators, as tensor-core dots over the B of the adapters
+present in the tile (`add_lora`). No [T*K, 2F] delta buffer, no per-row loop.
 
 FP8 experts (W8A8 e4m3: weights with an e4m3 `.weight` and its `.weight_scale`, as layers.fp8.Fp8Weight holds
-them): x is quantized per token before step 2 and h per padded row before step 3 (`kernels/fp8_quant.py`);
-both GEMMs multiply e4m3 by e4m3 into fp32 and apply the activation and weight scales in their epilogues; tiles from `MOE_FP8_TILE_CONFIGS`. FP8 oracle: the same arithmetic in float32 over
-the dequantized weights (tests/gpu/test_fp8_kernels.py).
+them): x is quantized per token before step 1 and h per row before step 2 (`kernels/fp8_quant.py`);
+both GEMMs multiply e4m3 by e4m3 into fp32 and apply the activation and weight scales in their epilogues; tiles
+from `MOE_FP8_TILE_CONFIGS`. FP8 oracle: the same arithmetic in float32 over the dequantized weights
+(tests/gpu/test_fp8_kernels.py).
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from lorax_server.kernels.alignment import Alignment, align_by_expert, padded_size
 from lorax_server.kernels.fp8_quant import quantize_rows
-from lorax_server.kernels.alignment import Alignment, align_by_expert
 
-# (max tokens, gate/up kernel tiles, down kernel tiles); a tile is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-# num_stages). The first row whose bound is >= the token count is used. Chosen by `python -m bench.moe_layer
-# --tune` on an H200 at Mixtral-8x7B shapes (2026-11-28, docs/logs/h200_run2_moe_tune.log): best of 56 shapes
-# at 1, 16, 64, 256, 1024 and 4096 tokens. Above TRITON_MOE_MAX_TOKENS the MoE block uses grouped_mm instead.
+
+class Tile(NamedTuple):
+    """One kernel's launch shape. block_m 1 means the pairs layout (see the module docstring); group_m is how
+    many row blocks sweep the column blocks together (the default: all of them, row blocks fastest)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    group_m: int = 1024
+
+
+DOT_M = 16  # rows of a pairs-layout tile: the smallest tensor-core dot
+
+# (max tokens, gate/up kernel tile, down kernel tile), tiles as `Tile` fields; the first row whose bound is >= the
+# token count is used. Both tiles of a row share block_m.
+# tune-table-begin
+# Chosen by `python -m bench.moe_layer --tune --write` on an NVIDIA H200, 2026-11-28, at Mixtral-8x7B shapes
+# (bf16, CUDA-graph replays of the whole fused_moe call, routing given; log docs/logs/moe_tune_s5_h200.log).
+# Measured, tokens: ms: 1: 0.170, 4: 0.331, 8: 0.486, 16: 0.562, 64: 0.649, 256: 0.717, 1024: 1.564, 4096: 5.603.
 MOE_TILE_CONFIGS = (
-    (8, (16, 128, 128, 4, 3), (16, 128, 128, 4, 3)),
-    (32, (32, 64, 128, 4, 3), (32, 64, 128, 4, 3)),
-    (128, (16, 64, 128, 4, 4), (16, 64, 128, 4, 4)),
-    (512, (64, 64, 64, 4, 4), (64, 64, 64, 4, 4)),
-    (1 << 62, (128, 128, 64, 8, 3), (128, 128, 64, 8, 3)),
+    (2, (1, 32, 64, 4, 3, 1024), (1, 32, 512, 4, 4, 1024)),
+    (5, (16, 64, 128, 4, 5, 1024), (16, 64, 128, 4, 5, 1024)),
+    (11, (16, 128, 128, 4, 4, 1024), (16, 64, 128, 4, 4, 1024)),
+    (32, (16, 128, 128, 4, 3, 1024), (16, 128, 256, 4, 3, 1024)),
+    (128, (32, 128, 128, 4, 3, 1024), (32, 128, 128, 4, 3, 1024)),
+    (512, (128, 128, 64, 8, 4, 1024), (128, 256, 64, 8, 4, 1024)),
+    (2048, (128, 128, 64, 8, 3, 16), (128, 256, 64, 8, 4, 16)),
+    (1 << 62, (128, 128, 64, 8, 4, 1024), (128, 256, 64, 8, 4, 16)),
 )
+# tune-table-end
 # The same for FP8 experts (W8A8 e4m3: a K step of 256 bytes is the bf16 table's 128 elements). Candidates
 # taken from the shapes of vLLM's published H200 fp8_w8a8 table for E=8, N=14336 (BLOCK_M 16-128, BLOCK_K
 # 128-256), halved in BLOCK_N where our gate/up kernel holds two accumulators; the best of
@@ -80,7 +116,7 @@ def align_by_expert_triton(experts: torch.Tensor, num_experts: int, block_m: int
     """The same alignment as `align_by_expert`, in one kernel launch (for up to 8192 assignments)."""
     flat = experts.flatten()
     n = flat.numel()
-    padded_rows = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    padded_rows = padded_size(n, num_experts, block_m)
     num_blocks = padded_rows // block_m
     sorted_rows = torch.empty(padded_rows, dtype=torch.int64, device=flat.device)
     position = torch.empty(n, dtype=torch.int64, device=flat.device)
@@ -92,114 +128,317 @@ def align_by_expert_triton(experts: torch.Tensor, num_experts: int, block_m: int
 
 
 @triton.jit
-def gate_up_kernel(x_ptr, w13_ptr, h_ptr, delta_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_ptr, block_expert_ptr,
-                   num_assignments, top_k, hidden, ffn, stride_x, stride_we, stride_wn, stride_h, stride_d, stride_se,
-                   HAS_DELTA: tl.constexpr, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """FP8 (W8A8): x and w13 are e4m3, the dot accumulates in fp32 and the epilogue applies each token's
+def tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program id -> (row block, column block): GROUP_M row blocks at a time, row blocks fastest."""
+    per_group = GROUP_M * num_n
+    first_m = pid // per_group * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + pid % per_group % group_rows, pid % per_group // group_rows
+
+
+@triton.jit
+def rows_of(pid_m, sorted_rows_ptr, block_expert_ptr, experts_ptr, num_assignments,
+            PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A program's expert and rows: each row's assignment (num_assignments for none) and its row of h."""
+    i = tl.arange(0, BLOCK_M)
+    if PAIRS:  # row 0 is assignment pid_m, h row pid_m; the other rows are empty
+        expert = tl.load(experts_ptr + pid_m).to(tl.int32)
+        assignment = tl.where(i == 0, pid_m, num_assignments).to(tl.int64)
+        h_rows = assignment
+    else:
+        expert = tl.load(block_expert_ptr + pid_m)
+        h_rows = (pid_m * BLOCK_M + i).to(tl.int64)
+        assignment = tl.load(sorted_rows_ptr + h_rows)
+    return expert, assignment, h_rows
+
+
+@triton.jit
+def add_lora(acc, v_ptr, stack_rows_ptr, b_ptr, assignment, real, b_cols, num_slots, stack_experts, stride_v,
+             stride_lb, stride_lbn, RANK: tl.constexpr, RANK_PAD: tl.constexpr, SLOTS: tl.constexpr):
+    """acc [M, N] += each row's v [RANK_PAD] @ B[its stack row][b_cols].T, B [slots * stack_experts, out, RANK].
+
+    The rows of a tile share one expert, so their stack rows differ only by adapter slot: v is spread into
+    [M, SLOTS * RANK_PAD] (row i's v in the columns of its slot, zeros elsewhere) and multiplied by the B of
+    SLOTS consecutive slots of that expert stacked along K, one tensor-core dot per SLOTS slots, over the
+    slots present in the tile (a single adapter: one dot of depth RANK_PAD). No per-row loop."""
+    stack_rows = tl.load(stack_rows_ptr + assignment, mask=real, other=-1)
+    live = stack_rows >= 0
+    slot = tl.where(live, stack_rows // stack_experts, -1)
+    expert = tl.max(tl.where(live, stack_rows % stack_experts, 0), 0)  # the tile's expert, as the stacks number it
+    first = tl.min(tl.where(live, slot, num_slots), 0)
+    last = tl.max(slot, 0)
+    c = tl.arange(0, SLOTS * RANK_PAD)
+    c_rank = c % RANK_PAD
+    for s0 in tl.range(first, last + 1, SLOTS, num_stages=1):  # not pipelined: its tiles would not fit
+        c_slot = s0 + c // RANK_PAD
+        v = tl.load(v_ptr + assignment[:, None] * stride_v + c_rank[None, :],
+                    mask=(slot[:, None] == c_slot[None, :]) & real[:, None], other=0.0)  # [M, SLOTS * RANK_PAD]
+        b_rows = (c_slot * stack_experts + expert).to(tl.int64)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_lb + b_cols[None, :] * stride_lbn + c_rank[:, None],
+                    mask=((c_slot < num_slots) & (c_rank < RANK))[:, None], other=0.0)  # [SLOTS * RANK_PAD, N]
+        acc = tl.dot(v.to(b.dtype), b, acc)
+    return acc
+
+
+@triton.jit
+def lora_shrink_kernel(x_ptr, a_ptr, stack_rows_ptr, x_rows_ptr, out_ptr, in_features, x_row_div,
+                       stride_x, stride_as, stride_ar, stride_op, stride_on,
+                       HAS_X_ROWS: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[part, i] = A[stack row of i][:, part's BLOCK_K columns] @ x[row of i][same columns] (fp32, zeros
+    without LoRA): one program per (row, part), so few rows still fill the GPU; the parts are summed after."""
+    i, part = tl.program_id(0), tl.program_id(1)
+    stack_row = tl.load(stack_rows_ptr + i)
+    r = tl.arange(0, RANK_PAD)
+    k = part * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((RANK_PAD, BLOCK_K), tl.float32)
+    if stack_row >= 0:
+        if HAS_X_ROWS:
+            x_row = tl.load(x_rows_ptr + i)
+        else:
+            x_row = i // x_row_div
+        ok = k < in_features
+        x = tl.load(x_ptr + x_row.to(tl.int64) * stride_x + k, mask=ok, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + stack_row.to(tl.int64) * stride_as + r[:, None] * stride_ar + k[None, :],
+                    mask=(r < RANK)[:, None] & ok[None, :], other=0.0).to(tl.float32)
+        acc = a * x[None, :]
+    tl.store(out_ptr + part * stride_op + i * stride_on + r, tl.sum(acc, 1))
+
+
+@triton.jit
+def gate_up_kernel(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_ptr, block_expert_ptr, experts_ptr,
+                   lora_v_ptr, lora_rows_ptr, lora_b_ptr, num_m, num_assignments, hidden, ffn, lora_slots,
+                   lora_experts, stride_x, stride_we, stride_wn, stride_h, stride_se, stride_lv, stride_lb, stride_lbn,
+                   TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
+                   LORA_RANK: tl.constexpr, LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr,
+                   X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One dot of width 2 * BLOCK_N per K step: the weight tile's column 2j is gate row j of the block, column
+    2j + 1 up row j (ffn rows further), so the accumulator splits into gate and up in registers. (Two dots of
+    width BLOCK_N keep Hopper's wgmma from overlapping one step with the next.)
+
+    FP8 (W8A8): x and w13 are e4m3, the dot accumulates in fp32 and the epilogue applies each token's
     scale and each output channel's; W8A16: w13 is e4m3, raised to x's dtype before the dot (UPCAST_W)."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
+    pid_m, pid_n = tile_of(tl.program_id(0), num_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
+    expert, assignment, h_rows = rows_of(pid_m, sorted_rows_ptr, block_expert_ptr, experts_ptr, num_assignments,
+                                         PAIRS, BLOCK_M)
+    if (expert < 0) | (expert >= NUM_EXPERTS):  # a row block past the last, or another rank's assignment
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assignment = tl.load(sorted_rows_ptr + rows)
     real = assignment < num_assignments
-    tokens = assignment // top_k
+    tokens = assignment // TOP_K
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < ffn
+    c2 = tl.arange(0, 2 * BLOCK_N)
+    # w13 rows of the wide tile, always in bounds (wrapped columns are not stored): no mask on the weights
+    w_rows = (pid_n * BLOCK_N + c2 // 2) % ffn + (c2 % 2) * ffn
     ks = tl.arange(0, BLOCK_K)
     x_tile = x_ptr + tokens[:, None] * stride_x + ks[None, :]
-    w_base = w13_ptr + expert.to(tl.int64) * stride_we
-    gate_tile = w_base + cols[None, :] * stride_wn + ks[:, None]
-    up_tile = gate_tile + ffn * stride_wn
-    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_tile = w13_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
-        k_ok = ks < hidden - k0
-        a = tl.load(x_tile, mask=real[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(gate_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        u = tl.load(up_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(x_tile, mask=real[:, None], other=0.0)
+            w = tl.load(w_tile)
+        else:
+            k_ok = ks < hidden - k0
+            a = tl.load(x_tile, mask=real[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_tile, mask=k_ok[:, None], other=0.0)
         if UPCAST_W:
-            g = g.to(a.dtype)
-            u = u.to(a.dtype)
-        gate += tl.dot(a, g)
-        up += tl.dot(a, u)
+            w = w.to(a.dtype)
+        acc = tl.dot(a, w, acc)
         x_tile += BLOCK_K
-        gate_tile += BLOCK_K
-        up_tile += BLOCK_K
+        w_tile += BLOCK_K
     if X_SCALED:  # each token's activation scale
-        x_scale = tl.load(x_scale_ptr + tokens, mask=real, other=0.0)
-        gate = gate * x_scale[:, None]
-        up = up * x_scale[:, None]
-    if W_SCALED:  # each output channel's weight scale, gate rows then up rows
-        w_scale = w_scale_ptr + expert.to(tl.int64) * stride_se + cols
-        gate = gate * tl.load(w_scale, mask=col_ok, other=0.0)[None, :]
-        up = up * tl.load(w_scale + ffn, mask=col_ok, other=0.0)[None, :]
-    if HAS_DELTA:  # expert LoRA: per-assignment deltas of the gate and up pre-activations
-        delta = delta_ptr + assignment[:, None] * stride_d + cols[None, :]
-        ok = real[:, None] & col_ok[None, :]
-        gate += tl.load(delta, mask=ok, other=0.0).to(tl.float32)
-        up += tl.load(delta + ffn, mask=ok, other=0.0).to(tl.float32)
+        acc = acc * tl.load(x_scale_ptr + tokens, mask=real, other=0.0)[:, None]
+    if W_SCALED:  # each output channel's weight scale
+        acc = acc * tl.load(w_scale_ptr + expert.to(tl.int64) * stride_se + w_rows)[None, :]
+    if LORA_RANK > 0:  # expert LoRA: the B rows of the same gate and up channels, against each row's shrunk x
+        acc = add_lora(acc, lora_v_ptr, lora_rows_ptr, lora_b_ptr, assignment, real, w_rows, lora_slots,
+                       lora_experts, stride_lv, stride_lb, stride_lbn, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
+    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     h = gate * tl.sigmoid(gate) * up
-    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=col_ok[None, :])
+    store_ok = (cols < ffn)[None, :]
+    if PAIRS:  # the empty rows have no row of h
+        store_ok = store_ok & real[:, None]
+    tl.store(h_ptr + h_rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def down_product(h_ptr, w2_ptr, expert, h_rows, real, w_cols, ffn, stride_h, stride_we, stride_wn,
+                 EVEN_K: tl.constexpr, UPCAST_W: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h[h_rows] @ w2[expert][w_cols].T, [BLOCK_M, BLOCK_N] fp32; rows not `real` read as zeros."""
+    ks = tl.arange(0, BLOCK_K)
+    h_tile = h_ptr + h_rows[:, None] * stride_h + ks[None, :]
+    w_tile = w2_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, ffn, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(h_tile, mask=real[:, None], other=0.0)
+            b = tl.load(w_tile)
+        else:
+            k_ok = ks < ffn - k0
+            a = tl.load(h_tile, mask=real[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_tile, mask=k_ok[:, None], other=0.0)
+        if UPCAST_W:
+            b = b.to(a.dtype)
+        acc = tl.dot(a, b, acc)
+        h_tile += BLOCK_K
+        w_tile += BLOCK_K
+    return acc
+
+
+@triton.jit
+def down_epilogue(acc, expert, assignment, h_rows, real, w_cols, weights_ptr, h_scale_ptr, w_scale_ptr,
+                  lora_v_ptr, lora_rows_ptr, lora_b_ptr, lora_slots, lora_experts, stride_se, stride_lv, stride_lb,
+                  stride_lbn, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, LORA_RANK: tl.constexpr,
+                  LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr):
+    """The routing weight, FP8 scales and the LoRA delta (which the routing weight scales too) on acc."""
+    weight = tl.load(weights_ptr + assignment, mask=real, other=0.0)
+    if X_SCALED or W_SCALED:
+        scale = weight
+        if X_SCALED:  # h's scale, one per row of h
+            scale = scale * tl.load(h_scale_ptr + h_rows, mask=real, other=0.0)
+        acc = acc * scale[:, None]
+        if W_SCALED:
+            acc = acc * tl.load(w_scale_ptr + expert.to(tl.int64) * stride_se + w_cols)[None, :]
+        if LORA_RANK > 0:
+            delta = add_lora(tl.zeros_like(acc), lora_v_ptr, lora_rows_ptr, lora_b_ptr, assignment, real, w_cols,
+                             lora_slots, lora_experts, stride_lv, stride_lb, stride_lbn, LORA_RANK, LORA_RANK_PAD,
+                             LORA_SLOTS)
+            acc += delta * weight[:, None]
+    else:  # the delta joins the accumulator before the routing weight: no second accumulator
+        if LORA_RANK > 0:
+            acc = add_lora(acc, lora_v_ptr, lora_rows_ptr, lora_b_ptr, assignment, real, w_cols, lora_slots,
+                           lora_experts, stride_lv, stride_lb, stride_lbn, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
+        acc = acc * weight[:, None]
+    return acc
 
 
 @triton.jit
 def down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, sorted_rows_ptr, block_expert_ptr,
-                num_assignments, hidden, ffn, stride_h, stride_we, stride_wn, stride_out, stride_se,
+                experts_ptr, lora_v_ptr, lora_rows_ptr, lora_b_ptr, num_m, num_assignments, hidden, ffn,
+                lora_slots, lora_experts, stride_h, stride_we, stride_wn, stride_out, stride_se, stride_lv,
+                stride_lb, stride_lbn, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, PAIRS: tl.constexpr,
+                EVEN_K: tl.constexpr, LORA_RANK: tl.constexpr, LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr,
                 X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Scales as in `gate_up_kernel`; h's scales are per padded row."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
-        return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assignment = tl.load(sorted_rows_ptr + rows)
-    real = assignment < num_assignments
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Scales as in `gate_up_kernel`; h's scales are per row of h. Pairs: program (token, columns) sums the
+    token's TOP_K assignments into out [T, H]; sorted: out [T*K, H], one row per assignment."""
+    pid_m, pid_n = tile_of(tl.program_id(0), num_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < hidden
-    ks = tl.arange(0, BLOCK_K)
-    h_tile = h_ptr + rows[:, None] * stride_h + ks[None, :]
-    w_tile = w2_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, ffn, BLOCK_K):
-        k_ok = ks < ffn - k0
-        a = tl.load(h_tile, mask=real[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST_W:
-            b = b.to(a.dtype)
-        acc += tl.dot(a, b)
-        h_tile += BLOCK_K
-        w_tile += BLOCK_K
-    weight = tl.load(weights_ptr + assignment, mask=real, other=0.0)
-    if X_SCALED:
-        weight = weight * tl.load(h_scale_ptr + rows)
-    acc = acc * weight[:, None]
-    if W_SCALED:
-        acc = acc * tl.load(w_scale_ptr + expert.to(tl.int64) * stride_se + cols, mask=col_ok, other=0.0)[None, :]
-    out = out_ptr + assignment[:, None] * stride_out + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
+    w_cols = cols % hidden
+    i = tl.arange(0, BLOCK_M)
+    if PAIRS:
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in tl.static_range(TOP_K):
+            expert, assignment, h_rows = rows_of(pid_m * TOP_K + k, sorted_rows_ptr, block_expert_ptr, experts_ptr,
+                                                 num_assignments, PAIRS, BLOCK_M)
+            if (expert >= 0) & (expert < NUM_EXPERTS):  # another rank's assignment adds nothing here
+                real = assignment < num_assignments
+                acc = down_product(h_ptr, w2_ptr, expert, h_rows, real, w_cols, ffn, stride_h, stride_we, stride_wn,
+                                   EVEN_K, UPCAST_W, BLOCK_M, BLOCK_N, BLOCK_K)
+                total += down_epilogue(acc, expert, assignment, h_rows, real, w_cols, weights_ptr, h_scale_ptr,
+                                       w_scale_ptr, lora_v_ptr, lora_rows_ptr, lora_b_ptr, lora_slots, lora_experts,
+                                       stride_se, stride_lv, stride_lb, stride_lbn, X_SCALED, W_SCALED, LORA_RANK,
+                                       LORA_RANK_PAD, LORA_SLOTS)
+        out = out_ptr + pid_m.to(tl.int64) * stride_out + cols[None, :] + i[:, None] * 0
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=(i == 0)[:, None] & (cols < hidden)[None, :])
+    else:
+        expert, assignment, h_rows = rows_of(pid_m, sorted_rows_ptr, block_expert_ptr, experts_ptr, num_assignments,
+                                             PAIRS, BLOCK_M)
+        if expert < 0:
+            return
+        real = assignment < num_assignments
+        acc = down_product(h_ptr, w2_ptr, expert, h_rows, real, w_cols, ffn, stride_h, stride_we, stride_wn,
+                           EVEN_K, UPCAST_W, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = down_epilogue(acc, expert, assignment, h_rows, real, w_cols, weights_ptr, h_scale_ptr, w_scale_ptr,
+                            lora_v_ptr, lora_rows_ptr, lora_b_ptr, lora_slots, lora_experts, stride_se, stride_lv,
+                            stride_lb, stride_lbn, X_SCALED, W_SCALED, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
+        out = out_ptr + assignment[:, None] * stride_out + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=real[:, None] & (cols < hidden)[None, :])
 
 
 def tile_config(num_tokens: int, element_size: int, table=MOE_TILE_CONFIGS):
     """The tiles for this many tokens; 4-byte inputs (fp32) take half the K depth to fit shared memory."""
-    gate_up, down = next((g, d) for bound, g, d in table if num_tokens <= bound)
+    gate_up, down = next((Tile(*g), Tile(*d)) for bound, g, d in table if num_tokens <= bound)
     if element_size > 2:
-        gate_up, down = ((bm, bn, bk // 2, w, s) for bm, bn, bk, w, s in (gate_up, down))
+        gate_up, down = (t._replace(block_k=t.block_k // 2) for t in (gate_up, down))
     return gate_up, down
+
+
+class ExpertLora(NamedTuple):
+    """One MoE linear's expert LoRA as the kernels take it: v [T*K, RANK_PAD] fp32 (A @ each assignment's
+    input, zero-padded), each assignment's stack row (-1: none), B [slots * stack experts, out, R]."""
+
+    v: torch.Tensor
+    rows: torch.Tensor
+    b: torch.Tensor
+    stack_experts: int
+    slots_per_dot: int
+
+    def pointers(self, dummy):
+        return self.v, self.rows, self.b
+
+    def scalars(self):
+        return self.b.shape[0] // self.stack_experts, self.stack_experts
+
+    def strides(self):
+        return self.v.stride(0), self.b.stride(0), self.b.stride(1)
+
+    def constants(self):
+        return dict(LORA_RANK=self.b.shape[2], LORA_RANK_PAD=self.v.shape[1], LORA_SLOTS=self.slots_per_dot)
+
+
+class NoLora(NamedTuple):
+    """The kernels' LoRA arguments when there is none (`dummy` stands in for the pointers)."""
+
+    def pointers(self, dummy):
+        return dummy, dummy, dummy
+
+    def scalars(self):
+        return 0, 1
+
+    def strides(self):
+        return 0, 0, 0
+
+    def constants(self):
+        return dict(LORA_RANK=0, LORA_RANK_PAD=16, LORA_SLOTS=1)
+
+
+SHRINK_BLOCK_K = 512  # columns of A per shrink program: 8 parts over Mixtral's 4096, 28 over 14336
+
+
+def expert_lora_shrink(lora, name: str, x: torch.Tensor, rows: torch.Tensor, pairs: bool, x_row_div: int = 1,
+                       x_rows: torch.Tensor = None):
+    """`lora`'s `name` stack with v = A @ x computed for every assignment (x's row: x_rows[i], else i // x_row_div),
+    as the kernels take it; NoLora without one."""
+    stacked = lora.stacks.experts.get((lora.layer_id, name)) if lora is not None else None
+    if stacked is None:
+        return NoLora()
+    n, rank = rows.shape[0], stacked.a.shape[1]
+    rank_pad = max(16, rank)
+    parts = triton.cdiv(x.shape[1], SHRINK_BLOCK_K)
+    partial = torch.empty(parts, n, rank_pad, dtype=torch.float32, device=x.device)
+    lora_shrink_kernel[(n, parts)](
+        x, stacked.a, rows, rows if x_rows is None else x_rows, partial, x.shape[1], x_row_div,
+        x.stride(0), stacked.a.stride(0), stacked.a.stride(1), partial.stride(0), partial.stride(1),
+        HAS_X_ROWS=x_rows is not None, RANK=rank, RANK_PAD=rank_pad, BLOCK_K=SHRINK_BLOCK_K, num_warps=4)
+    stack_experts = lora.stacks.num_experts
+    slots = stacked.b.shape[0] // stack_experts
+    # one slot per dot for a pair (it has one adapter); otherwise dots 64 deep (deeper ones spill registers
+    # next to a 128 x 256 accumulator, compiled for sm_90a)
+    per_dot = 1 if pairs else min(triton.next_power_of_2(slots), max(1, 64 // rank_pad))
+    return ExpertLora(partial.sum(dim=0), rows, stacked.b, stack_experts, per_dot)
 
 
 def fused_moe(x: torch.Tensor, w13, w2, routing_weights: torch.Tensor, experts: torch.Tensor, configs=None,
               lora=None, elsewhere: bool = False, fp8_activations: bool = True) -> torch.Tensor:
     """x [T, H], w13 [E, 2F, H], w2 [E, H, F], routing_weights / experts [T, K] -> [T, H] (this rank's partial).
 
-    SiLU gating, as Mixtral uses; `configs` overrides the tile table (for tuning). `lora`, when given (a
-    StackedExpertLora), adds expert-LoRA deltas over the assignments in t * K + k order: the gate/up
-    deltas enter the first kernel before the activation, the down deltas join each assignment's output
-    with its routing weight. The expert weights are still read once. With `elsewhere`, an expert id of
-    E marks an assignment another rank computes (expert parallelism): it is skipped and adds zero.
+    SiLU gating, as Mixtral uses; `configs` = (gate/up tile, down tile) overrides the tile table (for tuning).
+    `lora`, when given (a StackedExpertLora over the assignments in t * K + k order), adds expert-LoRA deltas:
+    the gate/up deltas before the activation, the down deltas with the routing weight; the expert weights
+    are still read once. With `elsewhere`, an expert id of E marks an assignment another rank computes
+    (expert parallelism): it is skipped and adds zero.
 
     FP8: w13 and w2 may be FP8 weights (e4m3, one scale per expert and output channel). Then x is quantized
     once per token and h once per assignment (each with its own scale, or the layer's static input scale),
@@ -211,32 +450,56 @@ def fused_moe(x: torch.Tensor, w13, w2, routing_weights: torch.Tensor, experts: 
     T, H = x.shape
     E, two_f, _ = w13.shape
     F, K = two_f // 2, experts.shape[1]
+    n = T * K
+    if n == 0:
+        return x.new_zeros(T, H)
     table = MOE_FP8_TILE_CONFIGS if scaled_x else MOE_TILE_CONFIGS  # W8A16: x's tiles take the shared memory
-    (bm1, bn1, bk1, w1, s1), (bm2, bn2, bk2, w2_, s2) = configs or tile_config(T, x.element_size(), table)
-    assert bm1 == bm2, "both kernels walk the same padded row blocks"
-    aligned = (align_by_expert_triton if T * K <= 8192 else align_by_expert)(experts, E, bm1)
+    tile1, tile2 = (Tile(*c) for c in configs) if configs else tile_config(T, x.element_size(), table)
+    assert tile1.block_m == tile2.block_m, "both kernels walk the same rows"
+    pairs = tile1.block_m == 1
+    flat_experts = experts.flatten().contiguous()
+    if pairs:
+        block_m, rows1, rows2, h_rows = DOT_M, n, T, n
+        sorted_rows = block_expert = flat_experts  # unread
+        position = None  # h row = assignment
+    else:
+        block_m = tile1.block_m
+        aligned = (align_by_expert_triton if n <= 8192 else align_by_expert)(experts, E, block_m)
+        h_rows, sorted_rows, block_expert = aligned.padded_rows, aligned.sorted_rows, aligned.block_expert
+        rows1 = rows2 = h_rows // block_m
+        position = aligned.position
     w13_q, w13_scale = (w13.weight, w13.weight_scale) if fp8 else (w13, None)
     w2_q, w2_scale = (w2.weight, w2.weight_scale) if fp8 else (w2, None)
     x_in, x_scale = quantize_rows(x, w13.input_scale) if scaled_x else (x, None)
-    h = torch.empty(aligned.padded_rows, F, dtype=x.dtype, device=x.device)
-    blocks = aligned.padded_rows // bm1
-    delta = lora.deltas(x, "w13", x_row_div=K) if lora is not None else None  # [T*K, 2F] fp32
-    gate_up_kernel[(blocks, triton.cdiv(F, bn1))](
-        x_in, w13_q, h, h if delta is None else delta, h if x_scale is None else x_scale,
-        h if w13_scale is None else w13_scale, aligned.sorted_rows, aligned.block_expert, T * K, K, H, F,
-        x_in.stride(0), w13_q.stride(0), w13_q.stride(1), h.stride(0), 0 if delta is None else delta.stride(0),
-        0 if w13_scale is None else w13_scale.stride(0),
-        HAS_DELTA=delta is not None, X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x,
-        BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=s1)
-    h_in, h_scale = (quantize_rows(h, w2.input_scale, (aligned.block_expert, bm1)) if scaled_x else (h, None))
-    out = (torch.zeros if elsewhere else torch.empty)(T * K, H, dtype=x.dtype, device=x.device)  # skipped rows: 0
-    weights = routing_weights.flatten().to(torch.float32).contiguous()
-    down_kernel[(blocks, triton.cdiv(H, bn2))](
-        h_in, w2_q, out, weights, h if h_scale is None else h_scale, h if w2_scale is None else w2_scale,
-        aligned.sorted_rows, aligned.block_expert, T * K, H, F,
-        h_in.stride(0), w2_q.stride(0), w2_q.stride(1), out.stride(0), 0 if w2_scale is None else w2_scale.stride(0),
+    lora_rows = None
+    if lora is not None:  # another rank's assignments take no LoRA (and read no stack row)
+        lora_rows = torch.where(flat_experts < E, lora.rows, -1).to(torch.int32) if elsewhere else lora.rows
+    lora13 = expert_lora_shrink(lora, "w13", x, lora_rows, pairs, x_row_div=K)
+    h = torch.empty(h_rows, F, dtype=x.dtype, device=x.device)
+    gate_up_kernel[(rows1 * triton.cdiv(F, tile1.block_n),)](
+        x_in, w13_q, h, h if x_scale is None else x_scale, h if w13_scale is None else w13_scale,
+        sorted_rows, block_expert, flat_experts, *lora13.pointers(h), rows1, n, H, F, *lora13.scalars(),
+        x_in.stride(0), w13_q.stride(0), w13_q.stride(1), h.stride(0), 0 if w13_scale is None else w13_scale.stride(0),
+        *lora13.strides(),
+        TOP_K=K, NUM_EXPERTS=E, PAIRS=pairs, EVEN_K=H % tile1.block_k == 0, **lora13.constants(),
         X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x,
-        BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=s2)
-    if lora is not None:
-        lora.add(out, h, "w2", row_scale=weights, x_index=aligned.position)
-    return out.view(T, K, H).sum(dim=1)
+        BLOCK_M=block_m, BLOCK_N=tile1.block_n, BLOCK_K=tile1.block_k, GROUP_M=tile1.group_m,
+        num_warps=tile1.warps, num_stages=tile1.stages)
+    skip = None if pairs else (block_expert, block_m)
+    h_in, h_scale = quantize_rows(h, w2.input_scale, skip) if scaled_x else (h, None)
+    lora2 = expert_lora_shrink(lora, "w2", h, lora_rows, pairs, x_rows=position)
+    if pairs:
+        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    else:  # other ranks' rows are never written: zeros
+        out = (torch.zeros if elsewhere else torch.empty)(n, H, dtype=x.dtype, device=x.device)
+    weights = routing_weights.flatten().to(torch.float32).contiguous()
+    down_kernel[(rows2 * triton.cdiv(H, tile2.block_n),)](
+        h_in, w2_q, out, weights, h if h_scale is None else h_scale, h if w2_scale is None else w2_scale,
+        sorted_rows, block_expert, flat_experts, *lora2.pointers(h), rows2, n, H, F, *lora2.scalars(),
+        h_in.stride(0), w2_q.stride(0), w2_q.stride(1), out.stride(0), 0 if w2_scale is None else w2_scale.stride(0),
+        *lora2.strides(),
+        TOP_K=K, NUM_EXPERTS=E, PAIRS=pairs, EVEN_K=F % tile2.block_k == 0, **lora2.constants(),
+        X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x,
+        BLOCK_M=block_m, BLOCK_N=tile2.block_n, BLOCK_K=tile2.block_k, GROUP_M=tile2.group_m,
+        num_warps=tile2.warps, num_stages=tile2.stages)
+    return out if pairs else out.view(T, K, H).sum(dim=1)

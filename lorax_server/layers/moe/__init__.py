@@ -27,10 +27,10 @@ __all__ = ["Dispatch", "Routing", "dispatch", "route", "moe_experts", "expert_ba
            "ExpertsImpl"]
 
 # Token counts up to which the fused Triton kernels beat two grouped_mm calls (above, grouped_mm runs).
-# Measured on an H200 at Mixtral-8x7B shapes with the tuned tiles, CUDA-graph replays (docs/PERF.md):
-# Triton clearly ahead at 256 tokens (75% of the floor against 64%), a tie at 1024 (52/48% in one run,
-# 46/49% in the next), grouped_mm ahead at 4096 (65% against 51-57%).
-TRITON_MOE_MAX_TOKENS = 512
+# Measured on an H200 at Mixtral-8x7B shapes with the tuned tiles, CUDA-graph replays, routing given, in two runs
+# (docs/logs/moe_vs_vllm_s5_h200.log and _run1_): Triton ahead at 256 tokens (0.72 against 1.07 ms) and at
+# 1024 (1.68 against 1.86 ms), grouped_mm ahead at 4096 (5.60 against 5.82 ms). 2048 is not measured.
+TRITON_MOE_MAX_TOKENS = 1024
 # The same bound for FP8 experts: none. On an H200 at Mixtral-8x7B shapes the fused FP8 kernels beat FP8 grouped
 # GEMMs (torch._scaled_grouped_mm) at every size measured, 1 to 4096 tokens (3.98 against 4.36 ms at 4096;
 # docs/PERF.md, FP8 section); the grouped GEMMs serve expert LoRA that the fused kernels cannot take.

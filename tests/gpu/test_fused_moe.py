@@ -1,0 +1,159 @@
+"""The fused MoE kernels' two layouts (pairs and sorted), expert LoRA inside them, expert parallelism and FP8
+in the pairs layout, and CUDA-graph capture, against fp32 torch oracles (bf16 bounds: 1e-2)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.gpu.conftest import relative_error, skip_without_gpu
+
+skip_without_gpu()
+
+from lorax_server.adapters.batch import AdapterBatchData  # noqa: E402
+from lorax_server.adapters.stacked import build_stacks  # noqa: E402
+from lorax_server.adapters.weights import AdapterWeights, ExpertLoraWeights  # noqa: E402
+from lorax_server.kernels.fused_moe import fused_moe  # noqa: E402
+from lorax_server.layers.moe import Routing, dispatch, linear_per_expert, moe_experts, route  # noqa: E402
+from tests.gpu.test_fp8_kernels import fp8_moe_problem, needs_fp8, w8a8_reference, W8A8_BOUND  # noqa: E402
+from tests.gpu.test_kernels import moe_problem  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+H, FN, E, K = 256, 384, 8, 2
+PAIRS = ((1, 64, 128, 4, 4), (1, 32, 128, 4, 4))
+UNEVEN_H = 320  # K steps of 128 (gate/up) and 256 (down) divide neither 320 nor 384
+PAIRS_UNEVEN_K = ((1, 32, 128, 4, 3), (1, 16, 256, 4, 3))
+SORTED = [((16, 64, 128, 4, 3), (16, 64, 128, 4, 3)), ((32, 64, 64, 4, 4, 2), (32, 128, 64, 4, 4, 1)),
+          ((64, 64, 64, 8, 3, 8), (64, 128, 64, 8, 3, 8))]
+
+
+def oracle(x, w13, w2, routing, num_experts=E):
+    return moe_experts(x.float(), w13.float(), w2.float(), dispatch(routing, num_experts), F.silu, linear_per_expert)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 9])
+@pytest.mark.parametrize("configs, hidden", [(PAIRS, H), (PAIRS_UNEVEN_K, UNEVEN_H)])
+def test_pairs_layout_matches_the_reference(T, configs, hidden):
+    x, w13, w2, routing = moe_problem(T, H=hidden, Fn=FN, seed=T)
+    got = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs)
+    assert got.shape == (T, hidden)
+    assert relative_error(got, oracle(x, w13, w2, routing)) < 1e-2
+
+
+def test_sorted_layout_at_uneven_k_steps():
+    x, w13, w2, routing = moe_problem(30, H=UNEVEN_H, Fn=FN)
+    got = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=((16, 32, 128, 4, 3), (16, 16, 256, 4, 3)))
+    assert relative_error(got, oracle(x, w13, w2, routing)) < 1e-2
+
+
+@pytest.mark.parametrize("T", [1, 7, 100, 700])
+@pytest.mark.parametrize("configs", SORTED)
+def test_sorted_layout_with_row_groups_matches_the_reference(T, configs):
+    x, w13, w2, routing = moe_problem(T, H=H, Fn=FN, seed=T, skew=T == 100)
+    got = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs)
+    assert relative_error(got, oracle(x, w13, w2, routing)) < 1e-2
+
+
+def test_fp32_inputs_take_both_layouts():
+    x, w13, w2, routing = moe_problem(6, H=H, Fn=FN)
+    x, w13, w2 = x.float(), w13.float(), w2.float()
+    want = oracle(x, w13, w2, routing)
+    for configs in (((1, 64, 64, 4, 4), (1, 32, 64, 4, 4)), ((16, 64, 64, 4, 3), (16, 64, 64, 4, 3)), None):
+        assert relative_error(fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs), want) < 1e-2
+
+
+@pytest.mark.parametrize("configs", [PAIRS, SORTED[1]])
+def test_other_ranks_assignments_add_nothing(configs):
+    x, w13, w2, routing = moe_problem(9, H=H, Fn=FN, seed=3)
+    here = routing.experts < 4
+    local = Routing(routing.weights, torch.where(here, routing.experts, 4), elsewhere=True)
+    masked = Routing(torch.where(here, routing.weights, 0.0), torch.where(here, routing.experts, 0))
+    got = fused_moe(x, w13[:4], w2[:4], local.weights, local.experts, configs=configs, elsewhere=True)
+    assert relative_error(got, oracle(x, w13[:4], w2[:4], masked, 4)) < 1e-2
+
+
+def expert_adapters(ranks):
+    g = torch.Generator(device=DEV).manual_seed(7)
+
+    def pair(n_in, n_out, r):
+        return ExpertLoraWeights(torch.randn(E, r, n_in, device=DEV, generator=g).bfloat16() / n_in**0.5,
+                                 torch.randn(E, n_out, r, device=DEV, generator=g).bfloat16() / r)
+
+    return {i + 1: AdapterWeights(f"e{i}", experts={(0, "w13"): pair(H, 2 * FN, r), (0, "w2"): pair(FN, H, r)})
+            for i, r in enumerate(ranks)}
+
+
+def lora_oracle(x, w13, w2, routing, loaded, token_adapters):
+    """Per assignment in fp32: (w13[e] + B13 A13) x, SiLU gating, (w2[e] + B2 A2) h, times the routing weight."""
+    T = x.shape[0]
+    out = torch.zeros(T, H, device=DEV)
+    for t in range(T):
+        for k in range(K):
+            e, weight = int(routing.experts[t, k]), float(routing.weights[t, k])
+            lora = loaded.get(int(token_adapters[t]))
+            gate_up = w13[e].float() @ x[t].float()
+            if lora is not None:
+                w = lora.experts[(0, "w13")]
+                gate_up += w.b[e].float() @ (w.a[e].float() @ x[t].float())
+            gate, up = gate_up.chunk(2)
+            h = F.silu(gate) * up
+            y = w2[e].float() @ h
+            if lora is not None:
+                w = lora.experts[(0, "w2")]
+                y += w.b[e].float() @ (w.a[e].float() @ h)
+            out[t] += weight * y
+    return out
+
+
+@pytest.mark.parametrize("T, configs", [(1, PAIRS), (5, PAIRS), (3, SORTED[0]), (40, SORTED[1]), (90, SORTED[2]),
+                                        (40, None)])
+def test_expert_lora_inside_the_kernels_matches_the_loop(T, configs):
+    """Three adapters of ranks 16, 5 (padded to 8) and 16 and the base model, mixed in every row tile."""
+    x, w13, w2, routing = moe_problem(T, H=H, Fn=FN, seed=T)
+    loaded = expert_adapters((16, 5, 16))
+    stacks = build_stacks(loaded, E, DEV)
+    token_adapters = (torch.arange(T, device=DEV) + 1) % 4  # 0: the base model
+    rows = torch.arange(T * K, device=DEV) // K
+    lora = AdapterBatchData.for_tokens(token_adapters, loaded, stacks).expert_lora(0, rows, routing.experts.flatten())
+    got = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs, lora=lora)
+    want = lora_oracle(x, w13, w2, routing, loaded, token_adapters)
+    assert relative_error(got, want) < 1e-2
+    base = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs)
+    assert relative_error(base, want) > 5e-2  # the adapters changed the result
+
+
+@pytest.mark.parametrize("configs", [PAIRS, SORTED[1]])
+def test_capturable_with_expert_lora(configs):
+    x, w13, w2, routing = moe_problem(4, H=H, Fn=FN)
+    loaded = expert_adapters((16, 16))
+    lora = AdapterBatchData.for_tokens(torch.tensor([1, 2, 0, 1], device=DEV), loaded, build_stacks(loaded, E, DEV)) \
+        .expert_lora(0, torch.arange(8, device=DEV) // K, routing.experts.flatten())
+    eager = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs, lora=lora)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs, lora=lora)
+    graph.replay()
+    assert torch.equal(captured, eager)
+
+
+@pytest.mark.parametrize("fp8_activations", [True, False])
+def test_fp8_experts_in_the_pairs_layout(fp8_activations):
+    if fp8_activations:
+        needs_fp8()
+    x, w13, w2, routing = fp8_moe_problem(3, H=H, Fn=FN)
+    got = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=PAIRS, fp8_activations=fp8_activations)
+    want = w8a8_reference(x, w13, w2, routing, quantize=fp8_activations)
+    assert relative_error(got, want) < W8A8_BOUND
+
+
+def test_the_table_reaches_every_layout_and_the_alignment_kept_its_bound():
+    """Token counts across the table's rows, the alignment's rows at most what n + min(E, n) groups need."""
+    from lorax_server.kernels.fused_moe import MOE_TILE_CONFIGS, align_by_expert_triton
+
+    for bound, _, _ in MOE_TILE_CONFIGS:
+        T = min(bound, 3000)
+        x, w13, w2, routing = moe_problem(T, H=H, Fn=FN, seed=T)
+        got = fused_moe(x, w13, w2, routing.weights, routing.experts)
+        assert relative_error(got, oracle(x, w13, w2, routing)) < 1e-2
+    aligned = align_by_expert_triton(route(torch.randn(1, E, device=DEV), K).experts, E, 16)
+    assert aligned.padded_rows == 32 and aligned.block_expert.tolist() == sorted(aligned.block_expert.tolist())
