@@ -240,6 +240,8 @@ def main(argv=None) -> Dict[str, List[List[str]]]:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="the embedded tiny model on the CPU")
+    parser.add_argument("--only", nargs="*", choices=["plain", "prefix", "chunked"],
+                        default=["plain", "prefix", "chunked"], help="the tables to run (default: all three)")
     parser.add_argument("--profile-chunk", type=int, metavar="TOKENS",
                         help="only profile one step of chunked prefill with chunks of this size")
     args = parser.parse_args(argv)
@@ -253,18 +255,23 @@ def main(argv=None) -> Dict[str, List[List[str]]]:
             return profile_chunk(engine, blocks, cfg, args.profile_chunk)
     tables = {}
     with torch.no_grad():
-        tables["plain"] = plain_rows(engine, blocks, cfg["plain"], floor)
-        tables["prefix"] = prefix_rows(engine, blocks, cfg)
-        tables["chunked"] = chunked_rows(engine, blocks, cfg)
-    print_table(f"Plain prefill, {what} (matmul {ceilings.matmul / 1e12:.3g} TFLOP/s)",
-                ["prompts", "ms", "FLOP floor ms", "floor / wall"], tables["plain"])
-    print_table(f"Prefix caching, {what}", ["requests", "without cache ms", "first hit ms", "next hit ms", "speedup (first)",
-                 "speedup (next)"],
-                tables["prefix"])
-    print_table(f"Running decodes while a {cfg['long']}-token prompt is prefilled, {what} ({cfg['running']} running "
-                f"requests at context {cfg['context']})",
-                ["long prompt", "decode calls", "TPOT p50 ms", "TPOT p99 ms", "max ms", "p99 / alone's p99"],
-                tables["chunked"])
+        if "plain" in args.only:
+            tables["plain"] = plain_rows(engine, blocks, cfg["plain"], floor)
+        if "prefix" in args.only:
+            tables["prefix"] = prefix_rows(engine, blocks, cfg)
+        if "chunked" in args.only:
+            tables["chunked"] = chunked_rows(engine, blocks, cfg)
+    if "plain" in tables:
+        print_table(f"Plain prefill, {what} (matmul {ceilings.matmul / 1e12:.3g} TFLOP/s)",
+                    ["prompts", "ms", "FLOP floor ms", "floor / wall"], tables["plain"])
+    if "prefix" in tables:
+        print_table(f"Prefix caching, {what}", ["requests", "without cache ms", "first hit ms", "next hit ms",
+                                                "speedup (first)", "speedup (next)"], tables["prefix"])
+    if "chunked" in tables:
+        print_table(f"Running decodes while a {cfg['long']}-token prompt is prefilled, {what} ({cfg['running']} "
+                    f"running requests at context {cfg['context']})",
+                    ["long prompt", "decode calls", "TPOT p50 ms", "TPOT p99 ms", "max ms", "p99 / alone's p99"],
+                    tables["chunked"])
     return tables
 
 

@@ -166,6 +166,11 @@ def mark_cached(seqs: Sequence[PagedSequence], new_counts: Sequence[int]) -> Non
         seq.cached += count
 
 
+# Prompt lengths the warm-up prefills: one in each row of the fused MoE's tile table (kernels/fused_moe.py,
+# rows up to 2, 5, 11, 32, 128, 512 and 2048 tokens; the fused kernels take up to 1024) and of the attention's.
+PLAIN_WARM_UP = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
 class ModelRunner:
     """Runs the model over packed sequences and chooses next tokens; knows nothing of requests' text or lifetimes."""
 
@@ -197,15 +202,17 @@ class ModelRunner:
         mark_cached(seqs, new_counts)
         return logits
 
-    def warm_up_prefill(self, prefix_tokens: int = 512, query_tokens: Sequence[int] = (16, 32, 64, 128)) -> None:
-        """Runs one prefill per attention tile serving can meet, so that Triton compiles those kernels here and
-        not when the first such request arrives, stalling the whole batch for a second or more (measured: 2.8 s
-        for the first chunk on an H200): short prompts (16 and 32 rows a tile), a long one, and new tokens on a
-        cached prefix (prefix caching, chunked prefill) at 16, 32, 64 and 128 rows, the last on a prefix four
-        times longer (the long-prefix tile). Uses free blocks and gives them back; call it with no batch alive."""
-        seq = PagedSequence(tokens=[0] * (prefix_tokens + max(query_tokens)))
-        runs = [(0, n) for n in query_tokens if n < prefix_tokens] + [(0, prefix_tokens)]
-        runs += [(prefix_tokens, n) for n in query_tokens]
+    def warm_up_prefill(self, prefix_tokens: int = 512, plain_tokens: Sequence[int] = PLAIN_WARM_UP,
+                        query_tokens: Sequence[int] = (16, 32, 64, 128)) -> None:
+        """Runs one prefill per kernel variant serving can meet, so that Triton compiles them here and not when
+        the first such request arrives, stalling the whole batch for a second or more (measured on an H200:
+        2.8 s for the first chunk on a cached prefix, 2.0 s for the first 1024-token chunk): prompts of
+        `plain_tokens` (the attention's row tiles and every token-count row of the fused MoE's tile table up to
+        the 1024 tokens it takes; decode graphs cover only up to 512), then new tokens on a cached prefix
+        (prefix caching, chunked prefill) at 16, 32, 64 and 128 rows, the last on a prefix four times longer
+        (the long-prefix tile). Uses free blocks and gives them back; call it with no batch alive."""
+        seq = PagedSequence(tokens=[0] * max(prefix_tokens + max(query_tokens), *plain_tokens))
+        runs = [(0, n) for n in sorted({*plain_tokens, prefix_tokens})] + [(prefix_tokens, n) for n in query_tokens]
         try:
             for cached, count in runs:
                 seq.cached = cached

@@ -33,8 +33,8 @@ def test_chunks_run_alongside_running_decodes(engine, monkeypatch, ahead):
     """A batch of two requests is decoding when a Prefill brings a 100-token prompt with chunk_len 20 and the
     running batch as cached_batch: every step from then on gives the two running requests a token each (their
     decodes are never held up for more than one chunk), the long one gets none until its prompt is complete, and
-    every output equals the request's output alone. Without decode steps launched ahead, each step is ONE forward
-    pass over the chunk and the two decode tokens."""
+    every output equals the request's output alone. Each step is ONE forward pass over the chunk and the two
+    decode tokens."""
     monkeypatch.setattr(engine, "decode_ahead", ahead)
     short = {1: tail(8, 6), 2: tail(9, 11)}
     alone = {i: full_prefill(engine, ids, new=12) for i, ids in short.items()}
@@ -56,10 +56,12 @@ def test_chunks_run_alongside_running_decodes(engine, monkeypatch, ahead):
         results, batch = engine.decode([batch.id])
         out.add(results)
 
-    if ahead:
-        assert counts[1:5] == [[20], [22], [22], [22]] and counts[5] == [14]
-    else:  # one forward for the decodes and the chunk: the running requests first, as they are in the batch
-        assert counts[1:6] == [[1, 1, 20], [1, 1, 22], [1, 1, 22], [1, 1, 22], [1, 1, 14]]
+    # One forward pass for the decodes and each chunk, the running requests first, as they are in the batch.
+    # With steps launched ahead, the Prefill found the running requests' next token in flight already, so its
+    # pass ran the first chunk alone; no step is launched ahead while a request still prefills (that would
+    # make every step two passes over the weights).
+    first = [20] if ahead else [1, 1, 20]
+    assert counts[1:6] == [first, [1, 1, 22], [1, 1, 22], [1, 1, 22], [1, 1, 14]]
     assert out.steps[2:6] == [[1, 2]] * 4 and out.steps[6] == [1, 2, 3]
     for i in short:
         assert_same(out, alone[i], i, 9)
