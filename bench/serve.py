@@ -12,7 +12,7 @@ prompts are random token ids.
 The policy, as the router's code has it. A new batch takes waiting requests in order while its prompt tokens
 stay within `max_batch_prefill_tokens` (default 16384), while the running batch's cache tokens plus the new
 requests' stay within `max_batch_total_tokens` (what the KV cache holds), and while the batch stays within
-`--max-batch` requests (512; 0 = no cap, which is the router's default). With a batch running, a new one is only
+`--max-batch` requests (default 0: no cap, as the router's default; session 4 capped it at 512). With a batch running, a new one is only
 prefilled when it would hold at least floor(1.2 x running) requests (`waiting_served_ratio`), or once 20
 decode steps (`max_waiting_tokens`) passed since the last prefill. A request's cache tokens are counted in
 whole blocks of prompt + output - 1, which is what the engine reserves at admission (the router counts
@@ -113,7 +113,7 @@ FIRST_TOKEN = 3  # random prompts use ids from here up (0-2 are special in both 
 SMOKE_KV_BLOCKS = 24  # the smoke's cache holds fewer long requests than --max-batch: the token budget binds
 SMOKE = dict(shapes=["16x8", "40x8"], requests=10, max_batch=8, max_prefill_tokens=128, open_shape="16x8",
              open_requests=6)
-DEFAULTS = dict(shapes=["128x128", "512x128", "2048x128"], requests=1024, max_batch=512,
+DEFAULTS = dict(shapes=["128x128", "512x128", "2048x128"], requests=1024, max_batch=0,
                 max_prefill_tokens=16384, open_shape="128x128", open_requests=512)
 
 
@@ -647,7 +647,7 @@ def parse_args(argv=None):
     parser.add_argument("--adapters", type=int, default=0, help="also serve N random rank-16 adapters (try 64)")
     parser.add_argument("--expert-adapters", type=int, default=8, help="how many of them also adapt every expert")
     parser.add_argument("--max-batch", type=int,
-                        help="most requests in the running batch (default 512; 0: no cap, the router's default)")
+                        help="most requests in the running batch (default 0: no cap, as the router's default)")
     parser.add_argument("--max-prefill-tokens", type=int, help="max_batch_prefill_tokens (default 16384)")
     parser.add_argument("--waiting-served-ratio", type=float, default=1.2)
     parser.add_argument("--max-waiting-tokens", type=int, default=20)
