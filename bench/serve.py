@@ -14,8 +14,8 @@ stay within `max_batch_prefill_tokens` (default 16384), while the running batch'
 requests' stay within `max_batch_total_tokens` (what the KV cache holds), and while the batch stays within
 `--max-batch` requests (default 0: no cap, as the router's default; session 4 capped it at 512). With a
 batch running, a new one is only prefilled when it would hold at least floor(1.2 x running) requests
-(`waiting_served_ratio`), or once 20 decode steps (`max_waiting_tokens`) passed since the last prefill. A request's cache tokens are counted in
-whole blocks of prompt + output - 1, which is what the engine reserves at admission (the router counts
+(`waiting_served_ratio`), or once 20 decode steps (`max_waiting_tokens`) passed since the last prefill.
+A request's cache tokens are counted in whole blocks of prompt + output - 1, which is what the engine reserves at admission (the router counts
 prompt + output tokens, which the shard's Warmup answer has to absorb). `--waiting-served-ratio 0`
 prefills whenever something fits.
 
