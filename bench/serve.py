@@ -15,9 +15,9 @@ requests' stay within `max_batch_total_tokens` (what the KV cache holds), and wh
 `--max-batch` requests (default 0: no cap, as the router's default; session 4 capped it at 512). With a
 batch running, a new one is only prefilled when it would hold at least floor(1.2 x running) requests
 (`waiting_served_ratio`), or once 20 decode steps (`max_waiting_tokens`) passed since the last prefill.
-A request's cache tokens are counted in whole blocks of prompt + output - 1, which is what the engine reserves at admission (the router counts
-prompt + output tokens, which the shard's Warmup answer has to absorb). `--waiting-served-ratio 0`
-prefills whenever something fits.
+A request's cache tokens are counted in whole blocks of prompt + output - 1, which is what the engine
+reserves at admission (the router counts prompt + output tokens, which the shard's Warmup answer has to
+absorb). `--waiting-served-ratio 0` prefills whenever something fits.
 
 Workloads (TensorRT-LLM's table shapes, `--shapes 128x128 512x128 2048x128`, input x output tokens):
 - closed loop: `--requests` (1024) requests all waiting at t = 0, at most `--max-prompt-tokens` (524288)
