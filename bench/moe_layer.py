@@ -16,10 +16,12 @@ fused-MoE design and its tuned H200 table (bench/peer_vllm_moe.py): the peer wit
 grouped_mm calls from 256 tokens. CUDA-graph replays. --peer prints only this table.
 
 --tune times tile candidates for the fused kernels (the whole `fused_moe` call, CUDA-graph replays) per token
-count; with --write the winners replace MOE_TILE_CONFIGS in lorax_server/kernels/fused_moe.py. Candidates
+count; with --write the winners replace MOE_TILE_CONFIGS in lorax_server/kernels/fused_moe.py (with --fp8:
+the same sweep for FP8 experts, K steps of the same bytes, into MOE_FP8_TILE_CONFIGS). Candidates
 compile in parallel worker processes into Triton's on-disk cache first (compiling dominates a serial sweep).
 
     python -m bench.moe_layer [--tokens 1 16 256] [--tune [--write]] [--peer] [--fp8]
+    python -m bench.moe_layer --fp8 --tune --write
 """
 
 import argparse
@@ -103,55 +105,63 @@ TUNE_TOKENS = (1, 4, 8, 16, 64, 256, 1024, 4096)
 SMEM_BYTES = 225 * 1024  # a block may take 227 KB on an H100/H200
 
 
-def fits(tile: Tile, gate_up: bool) -> bool:
-    """Shared memory of the pipelined operands and registers of the fp32 accumulators (bf16 operands). Triton
-    keeps `stages` operand buffers for Hopper's wgmma (block_m >= 64) and stages - 1 for the older mma path
-    (as compiled for sm_90a with Triton 3.6)."""
+def fits(tile: Tile, gate_up: bool, operand_bytes: int = 2) -> bool:
+    """Shared memory of the pipelined operands and registers of the fp32 accumulators (bf16 operands, or e4m3
+    with `operand_bytes` 1). Triton keeps `stages` operand buffers for Hopper's wgmma (block_m >= 64) and
+    stages - 1 for the older mma path (as compiled for sm_90a with Triton 3.6)."""
     rows = max(tile.block_m, 16)
     cols = tile.block_n * (2 if gate_up else 1)  # gate and up accumulators side by side
     buffers = tile.stages if rows >= 64 else tile.stages - 1
-    smem = buffers * (rows * tile.block_k + tile.block_k * cols) * 2
+    smem = buffers * (rows * tile.block_k + tile.block_k * cols) * operand_bytes
     return smem <= SMEM_BYTES and rows * cols <= 128 * 32 * tile.warps
 
 
-def tiles(gate_up, block_m, block_n, block_k, warps, stages, groups=(1024,)):
+def tiles(gate_up, block_m, block_n, block_k, warps, stages, groups=(1024,), operand_bytes=2):
+    """The tiles of this grid that fit; block_k is given for bf16 and doubled for e4m3 (the same bytes a step)."""
+    block_k = tuple(k * 2 // operand_bytes for k in block_k)
     return [t for t in (Tile(block_m, *rest) for rest in itertools.product(block_n, block_k, warps, stages, groups))
-            if fits(t, gate_up)]
+            if fits(t, gate_up, operand_bytes)]
 
 
-def candidates(T):
-    """[(gate/up tiles, down tiles)] sharing one block_m each: what the sweep tries at T tokens."""
+def candidates(T, fp8: bool = False):
+    """[(gate/up tiles, down tiles)] sharing one block_m each: what the sweep tries at T tokens (FP8 experts: the
+    same grid with K steps of the same bytes)."""
+    b = 1 if fp8 else 2
     out = []
     if T <= 8:  # pairs: no alignment, one assignment (step 1) or one token (step 2) per program
-        out.append((tiles(True, 1, (32, 64, 128), (64, 128, 256), (4,), (3, 4, 5, 6)),
-                    tiles(False, 1, (16, 32, 64), (128, 256, 512), (4,), (3, 4, 5, 6))))
+        out.append((tiles(True, 1, (32, 64, 128), (64, 128, 256), (4,), (3, 4, 5, 6), operand_bytes=b),
+                    tiles(False, 1, (16, 32, 64), (128, 256, 512), (4,), (3, 4, 5, 6), operand_bytes=b)))
     if T <= 16:
-        out.append((tiles(True, 16, (32, 64, 128), (128, 256), (4,), (3, 4, 5)),
-                    tiles(False, 16, (32, 64, 128), (128, 256), (4,), (3, 4, 5))))
+        out.append((tiles(True, 16, (32, 64, 128), (128, 256), (4,), (3, 4, 5), operand_bytes=b),
+                    tiles(False, 16, (32, 64, 128), (128, 256), (4,), (3, 4, 5), operand_bytes=b)))
     elif T <= 64:
         for bm in (16, 32):
-            out.append((tiles(True, bm, (32, 64, 128), (64, 128, 256), (4,), (3, 4, 5)),
-                        tiles(False, bm, (32, 64, 128), (64, 128, 256), (4,), (3, 4, 5))))
+            out.append((tiles(True, bm, (32, 64, 128), (64, 128, 256), (4,), (3, 4, 5), operand_bytes=b),
+                        tiles(False, bm, (32, 64, 128), (64, 128, 256), (4,), (3, 4, 5), operand_bytes=b)))
     elif T <= 256:
         for bm in (32, 64):
-            out.append((tiles(True, bm, (64, 128), (64, 128), (4, 8), (3, 4)),
-                        tiles(False, bm, (64, 128, 256), (64, 128), (4, 8), (3, 4))))
-        out.append((tiles(True, 128, (64, 128), (64,), (8,), (3, 4)),
-                    tiles(False, 128, (128, 256), (64,), (8,), (3, 4))))
+            out.append((tiles(True, bm, (64, 128), (64, 128), (4, 8), (3, 4), operand_bytes=b),
+                        tiles(False, bm, (64, 128, 256), (64, 128), (4, 8), (3, 4), operand_bytes=b)))
+        out.append((tiles(True, 128, (64, 128), (64,), (8,), (3, 4), operand_bytes=b),
+                    tiles(False, 128, (128, 256), (64,), (8,), (3, 4), operand_bytes=b)))
     else:
         for bm in (64, 128):
-            out.append((tiles(True, bm, (64, 128), (64,), (4, 8), (3, 4), (8, 16, 1024)),
-                        tiles(False, bm, (128, 256), (64,), (8,), (3, 4), (8, 16, 1024))))
+            out.append((tiles(True, bm, (64, 128), (64,), (4, 8), (3, 4), (8, 16, 1024), operand_bytes=b),
+                        tiles(False, bm, (128, 256), (64,), (8,), (3, 4), (8, 16, 1024), operand_bytes=b)))
     return out
 
 
 _WORKER = {}
 
 
-def worker_inputs():
+def worker_inputs(fp8: bool = False):
     if not _WORKER:
         torch.manual_seed(0)
         _WORKER.update(zip(("gate", "w13", "w2"), make_weights()))
+    if fp8 and "q13" not in _WORKER:
+        _WORKER["q13"], _WORKER["q2"] = fp8_experts(_WORKER["w13"], _WORKER["w2"])
+    if fp8:
+        return _WORKER["gate"], _WORKER["q13"], _WORKER["q2"]
     return _WORKER["gate"], _WORKER["w13"], _WORKER["w2"]
 
 
@@ -159,12 +169,12 @@ def run_job(job):
     """One launch of a variant, so that Triton compiles it (into the on-disk cache the timing process reads).
     Returns the error's name when the variant cannot compile or run."""
     kind, T, configs = job
-    gate, w13, w2 = worker_inputs()
+    gate, w13, w2 = worker_inputs(fp8=kind == "fp8")
     x = torch.randn(T, H, device="cuda").bfloat16()
     r = route(F.linear(x, gate), K)
     try:
         with torch.no_grad():
-            if kind == "ours":
+            if kind in ("ours", "fp8"):
                 fused_moe(x, w13, w2, r.weights, r.experts, configs)
             elif kind == "lora":
                 fused_moe(x, w13, w2, r.weights, r.experts, lora=expert_lora(T, r.experts))
@@ -185,12 +195,15 @@ def prewarm(jobs, workers: int = 12):
         return {job: error for job, error in zip(jobs, pool.map(moe_layer.run_job, jobs, chunksize=1)) if error}
 
 
-def tune(gate, w13, w2, tokens, write: bool):
+def tune(gate, w13, w2, tokens, write: bool, fp8: bool = False):
     """Per token count and block_m: every gate/up tile with the first down tile, then every down tile with
-    the best gate/up tile; the fastest pair wins. Winners are checked against the peer's output."""
-    jobs = [("ours", T, (g, d)) for T in tokens for gs, ds in candidates(T)
+    the best gate/up tile; the fastest pair wins. bf16 winners are checked against the peer's output, FP8
+    winners (w13/w2 FP8 weights) against the FP8 kernels with the table in use (the same arithmetic)."""
+    kind = "fp8" if fp8 else "ours"
+    jobs = [(kind, T, (g, d)) for T in tokens for gs, ds in candidates(T, fp8)
             for g, d in [(g, ds[0]) for g in gs] + [(gs[0], d) for d in ds[1:]]]
-    jobs += [("peer", T, None) for T in tokens]  # the check of the winners below
+    if not fp8:
+        jobs += [("peer", T, None) for T in tokens]  # the check of the winners below
     print(f"compiling {len(jobs)} variants in worker processes")
     failed = prewarm(jobs)
     for job, error in failed.items():
@@ -202,7 +215,7 @@ def tune(gate, w13, w2, tokens, write: bool):
             r = route(F.linear(x, gate), K)
 
             def timed(configs):
-                if ("ours", T, configs) in failed:
+                if (kind, T, configs) in failed:
                     return float("inf")
                 try:
                     ms = time_graph_ms(lambda: fused_moe(x, w13, w2, r.weights, r.experts, configs), repeat=20)
@@ -212,23 +225,26 @@ def tune(gate, w13, w2, tokens, write: bool):
                 return ms if ms == ms else float("inf")  # NaN: not capturable
 
             results = []
-            for gs, ds in candidates(T):
+            for gs, ds in candidates(T, fp8):
                 first = sorted((timed((g, ds[0])), g) for g in gs)
                 best_g = first[0][1]
                 second = sorted((timed((best_g, d)), d) for d in ds)
                 results.append((second[0][0], best_g, second[0][1], first[:3], second[:3]))
             ms, g, d, first, second = min(results)
-            want = peer.experts(x, w13, w2, r.weights, r.experts)
+            if fp8:
+                want = fused_moe(x, w13, w2, r.weights, r.experts)
+            else:
+                want = peer.experts(x, w13, w2, r.weights, r.experts)
             error = ((fused_moe(x, w13, w2, r.weights, r.experts, (g, d)).float() - want.float()).norm()
                      / want.float().norm()).item()
-            assert error < 1e-2, f"tokens {T}: the winner {g}, {d} is off the peer by {error:.2e}"
+            assert error < 1e-2, f"tokens {T}: the winner {g}, {d} is off the reference by {error:.2e}"
             winners[T] = (ms, g, d)
-            print(f"tokens {T}: {ms:.3f} ms gate/up {tuple(g)} down {tuple(d)} (vs peer {error:.1e}); "
-                  f"gate/up runners-up {[(round(t, 3), tuple(c)) for t, c in first[1:]]}, "
+            print(f"{'fp8 ' if fp8 else ''}tokens {T}: {ms:.3f} ms gate/up {tuple(g)} down {tuple(d)} (vs reference "
+                  f"{error:.1e}); gate/up runners-up {[(round(t, 3), tuple(c)) for t, c in first[1:]]}, "
                   f"down runners-up {[(round(t, 3), tuple(c)) for t, c in second[1:]]}")
-    print(table_text(winners))
+    print(table_text(winners, fp8))
     if write:
-        write_table(winners)
+        write_table(winners, fp8)
 
 
 def table_rows(winners):
@@ -246,24 +262,27 @@ def table_rows(winners):
     return rows
 
 
-def table_text(winners) -> str:
+def table_text(winners, fp8: bool = False) -> str:
     rows = [f"    ({'1 << 62' if bound == 1 << 62 else bound}, {g}, {d})," for bound, g, d in table_rows(winners)]
-    return "MOE_TILE_CONFIGS = (\n" + "\n".join(rows) + "\n)"
+    return f"{'MOE_FP8_TILE_CONFIGS' if fp8 else 'MOE_TILE_CONFIGS'} = (\n" + "\n".join(rows) + "\n)"
 
 
-def write_table(winners):
-    """Replaces the table between the tune-table markers of lorax_server/kernels/fused_moe.py."""
+def write_table(winners, fp8: bool = False):
+    """Replaces the table between the tune-table markers (fp8-tune-table for FP8) of
+    lorax_server/kernels/fused_moe.py. Name the log in the comment it writes by hand."""
     path = Path(fused_moe_module.__file__)
     text = path.read_text()
-    lines = [f"# Chosen by `python -m bench.moe_layer --tune --write` on an {card()}, {datetime.date.today()}, at "
-             f"Mixtral-8x7B shapes",
-             "# (bf16, CUDA-graph replays of the whole fused_moe call, routing given; log "
-             "docs/logs/moe_tune_s5_h200.log).",
+    command = "python -m bench.moe_layer " + ("--fp8 --tune --write" if fp8 else "--tune --write")
+    what = "FP8 W8A8 e4m3 experts" if fp8 else "bf16"
+    lines = [f"# Chosen by `{command}` on an {card()}, {datetime.date.today()}, at Mixtral-8x7B shapes",
+             f"# ({what}, CUDA-graph replays of the whole fused_moe call, routing given).",
              "# Measured, tokens: ms: " + ", ".join(f"{T}: {ms:.3f}" for T, (ms, _, _) in sorted(winners.items()))
              + "."]
-    body = "\n".join(lines) + "\n" + table_text(winners) + "\n"
-    text = re.sub(r"(# tune-table-begin\n).*?(# tune-table-end)", lambda m: m.group(1) + body + m.group(2), text,
-                  flags=re.S)
+    body = "\n".join(lines) + "\n" + table_text(winners, fp8) + "\n"
+    marker = "fp8-tune-table" if fp8 else "tune-table"
+    text, count = re.subn(rf"(# {marker}-begin\n).*?(# {marker}-end)", lambda m: m.group(1) + body + m.group(2),
+                          text, flags=re.S)
+    assert count == 1, f"the {marker} markers are missing from {path}"
     path.write_text(text)
     print(f"wrote the table into {path}")
 
@@ -353,15 +372,6 @@ def main_peer(tokens):
 
 # -- FP8 ---------------------------------------------------------------------------------------------
 
-# Tile candidates (BLOCK_M, gate/up (BLOCK_N, BLOCK_K, warps, stages), down (...)): both kernels walk the same
-# row blocks, so BLOCK_M is shared; the down kernel has one accumulator where gate/up has two.
-FP8_SMALL = [(bm, g, d) for bm in (16, 64) for g in ((64, 256, 4, 4), (128, 128, 4, 4))
-             for d in ((64, 256, 4, 4), (32, 256, 4, 4))]
-FP8_LARGE = [(64, (128, 128, 8, 4), (128, 128, 8, 4)), (128, (128, 128, 8, 3), (128, 128, 8, 3)),
-             (128, (64, 128, 4, 4), (128, 128, 8, 3)), (128, (128, 128, 8, 3), (256, 128, 8, 3)),
-             (64, (64, 256, 4, 3), (128, 128, 4, 4))]
-
-
 def fp8_experts(w13, w2):
     return Fp8Weight(quantize_weight(w13)), Fp8Weight(quantize_weight(w2))
 
@@ -379,41 +389,15 @@ def fp8_floor_ms(x, gate, bandwidth, fp8_rate):
     return max(bytes_moved / bandwidth, flops / fp8_rate) * 1e3
 
 
-def as_configs(candidate):
-    bm, g, d = candidate
-    return (bm, *g), (bm, *d)
-
-
-def tune_fp8(gate, w13, w2, tokens):
-    """CUDA-graph time of each tile candidate per token count (small grid up to 64 tokens, large above)."""
-    for T in tokens:
-        x = torch.randn(T, H, device="cuda").bfloat16()
-        timed = []
-        for candidate in (FP8_SMALL if T <= 64 else FP8_LARGE):
-            configs = as_configs(candidate)
-            try:
-                ms = time_graph_ms(lambda: ours_fused(x, gate, w13, w2, configs), repeat=10)
-            except Exception as error:  # a shape that does not fit in shared memory or registers
-                print(f"  {configs}: {type(error).__name__}")
-                continue
-            if ms == ms:  # NaN: not capturable
-                timed.append((ms, configs))
-        timed.sort()
-        print(f"fp8 tokens {T}: best {timed[0][1]} {timed[0][0]:.3f} ms; next "
-              f"{[(round(t, 3), c) for t, c in timed[1:3]]}")
-
-
 def cell(ms: float, floor: float) -> str:
     return f"{ms:.3f} ({100 * floor / ms:.0f}%)"
 
 
-def main_fp8(tokens, tune: bool):
+def main_fp8(tokens):
     bandwidth, fp8_rate = copy_bandwidth(), fp8_matmul_rate()
     gate, w13, w2 = make_weights()
     q13, q2 = fp8_experts(w13, w2)
     grouped = load_scaled_grouped_mm()
-    if tune:
-        tune_fp8(gate, q13, q2, tokens)
     rows = []
     with torch.no_grad():
         for T in tokens:
@@ -447,7 +431,10 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.fp8:
-        main_fp8(args.tokens or TOKENS, args.tune)
+        if args.tune:
+            gate, w13, w2 = make_weights()[:3]
+            tune(gate, *fp8_experts(w13, w2), args.tokens or TUNE_TOKENS, args.write, fp8=True)
+        main_fp8(args.tokens or TOKENS)
         return
     if args.tune:
         tune(*make_weights()[:3], args.tokens or TUNE_TOKENS, args.write)

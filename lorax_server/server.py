@@ -325,7 +325,7 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         failed = [r.error for r in results if r.finish_reason == "error"]
         if failed:  # the router exits with this message: nothing it sends later would be served either
             raise RequestError(f"the warm-up batch cannot be served: {'; '.join(failed)}")
-        self.model.warm_up_kernels()
+        self.model.warm_up_kernels(request.max_prefill_tokens or None)
         if self.model.graphs is not None and request.max_input_length:
             self.model.graphs.prepare(request.max_input_length + request.max_new_tokens)
         supported = max_supported_total_tokens(self.model, request)

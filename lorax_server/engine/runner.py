@@ -209,9 +209,11 @@ class ModelRunner:
         2.8 s for the first chunk on a cached prefix, 2.0 s for the first 1024-token chunk): prompts of
         `plain_tokens` (the attention's row tiles and every token-count row of the fused MoE's tile table up to
         the 1024 tokens it takes; decode graphs cover only up to 512), then new tokens on a cached prefix
-        (prefix caching, chunked prefill) at 16, 32, 64 and 128 rows, the last on a prefix four times longer
-        (the long-prefix tile). Uses free blocks and gives them back; call it with no batch alive."""
-        seq = PagedSequence(tokens=[0] * max(prefix_tokens + max(query_tokens), *plain_tokens))
+        (prefix caching, chunked prefill) at `query_tokens` rows (128 new tokens on 512 cached take the
+        long-prefix tile). Uses free blocks (which forget any prefix recorded in them) and gives them back;
+        call it with no batch alive, before any prefix is cached."""
+        longest = max([prefix_tokens + n for n in query_tokens] + list(plain_tokens) + [prefix_tokens])
+        seq = PagedSequence(tokens=[0] * longest)
         runs = [(0, n) for n in sorted({*plain_tokens, prefix_tokens})] + [(prefix_tokens, n) for n in query_tokens]
         try:
             for cached, count in runs:
@@ -219,7 +221,6 @@ class ModelRunner:
                 self.forward([seq], [count], prefill=True)
         finally:
             self.cache.free(seq.blocks)
-            self.cache.forget(seq.blocks)
 
     def forget_tables(self) -> None:
         """Drops the cached block tables (the engine is idle: no batch will need them again)."""

@@ -71,16 +71,19 @@ MOE_TILE_CONFIGS = (
     (1 << 62, (128, 128, 64, 8, 4, 1024), (128, 256, 64, 8, 4, 16)),
 )
 # tune-table-end
+# fp8-tune-table-begin
 # The same for FP8 experts (W8A8 e4m3: a K step of 256 bytes is the bf16 table's 128 elements). Candidates
 # taken from the shapes of vLLM's published H200 fp8_w8a8 table for E=8, N=14336 (BLOCK_M 16-128, BLOCK_K
 # 128-256), halved in BLOCK_N where our gate/up kernel holds two accumulators; the best of
-# `python -m bench.moe_layer --fp8 --tune` on an H200 (CUDA-graph replays, docs/logs/h200_fp8_run1_moe_fp8.log).
+# `python -m bench.moe_layer --fp8 --tune` on an H200 (CUDA-graph replays, docs/logs/h200_fp8_run1_moe_fp8.log),
+# before the gate/up kernel became one wide dot (issue 16): to re-sweep with `--fp8 --tune --write`.
 MOE_FP8_TILE_CONFIGS = (
     (8, (64, 128, 128, 4, 4), (64, 32, 256, 4, 4)),  # 1 token: 0.149 ms
     (128, (16, 64, 256, 4, 4), (16, 64, 256, 4, 4)),  # 16 / 64 tokens: 0.394 / 0.405 ms
     (512, (64, 128, 128, 8, 4), (64, 128, 128, 8, 4)),  # 256 tokens: 0.497 ms
     (1 << 62, (128, 128, 128, 8, 3), (128, 128, 128, 8, 3)),  # 1024 / 4096 tokens: 1.133 / 3.881 ms
 )
+# fp8-tune-table-end
 
 
 @triton.jit

@@ -79,6 +79,7 @@ class FlashCausalLM:
         # LoRAX's launcher sets from --chunked-prefill (launcher/src/main.rs:849-852). Prefix caching needs no
         # switch here: the router's --prefix-caching sends cache_len, which is always honoured.
         self.chunked_prefill = env_flag("CHUNKED_PREFILL") and self.config.sliding_window is None
+        self.kernels_warm = False  # warm_up_kernels has run (it writes free blocks: once, before prefixes are cached)
 
     @property
     def decode_ahead(self) -> bool:
@@ -462,15 +463,24 @@ class FlashCausalLM:
             self.runner.forget_tables()
 
     @torch.no_grad()
-    def warm_up_kernels(self) -> None:
-        """Compiles the prefill kernels serving can meet (`ModelRunner.warm_up_prefill`), with no batch alive;
-        a cache too small for the long-prefix case warms what fits."""
+    def warm_up_kernels(self, max_prefill_tokens: Optional[int] = None) -> None:
+        """Compiles the prefill kernels serving can meet (`ModelRunner.warm_up_prefill`) up to the prompt tokens
+        one prefill may take (and what the cache holds), once per engine: with no batch alive and before any
+        prefix is cached, since it writes free blocks. It only saves time later, so a failure is logged, not
+        raised."""
+        if self.kernels_warm:
+            return
         if self.batches:
             raise RequestError("kernels are warmed up with no batch alive")
         room = len(self.cache.free_blocks) * self.cache.block_size
+        most = min(room, max_prefill_tokens or room)
         prefix = min(512, room - 128)
-        if prefix >= 16:
-            self.runner.warm_up_prefill(prefix, [n for n in PLAIN_WARM_UP if n <= room])
+        try:
+            if prefix >= 16:
+                self.runner.warm_up_prefill(prefix, [n for n in PLAIN_WARM_UP if n <= most])
+        except Exception:
+            logger.exception("the kernel warm-up failed; kernels compile at their first use instead")
+        self.kernels_warm = True
 
     def merge_adapter(self, index: int) -> None:
         """Folds adapter `index` into the base weights (every base request then gets it) and frees the index."""

@@ -239,12 +239,15 @@ def test_block_contents_follow_the_writes():
     assert cache.cached_prefix(twin, 4) == 0  # handed out again: no longer
 
 
-def test_kernel_warm_up_runs_every_prefill_tile_and_leaves_the_cache_as_it_was(engine, monkeypatch):
-    """Warmup compiles the prefill kernels of short prompts and cached prefixes (on a GPU the first such
-    request would otherwise stall its batch on a Triton compile); the cache comes back untouched."""
+def test_kernel_warm_up_runs_every_prefill_tile_once_and_gives_the_blocks_back(engine, monkeypatch):
+    """Warmup compiles the prefill kernels of short prompts and cached prefixes, up to the router's prefill
+    budget (on a GPU the first such request would otherwise stall its batch on a Triton compile); it runs once
+    per engine, since it writes free blocks a cached prefix may later be recorded in, and the output after it
+    is the output before it."""
     ids = SHARED + tail(1, 9)
     before = run(engine, 1, [request(engine, 1, ids)], {1: blocks_for(engine, ids, 8, 1)}).tokens[1]
     engine.clear()
+    engine.cache.contents.clear()  # as at start-up: no prefix cached yet
     runs = []
     forward = engine.runner.forward
 
@@ -253,15 +256,29 @@ def test_kernel_warm_up_runs_every_prefill_tile_and_leaves_the_cache_as_it_was(e
         return forward(seqs, counts, prefill, **kw)
 
     monkeypatch.setattr(engine.runner, "forward", spy)
-    contents = dict(engine.cache.contents)  # the blocks the first run left for the router's prefix trie
-    engine.warm_up_kernels()
-    monkeypatch.undo()
-    room = len(engine.cache.free_blocks) * engine.cache.block_size
-    assert sorted({n for n in PLAIN_WARM_UP if n <= room} | {512}) == [n for cached, n in runs if cached == 0]
+    monkeypatch.setattr(engine, "kernels_warm", False)
+    engine.warm_up_kernels(max_prefill_tokens=256)
+    assert sorted({n for n in PLAIN_WARM_UP if n <= 256} | {512}) == [n for cached, n in runs if cached == 0]
     assert (512, 16) in runs and (512, 32) in runs and (512, 64) in runs
-    assert (512, 128) in runs  # 128 rows on a prefix >= 4x longer: the long-prefix tile
-    assert engine.cache.all_free and engine.cache.contents == contents
+    assert (512, 128) in runs  # 128 rows on a prefix 4x longer: the long-prefix tile
+    assert engine.cache.all_free and not engine.cache.contents and engine.kernels_warm
+    runs.clear()
+    engine.warm_up_kernels()  # a second Warmup: nothing to compile, and nothing written
+    assert runs == []
     assert run(engine, 2, [request(engine, 2, ids)], {2: blocks_for(engine, ids, 8, 1)}).tokens[2] == before
-    engine.prefill(3, [request(engine, 3, ids)], {3: blocks_for(engine, ids, 8, 1)})
+
+
+def test_a_failed_kernel_warm_up_is_logged_and_the_server_goes_on(engine, monkeypatch, caplog):
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine, "kernels_warm", False)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.runner, "forward", fail)
+        engine.warm_up_kernels()
+    assert "kernel warm-up failed" in caplog.text and engine.kernels_warm
+    assert engine.cache.all_free
+    engine.prefill(3, [request(engine, 3, SHARED)], {3: blocks_for(engine, SHARED, 8, 1)})
+    monkeypatch.setattr(engine, "kernels_warm", False)
     with pytest.raises(Exception, match="no batch alive"):
         engine.warm_up_kernels()
