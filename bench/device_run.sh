@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune,
-# adapters, engine, prefill, serve, serve-adapters, serve-fp8, tp, serve-tp: the last two on a machine with 2 GPUs). serve takes
+# One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune, fp8-tune,
+# adapters, adapters-mix, engine, prefill, chunked, serve, serve-adapters, serve-fp8, tp, serve-tp: the last two
+# on a machine with 2 GPUs). serve takes
 # about 4 minutes and serve-adapters about 3: give each its own call.
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
@@ -31,6 +32,11 @@ for step in "$@"; do
     serve) python3 -m bench.serve 2>&1 | tee "$OUT/serve.log" ;;
     serve-adapters) python3 -m bench.serve --adapters 64 --shapes 128x128 2>&1 | tee "$OUT/serve_adapters.log" ;;
     prefill) python3 -m bench.prefill 2>&1 | tee "$OUT/prefill.log" ;;
+    chunked) python3 -m bench.prefill --only chunked 2>&1 | tee "$OUT/prefill_chunked.log"
+             python3 -m bench.prefill --profile-chunk 256 2>&1 | tee "$OUT/profile_chunk.log" ;;
+    fp8-tune) python3 -m bench.moe_layer --fp8 --tune --write 2>&1 | tee "$OUT/moe_fp8_tune.log"
+              cp lorax_server/kernels/fused_moe.py "$OUT/fused_moe.py" ;;  # the table it wrote comes back
+    adapters-mix) python3 -m bench.adapters --serve-mix 384 2>&1 | tee "$OUT/adapters_mix.log" ;;
     serve-fp8) python3 -m bench.serve --fp8 --adapters 64 --shapes 128x128 2>&1 | tee "$OUT/serve_fp8.log" ;;
     tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl 2>&1 | \
         grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/tp_nccl.log" ;;
