@@ -202,19 +202,21 @@ class ModelRunner:
         mark_cached(seqs, new_counts)
         return logits
 
-    def warm_up_prefill(self, prefix_tokens: int = 512, plain_tokens: Sequence[int] = PLAIN_WARM_UP,
+    def warm_up_prefill(self, prefixes: Sequence[int] = (512, 1024), plain_tokens: Sequence[int] = PLAIN_WARM_UP,
                         query_tokens: Sequence[int] = (16, 32, 64, 128)) -> None:
         """Runs one prefill per kernel variant serving can meet, so that Triton compiles them here and not when
         the first such request arrives, stalling the whole batch for a second or more (measured on an H200:
         2.8 s for the first chunk on a cached prefix, 2.0 s for the first 1024-token chunk): prompts of
         `plain_tokens` (the attention's row tiles and every token-count row of the fused MoE's tile table up to
-        the 1024 tokens it takes; decode graphs cover only up to 512), then new tokens on a cached prefix
-        (prefix caching, chunked prefill) at `query_tokens` rows (128 new tokens on 512 cached take the
-        long-prefix tile). Uses free blocks (which forget any prefix recorded in them) and gives them back;
-        call it with no batch alive, before any prefix is cached."""
-        longest = max([prefix_tokens + n for n in query_tokens] + list(plain_tokens) + [prefix_tokens])
+        the 1024 tokens it takes; decode graphs cover only up to 512), then new tokens on cached prefixes
+        (prefix caching, chunked prefill) at `query_tokens` rows: on 512 cached tokens one program per row tile
+        (128 new tokens there take the long-prefix tile), on 1024 the prefix split over several (split-KV,
+        kernels/prefill_attention.py). Uses free blocks (which forget any prefix recorded in them) and gives
+        them back; call it with no batch alive, before any prefix is cached."""
+        longest = max([p + n for p in prefixes for n in query_tokens] + list(plain_tokens) + list(prefixes))
         seq = PagedSequence(tokens=[0] * longest)
-        runs = [(0, n) for n in sorted({*plain_tokens, prefix_tokens})] + [(prefix_tokens, n) for n in query_tokens]
+        runs = [(0, n) for n in sorted({*plain_tokens, *prefixes})]
+        runs += [(p, n) for p in prefixes for n in query_tokens]
         try:
             for cached, count in runs:
                 seq.cached = cached

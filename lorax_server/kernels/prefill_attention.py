@@ -13,7 +13,10 @@ the block table, then the sequence's new tokens read from the packed k/v. The ne
 packed tensors because with a sliding window not every new token is written into the cache. Keys that every
 query of the tile sees run without a mask; only the tile's diagonal and the window's far edge pay for one.
 The grid is (H, B, tiles of max_q), all host ints the caller has: tiles past a sequence's end return at
-once, so nothing synchronises with the host. The query heads sharing a KV head are neighbours in launch
+once, so nothing synchronises with the host. A few new tokens on a long cached prefix (a chunk of a long
+prompt) make too few programs to fill the GPU; then each tile's prefix is split over several programs
+(split-KV, `choose_splits`), each writing its unnormalised sum and softmax statistics, and
+`merge_log2_splits` combines them (the new tokens go with the last split). The query heads sharing a KV head are neighbours in launch
 order (their K/V reads then hit L2), and the last tiles of the sequences, with the longest key runs, start
 first.
 """
@@ -147,15 +150,35 @@ def attend_span(acc, l, m, q, q_pos, base, lo, end, first, last, window, qk_scal
     return acc, l, m
 
 
-@triton.jit(do_not_specialize=["window", "block_size"])  # one compile for every window and block size
+@triton.jit
+def attend_new(acc, l, m, q, q_pos, ctx, lo, first, last, window, qk_scale, k_ptr, v_ptr, q_start, kvh, stride_kt,
+               stride_kh, stride_vt, stride_vh, tables_ptr, block_size, stride_cb, WINDOWED: tl.constexpr,
+               ONE_LOOP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Phase 2: the sequence's new tokens (positions ctx + i), from the packed k/v."""
+    lo_new = ctx + tl.maximum(lo - ctx, 0) // BLOCK_N * BLOCK_N
+    return attend_span(acc, l, m, q, q_pos, ctx, lo_new, last + 1, first, last, window, qk_scale,
+                       k_ptr + q_start * stride_kt + kvh * stride_kh, v_ptr + q_start * stride_vt + kvh * stride_vh,
+                       stride_kt, stride_vt, tables_ptr, block_size, stride_cb, False, WINDOWED, ONE_LOOP, HEAD_DIM,
+                       BLOCK_N, PRECISION)
+
+
+# One compile for every window, block size and split: none of them is specialised on.
+@triton.jit(do_not_specialize=["window", "block_size", "splits", "split_len"])
 def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr, k_cache, v_cache, tables_ptr,
-                          qk_scale, window, block_size, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                          stride_vh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_tb,
+                          part_acc_ptr, part_max_ptr, part_sum_ptr,
+                          qk_scale, window, block_size, splits, split_len, stride_qt, stride_qh, stride_kt, stride_kh,
+                          stride_vt, stride_vh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_tb,
+                          stride_pt, stride_ps, stride_ph, stride_mt, stride_ms,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, HAS_PREFIX: tl.constexpr, NEW_IN_CACHE: tl.constexpr,
-                          WINDOWED: tl.constexpr, ONE_LOOP: tl.constexpr, PRECISION: tl.constexpr):
+                          WINDOWED: tl.constexpr, ONE_LOOP: tl.constexpr, PRECISION: tl.constexpr,
+                          SPLIT_KV: tl.constexpr):
     h, b = tl.program_id(0), tl.program_id(1)
-    m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M  # last tiles first: they have the most keys
+    if SPLIT_KV:  # `splits` programs share a row tile, each over its own slice of the cached prefix
+        split = tl.program_id(2) % splits
+        m0 = (tl.num_programs(2) // splits - 1 - tl.program_id(2) // splits) * BLOCK_M
+    else:
+        m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M  # last tiles first: they have the most keys
     q_start = tl.load(cu_q_ptr + b)
     n_q = tl.load(cu_q_ptr + b + 1) - q_start
     if m0 >= n_q:
@@ -185,20 +208,74 @@ def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr,
         cache_end = ctx
         if NEW_IN_CACHE:
             cache_end = last + 1
-        acc, l, m = attend_span(acc, l, m, q, q_pos, 0, lo // BLOCK_N * BLOCK_N, cache_end, first, last, window,
-                                qk_scale, k_cache + kvh * stride_ch, v_cache + kvh * stride_ch, stride_cs,
+        cache_lo = lo
+        if SPLIT_KV:  # this split's keys: [split * split_len, (split + 1) * split_len), split_len a BLOCK_N multiple
+            cache_lo = tl.maximum(lo, split * split_len)
+            cache_end = tl.minimum(cache_end, (split + 1) * split_len)
+        acc, l, m = attend_span(acc, l, m, q, q_pos, 0, cache_lo // BLOCK_N * BLOCK_N, cache_end, first, last,
+                                window, qk_scale, k_cache + kvh * stride_ch, v_cache + kvh * stride_ch, stride_cs,
                                 stride_cs, tables_ptr + b * stride_tb, block_size, stride_cb, True, WINDOWED,
                                 ONE_LOOP, HEAD_DIM, BLOCK_N, PRECISION)
-    if not NEW_IN_CACHE:
-        # Phase 2: the sequence's new tokens (positions ctx + i), from the packed k/v.
-        lo_new = ctx + tl.maximum(lo - ctx, 0) // BLOCK_N * BLOCK_N
-        acc, l, m = attend_span(acc, l, m, q, q_pos, ctx, lo_new, last + 1, first, last, window, qk_scale,
-                                k_ptr + q_start * stride_kt + kvh * stride_kh,
-                                v_ptr + q_start * stride_vt + kvh * stride_vh, stride_kt, stride_vt, tables_ptr,
-                                block_size, stride_cb, False, WINDOWED, ONE_LOOP, HEAD_DIM, BLOCK_N, PRECISION)
-    out = acc / l[:, None]
-    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+    if SPLIT_KV:
+        if split == splits - 1:  # the last split also takes the new tokens
+            acc, l, m = attend_new(acc, l, m, q, q_pos, ctx, lo, first, last, window, qk_scale, k_ptr, v_ptr,
+                                   q_start, kvh, stride_kt, stride_kh, stride_vt, stride_vh, tables_ptr, block_size,
+                                   stride_cb, WINDOWED, ONE_LOOP, HEAD_DIM, BLOCK_N, PRECISION)
+    elif not NEW_IN_CACHE:
+        acc, l, m = attend_new(acc, l, m, q, q_pos, ctx, lo, first, last, window, qk_scale, k_ptr, v_ptr, q_start,
+                               kvh, stride_kt, stride_kh, stride_vt, stride_vh, tables_ptr, block_size, stride_cb,
+                               WINDOWED, ONE_LOOP, HEAD_DIM, BLOCK_N, PRECISION)
+    if not SPLIT_KV:
+        out = acc / l[:, None]
+        tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+    else:  # the split's unnormalised sum and its softmax statistics (log2 units), merged by merge_log2_splits
+        part = (q_start + rows)[:, None] * stride_pt + split * stride_ps + h * stride_ph + d[None, :]
+        tl.store(part_acc_ptr + part, acc, mask=real[:, None])
+        stats = (q_start + rows) * stride_mt + split * stride_ms + h
+        tl.store(part_max_ptr + stats, m, mask=real)
+        tl.store(part_sum_ptr + stats, l, mask=real)
+
+
+@triton.jit(do_not_specialize=["splits"])
+def merge_log2_splits(acc_ptr, max_ptr, sum_ptr, out_ptr, splits, stride_at, stride_as, stride_ah, stride_mt,
+                      stride_ms, stride_ot, stride_oh, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One program per (query row, head): the splits' partial sums weighted by 2^(max - overall max). A split
+    that saw no key has max -inf and weight 0; every query sees at least itself, in the last split."""
+    t, h = tl.program_id(0), tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    real = s < splits
+    maxima = tl.load(max_ptr + t * stride_mt + s * stride_ms + h, mask=real, other=float("-inf"))
+    sums = tl.load(sum_ptr + t * stride_mt + s * stride_ms + h, mask=real, other=0.0)
+    top = tl.max(maxima, 0)
+    weight = tl.where(maxima > float("-inf"), tl.math.exp2(maxima - top), 0.0)
+    acc = tl.load(acc_ptr + t * stride_at + s[:, None] * stride_as + h * stride_ah + d[None, :], mask=real[:, None],
+                  other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(sums * weight, 0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+# Split-KV for new tokens on a long cached prefix (a chunk of a long prompt, or a short request on a long shared
+# prefix): one sequence's 128-256 new tokens make only 32-64 programs (heads x row tiles), each walking the
+# whole prefix, where an H200 has 132 SMs. Measured before this existed (docs/PERF.md, session 5): a 256-token
+# chunk at prefix 8192 beside 32 decodes took 444 us a layer in this kernel. The partial sums cost
+# T x splits x H x D floats of scratch written and read once, so splits are only taken while that stays small.
+SPLIT_TARGET_PROGRAMS = 264  # about two waves of 132 SMs for the longest sequence's row tiles
+SPLIT_MIN_KEYS = 512  # prefix keys per split, at least
+SPLIT_MAX_ROWS = 4096  # T x splits at most: 64 MB of fp32 partial sums at 32 heads of 128
+MAX_SPLITS = 16
+
+
+def choose_splits(rows: int, heads: int, row_tiles: int, max_cached: int) -> int:
+    """How many programs share a row tile's prefix: enough for the longest sequence's tiles to fill the GPU,
+    each with at least SPLIT_MIN_KEYS keys; 1 when the batch's rows already make enough programs."""
+    programs = heads * row_tiles
+    if programs >= SPLIT_TARGET_PROGRAMS or max_cached < 2 * SPLIT_MIN_KEYS:
+        return 1
+    splits = min(triton.cdiv(SPLIT_TARGET_PROGRAMS, programs), max_cached // SPLIT_MIN_KEYS, MAX_SPLITS,
+                 SPLIT_MAX_ROWS // max(1, rows))
+    return max(1, splits)
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -209,7 +286,8 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
                              cu_seqlen_q: torch.Tensor, max_q: int, scale: float, window: Optional[int] = None,
                              cache_lengths: Optional[torch.Tensor] = None, key_cache: Optional[torch.Tensor] = None,
                              value_cache: Optional[torch.Tensor] = None, block_tables: Optional[torch.Tensor] = None,
-                             max_k: Optional[int] = None, tile: Optional[Tile] = None) -> torch.Tensor:
+                             max_k: Optional[int] = None, tile: Optional[Tile] = None,
+                             max_cached: Optional[int] = None, splits: Optional[int] = None) -> torch.Tensor:
     """Causal attention of the packed new tokens q [T, H, D] (cu_seqlen_q [B+1], max_q the longest run).
 
     Keys: with key_cache/value_cache [NB, BS, KVH, D], block_tables [B, max_blocks] and cache_lengths [B],
@@ -217,6 +295,9 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
     cache too (they must all have been written there). A window W lets a query at position p see keys j with
     p - j < W. max_k (the longest prefix + new run), when given, drops a window that cannot cut. Returns
     [T, H, D] in q's dtype; fp32 inputs get IEEE (not TF32) dots.
+
+    Split-KV: with `max_cached` (the longest cached prefix, a host int), a few new tokens on a long prefix
+    spread the prefix over `splits` programs per row tile (`choose_splits` when None), merged after.
     """
     T, H, D = q.shape
     has_prefix = key_cache is not None
@@ -246,12 +327,34 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         block_size, cache_strides = 1, (0, 0, 0, 0)
     tile = tile or choose_tile(D, q.dtype, max_q, max_k if has_prefix else None)
     B = cu_seqlen_q.shape[0] - 1
-    grid = (H, B, triton.cdiv(max_q, tile.block_m))
-    varlen_prefill_kernel[grid](
-        q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables,
-        scale * LOG2E, window if windowed else 0, block_size, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), out.stride(0), out.stride(1), *cache_strides,
+    tiles = triton.cdiv(max_q, tile.block_m)
+    if not has_prefix or new_in_cache or not max_cached:
+        splits = 1
+    else:
+        splits = choose_splits(T, H, tiles, max_cached) if splits is None else splits
+        splits = min(splits, MAX_SPLITS, max(1, max_cached // tile.block_n))
+    split_len = 0
+    if splits > 1:  # whole key steps per split; rounding up may leave fewer splits
+        split_len = triton.cdiv(triton.cdiv(max_cached, splits), tile.block_n) * tile.block_n
+        splits = triton.cdiv(max_cached, split_len)
+    if splits > 1:
+        part_acc = torch.empty(T, splits, H, D, dtype=torch.float32, device=q.device)
+        part_max = torch.empty(T, splits, H, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_strides = (*part_acc.stride()[:3], *part_max.stride()[:2])
+    else:
+        part_acc = part_max = part_sum = out  # not written
+        part_strides = (0, 0, 0, 0, 0)
+    varlen_prefill_kernel[(H, B, tiles * splits)](
+        q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables, part_acc, part_max, part_sum,
+        scale * LOG2E, window if windowed else 0, block_size, splits, split_len, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), *cache_strides, *part_strides,
         GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HAS_PREFIX=has_prefix,
         NEW_IN_CACHE=new_in_cache, WINDOWED=windowed, ONE_LOOP=tile.one_loop,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=tile.num_warps, num_stages=tile.num_stages)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_KV=splits > 1, num_warps=tile.num_warps,
+        num_stages=tile.num_stages)
+    if splits > 1:
+        merge_log2_splits[(T, H)](part_acc, part_max, part_sum, out, splits, *part_acc.stride()[:3],
+                                  *part_max.stride()[:2], out.stride(0), out.stride(1), SPLITS_PAD=MAX_SPLITS,
+                                  HEAD_DIM=D)
     return out

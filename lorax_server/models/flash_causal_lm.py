@@ -324,7 +324,8 @@ class FlashCausalLM:
             r.ahead = None
         return choices
 
-    def finish_step(self, requests: List[Request], choices: List[Choice], launch_ahead: bool = True) -> List[StepResult]:
+    def finish_step(self, requests: List[Request], choices: List[Choice],
+                    launch_ahead: bool = True) -> List[StepResult]:
         """Each request's result from its chosen token: the token joins the sequence, the next decode step is
         launched for the requests that go on (`engine.pipeline`; unless `launch_ahead` is False), then text,
         stop and result follow per request while the GPU computes; a request that fails there ends alone."""
@@ -474,10 +475,10 @@ class FlashCausalLM:
             raise RequestError("kernels are warmed up with no batch alive")
         room = len(self.cache.free_blocks) * self.cache.block_size
         most = min(room, max_prefill_tokens or room)
-        prefix = min(512, room - 128)
+        prefixes = [p for p in (512, 1024) if p + 128 <= room] or [p for p in [room - 128] if p >= 16]
         try:
-            if prefix >= 16:
-                self.runner.warm_up_prefill(prefix, [n for n in PLAIN_WARM_UP if n <= most])
+            if prefixes:
+                self.runner.warm_up_prefill(prefixes, [n for n in PLAIN_WARM_UP if n <= most])
         except Exception:
             logger.exception("the kernel warm-up failed; kernels compile at their first use instead")
         self.kernels_warm = True

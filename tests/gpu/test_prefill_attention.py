@@ -13,7 +13,7 @@ skip_without_gpu()
 
 import triton
 
-from lorax_server.kernels.prefill_attention import TILE_CANDIDATES, varlen_prefill_attention
+from lorax_server.kernels.prefill_attention import TILE_CANDIDATES, choose_splits, varlen_prefill_attention
 from lorax_server.layers.attention import cuda as cuda_attention
 from lorax_server.layers.attention import reference
 from lorax_server.utils.attention.common import Seqlen
@@ -164,6 +164,25 @@ def test_every_tile_candidate_is_correct(tile, window):
     assert relative_error(got, problem.want(window)) < 1e-2
     got = varlen_prefill_attention(q, k, v, cu, 200, 128**-0.5, window, tile=tile)
     assert relative_error(got, fresh) < 1e-2
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("window", [None, 37, 700])
+def test_split_kv_over_long_prefixes_matches_the_reference(splits, window):
+    """The prefix split over several programs per row tile (their partial sums merged after), as a chunk of a
+    long prompt next to decode rows: prefixes longer and shorter than a split, rows with no prefix at all."""
+    problem = PrefixProblem([256, 1, 1, 7, 0], [3000, 600, 0, 2999, 40], 16, seed=splits)
+    got = problem.run(window, max_cached=3000, splits=splits)
+    assert relative_error(got, problem.want(window)) < 1e-2
+
+
+def test_split_kv_is_chosen_for_few_row_tiles_on_a_long_prefix_only():
+    assert choose_splits(rows=288, heads=32, row_tiles=2, max_cached=8192) > 1  # a chunk beside 32 decodes
+    assert choose_splits(rows=8192, heads=32, row_tiles=1, max_cached=2000) == 1  # 64 requests on a shared prefix
+    assert choose_splits(rows=64, heads=32, row_tiles=1, max_cached=600) == 1  # a short prefix
+    problem = PrefixProblem([128], [5000], 16)
+    auto = problem.run(None, max_cached=5000)
+    assert relative_error(auto, problem.want(None)) < 1e-2
 
 
 def test_empty_batch_and_no_host_sync():

@@ -35,6 +35,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     if seqlen.max_q != 1:
         return varlen_prefill_attention(q, key, value, seqlen.cu_seqlen_q, seqlen.max_q, scale, window,
                                         cache_lengths=seqlen.cache_lengths, key_cache=key_cache,
-                                        value_cache=value_cache, block_tables=block_tables, max_k=seqlen.max_k)
+                                        value_cache=value_cache, block_tables=block_tables, max_k=seqlen.max_k,
+                                        max_cached=seqlen.max_cached)
     lengths = seqlen.total_lengths.to(torch.int32)
     return paged_decode_attention(q, key_cache, value_cache, block_tables, lengths, seqlen.max_k, scale, window)
