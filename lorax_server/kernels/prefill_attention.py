@@ -21,6 +21,7 @@ order (their K/V reads then hit L2), and the last tiles of the sequences, with t
 first.
 """
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -271,6 +272,8 @@ def choose_splits(rows: int, heads: int, row_tiles: int, max_cached: int) -> int
     """How many programs share a row tile's prefix: enough for the longest sequence's tiles to fill the GPU,
     each with at least SPLIT_MIN_KEYS keys; 1 when the batch's rows already make enough programs."""
     programs = heads * row_tiles
+    if os.getenv("LORAX_PREFILL_SPLIT_KV", "1") == "0":  # the escape hatch: one program per row tile, as before
+        return 1
     if programs >= SPLIT_TARGET_PROGRAMS or max_cached < 2 * SPLIT_MIN_KEYS:
         return 1
     splits = min(triton.cdiv(SPLIT_TARGET_PROGRAMS, programs), max_cached // SPLIT_MIN_KEYS, MAX_SPLITS,
