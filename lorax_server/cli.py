@@ -10,7 +10,8 @@ this shard with its exact command lines (launcher/src/main.rs):
         [--compile] [--speculative-tokens N] [--preloaded-adapter-ids ID ...] [--merge-adapter-weights] \\
         [--preloaded-adapter-source S] [--dtype D] [--revision R] [--otlp-endpoint URL] [--embedding-dim N]
 
-with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and CUDA_MEMORY_FRACTION in the environment. What
+(and this server's own options, such as `--kv-cache-dtype fp8`), with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+and CUDA_MEMORY_FRACTION in the environment. What
 cannot apply here (downloads, quantization, speculation, embeddings, s3/pbase sources) is refused by
 name. Any error is one line on stderr (and, with --json-output, one ERROR record on stdout) and a
 non-zero exit status; only a bug prints a traceback.
@@ -51,6 +52,11 @@ class Quantization(str, Enum):  # upstream's choices; fp8 alone is served here
     hqq_2bit = "hqq-2bit"
     fp8 = "fp8"
     fp8_kv = "fp8-kv"
+
+
+class KvCacheDtype(str, Enum):  # this server's own: the KV cache in the compute dtype, or FP8 (e4m3)
+    auto = "auto"
+    fp8 = "fp8"
 
 
 class Dtype(str, Enum):  # upstream's two, and float32, which this server serves as float32
@@ -168,6 +174,8 @@ def generate(
     top_p: float = typer.Option(1.0),
     seed: Optional[int] = typer.Option(None),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: by device)."),
+    kv_cache_dtype: KvCacheDtype = typer.Option(KvCacheDtype.auto, "--kv-cache-dtype",
+                                                help="auto (the compute dtype) or fp8."),
 ):
     """Runs prefill and decode steps over the paged KV cache and prints each prompt with its continuation."""
     from lorax_server.models import get_model
@@ -175,7 +183,7 @@ def generate(
 
     params = SamplingParams(temperature=temperature or 1.0, top_p=top_p, seed=seed, do_sample=temperature > 0)
     start = time.perf_counter()
-    model = get_model(str(model_dir), dtype=dtype)
+    model = get_model(str(model_dir), dtype=dtype, kv_cache_dtype=kv_cache_dtype.value)
     loaded = time.perf_counter()
     results = model.generate(prompt, max_new_tokens, params)
     elapsed = time.perf_counter() - loaded
@@ -221,6 +229,10 @@ def serve(
     kv_cache_mib: Optional[int] = typer.Option(
         None, min=1, help="KV-cache budget (default: 256 MiB on CPU, 85% of free GPU memory within CUDA_MEMORY_FRACTION)."),
     expert_parallel: bool = typer.Option(False, help="With --sharded: split the experts over ranks, not their ffn."),
+    kv_cache_dtype: KvCacheDtype = typer.Option(
+        KvCacheDtype.auto, "--kv-cache-dtype",
+        help="auto: the KV cache in the compute dtype; fp8: float8_e4m3 entries (twice the tokens), scaled per layer "
+             "by the checkpoint's self_attn.k_scale / v_scale (1.0 without them); a GPU needs FP8 support."),
 ):
     """Serves LoRAX's shard protocol (generate.v1.LoraxService) until terminated."""
     _setup_logging(logger_level, json_output)
@@ -256,7 +268,8 @@ def serve(
                    kv_cache_mib << 20 if kv_cache_mib else None, expert_parallel=expert_parallel,
                    adapter_id=adapter_id, revision=revision, compile=compile, trust_remote_code=trust_remote_code,
                    source=source, adapter_source=adapter_source, preloaded_adapter_source=preloaded_source,
-                   merge_adapter_weights=merge_adapter_weights, quantize=quantize)
+                   merge_adapter_weights=merge_adapter_weights, quantize=quantize,
+                   kv_cache_dtype=kv_cache_dtype.value)
 
 
 def _refuse_what_cannot_apply(quantize: Optional[str], dtype: Optional[str], speculative_tokens: int,

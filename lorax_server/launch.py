@@ -30,7 +30,8 @@ def load_and_serve(model_id: str, uds_path: str, dtype: Optional[str] = None,
                    adapter_id: str = "", revision: Optional[str] = None, quantize: Optional[str] = None,
                    compile: Optional[bool] = None, trust_remote_code: bool = False, source: str = HUB,
                    adapter_source: str = HUB, preloaded_adapter_source: Optional[str] = None,
-                   merge_adapter_weights: bool = False, embedding_dim: Optional[int] = None):
+                   merge_adapter_weights: bool = False, embedding_dim: Optional[int] = None,
+                   kv_cache_dtype: Optional[str] = None):
     """Loads the model (one process per rank when sharded: the LoRAX launcher's RANK / WORLD_SIZE /
     MASTER_ADDR / MASTER_PORT, or torchrun's), preloads adapters at indices 1, 2, ... from
     `preloaded_adapter_source` (default: `adapter_source`) and serves on unix://{uds_path}-{rank}.
@@ -45,7 +46,7 @@ def load_and_serve(model_id: str, uds_path: str, dtype: Optional[str] = None,
         stop_on_signals(served)
     model = get_model(model_id, adapter_id, revision, sharded, quantize, compile, dtype, trust_remote_code, source,
                       adapter_source, merge_adapter_weights, embedding_dim, kv_cache_bytes=kv_cache_bytes,
-                      expert_parallel=expert_parallel)
+                      expert_parallel=expert_parallel, kv_cache_dtype=kv_cache_dtype)
     preloaded = preload_adapters(model, preloaded_adapter_ids, preloaded_adapter_source or adapter_source)
     group = model.model.lm_head.process_group
     server, service = start_server(model, uds_path, group.rank(), group.size(), preloaded)

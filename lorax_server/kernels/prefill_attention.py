@@ -72,11 +72,14 @@ def choose_tile(head_dim: int, dtype: torch.dtype, max_q: int, max_k: Optional[i
 @triton.jit
 def attend(acc, l, m, q, q_pos, lo, hi, end, window, qk_scale, k_base, v_base, stride_kn, stride_vn, pos0,
            table, block_size, stride_block, FROM_CACHE: tl.constexpr, MASKED: tl.constexpr,
-           WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+           WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+           v_scale=1.0, CACHE_FP8: tl.constexpr = False):
     """Online-softmax steps over keys at positions [lo, hi), BLOCK_N at a time; `end` bounds the keys that exist.
 
     From the cache, position j is slot j % BS of block table[j // BS]; from the packed tensors it is row
     j - pos0 past k_base/v_base. Unmasked steps must only see keys that every query row may see.
+    CACHE_FP8 (the cache phase over an e4m3 cache): entries are converted to q's dtype where they are loaded,
+    `qk_scale` already carries the K scale and each step's p @ v is multiplied by `v_scale`.
     """
     d = tl.arange(0, HEAD_DIM)
     for n0 in range(lo, hi, BLOCK_N):
@@ -96,6 +99,8 @@ def attend(acc, l, m, q, q_pos, lo, hi, end, window, qk_scale, k_base, v_base, s
             k = tl.load(k_base + k_rows[:, None] + d[None, :], mask=exists[:, None], other=0.0)
         else:
             k = tl.load(k_base + k_rows[:, None] + d[None, :])
+        if CACHE_FP8:
+            k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:
             visible = exists[None, :] & (pos[None, :] <= q_pos[:, None])
@@ -113,7 +118,11 @@ def attend(acc, l, m, q, q_pos, lo, hi, end, window, qk_scale, k_base, v_base, s
             v = tl.load(v_base + v_rows[:, None] + d[None, :], mask=exists[:, None], other=0.0)
         else:
             v = tl.load(v_base + v_rows[:, None] + d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if CACHE_FP8:
+            v = v.to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION) * v_scale
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l = l * alpha + tl.sum(p, 1)
         m = m_new
     return acc, l, m
@@ -122,7 +131,8 @@ def attend(acc, l, m, q, q_pos, lo, hi, end, window, qk_scale, k_base, v_base, s
 @triton.jit
 def attend_span(acc, l, m, q, q_pos, base, lo, end, first, last, window, qk_scale, k_base, v_base, stride_kn,
                 stride_vn, table, block_size, stride_block, FROM_CACHE: tl.constexpr, WINDOWED: tl.constexpr,
-                ONE_LOOP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                ONE_LOOP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                v_scale=1.0, CACHE_FP8: tl.constexpr = False):
     """Keys at positions [lo, end), lo - base a multiple of BLOCK_N, for query rows at positions first..last.
 
     The steps whose keys every row sees (at most `first`; with a window, at least last - window + 1) run
@@ -132,7 +142,7 @@ def attend_span(acc, l, m, q, q_pos, base, lo, end, first, last, window, qk_scal
     if ONE_LOOP:
         acc, l, m = attend(acc, l, m, q, q_pos, lo, end, end, window, qk_scale, k_base, v_base, stride_kn,
                            stride_vn, base, table, block_size, stride_block, FROM_CACHE, True, WINDOWED, HEAD_DIM,
-                           BLOCK_N, PRECISION)
+                           BLOCK_N, PRECISION, v_scale, CACHE_FP8)
     else:
         full_hi = tl.maximum(base + (tl.minimum(end, first + 1) - base) // BLOCK_N * BLOCK_N, lo)
         full_lo = lo
@@ -141,13 +151,13 @@ def attend_span(acc, l, m, q, q_pos, base, lo, end, first, last, window, qk_scal
             full_lo = tl.minimum(base + tl.cdiv(oldest - base, BLOCK_N) * BLOCK_N, full_hi)
             acc, l, m = attend(acc, l, m, q, q_pos, lo, full_lo, end, window, qk_scale, k_base, v_base, stride_kn,
                                stride_vn, base, table, block_size, stride_block, FROM_CACHE, True, WINDOWED, HEAD_DIM,
-                               BLOCK_N, PRECISION)
+                               BLOCK_N, PRECISION, v_scale, CACHE_FP8)
         acc, l, m = attend(acc, l, m, q, q_pos, full_lo, full_hi, end, window, qk_scale, k_base, v_base, stride_kn,
                            stride_vn, base, table, block_size, stride_block, FROM_CACHE, False, WINDOWED, HEAD_DIM,
-                           BLOCK_N, PRECISION)
+                           BLOCK_N, PRECISION, v_scale, CACHE_FP8)
         acc, l, m = attend(acc, l, m, q, q_pos, full_hi, end, end, window, qk_scale, k_base, v_base, stride_kn,
                            stride_vn, base, table, block_size, stride_block, FROM_CACHE, True, WINDOWED, HEAD_DIM,
-                           BLOCK_N, PRECISION)
+                           BLOCK_N, PRECISION, v_scale, CACHE_FP8)
     return acc, l, m
 
 
@@ -173,7 +183,7 @@ def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, HAS_PREFIX: tl.constexpr, NEW_IN_CACHE: tl.constexpr,
                           WINDOWED: tl.constexpr, ONE_LOOP: tl.constexpr, PRECISION: tl.constexpr,
-                          SPLIT_KV: tl.constexpr):
+                          SPLIT_KV: tl.constexpr, cache_qk_scale=1.0, v_scale=1.0, CACHE_FP8: tl.constexpr = False):
     h, b = tl.program_id(0), tl.program_id(1)
     if SPLIT_KV:  # `splits` programs share a row tile, each over its own slice of the cached prefix
         split = tl.program_id(2) % splits
@@ -213,10 +223,16 @@ def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr,
         if SPLIT_KV:  # this split's keys: [split * split_len, (split + 1) * split_len), split_len a BLOCK_N multiple
             cache_lo = tl.maximum(lo, split * split_len)
             cache_end = tl.minimum(cache_end, (split + 1) * split_len)
-        acc, l, m = attend_span(acc, l, m, q, q_pos, 0, cache_lo // BLOCK_N * BLOCK_N, cache_end, first, last,
-                                window, qk_scale, k_cache + kvh * stride_ch, v_cache + kvh * stride_ch, stride_cs,
-                                stride_cs, tables_ptr + b * stride_tb, block_size, stride_cb, True, WINDOWED,
-                                ONE_LOOP, HEAD_DIM, BLOCK_N, PRECISION)
+        if CACHE_FP8:  # e4m3 entries: the K scale folded into the softmax scale, the V scale applied to p @ v
+            acc, l, m = attend_span(acc, l, m, q, q_pos, 0, cache_lo // BLOCK_N * BLOCK_N, cache_end, first, last,
+                                    window, cache_qk_scale, k_cache + kvh * stride_ch, v_cache + kvh * stride_ch,
+                                    stride_cs, stride_cs, tables_ptr + b * stride_tb, block_size, stride_cb, True,
+                                    WINDOWED, ONE_LOOP, HEAD_DIM, BLOCK_N, PRECISION, v_scale, True)
+        else:
+            acc, l, m = attend_span(acc, l, m, q, q_pos, 0, cache_lo // BLOCK_N * BLOCK_N, cache_end, first, last,
+                                    window, qk_scale, k_cache + kvh * stride_ch, v_cache + kvh * stride_ch, stride_cs,
+                                    stride_cs, tables_ptr + b * stride_tb, block_size, stride_cb, True, WINDOWED,
+                                    ONE_LOOP, HEAD_DIM, BLOCK_N, PRECISION)
     if SPLIT_KV:
         if split == splits - 1:  # the last split also takes the new tokens
             acc, l, m = attend_new(acc, l, m, q, q_pos, ctx, lo, first, last, window, qk_scale, k_ptr, v_ptr,
@@ -268,10 +284,11 @@ SPLIT_MAX_ROWS = 4096  # T x splits at most: 64 MB of fp32 partial sums at 32 he
 MAX_SPLITS = 16
 
 
-def choose_splits(rows: int, heads: int, row_tiles: int, max_cached: int) -> int:
-    """How many programs share a row tile's prefix: enough for the longest sequence's tiles to fill the GPU,
-    each with at least SPLIT_MIN_KEYS keys; 1 when the batch's rows already make enough programs."""
-    programs = heads * row_tiles
+def choose_splits(rows: int, heads: int, row_tiles: int, max_cached: int, max_q: int) -> int:
+    """How many programs share a row tile's prefix: enough for the tiles of the sequences that carry the work
+    (about rows / max_q of them) to fill the GPU, each split with at least SPLIT_MIN_KEYS keys; 1 when the
+    batch already makes enough programs (many requests on a shared prefix, say)."""
+    programs = heads * row_tiles * max(1, rows // max(1, max_q))
     if os.getenv("LORAX_PREFILL_SPLIT_KV", "1") == "0":  # the escape hatch: one program per row tile, as before
         return 1
     if programs >= SPLIT_TARGET_PROGRAMS or max_cached < 2 * SPLIT_MIN_KEYS:
@@ -290,7 +307,8 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
                              cache_lengths: Optional[torch.Tensor] = None, key_cache: Optional[torch.Tensor] = None,
                              value_cache: Optional[torch.Tensor] = None, block_tables: Optional[torch.Tensor] = None,
                              max_k: Optional[int] = None, tile: Optional[Tile] = None,
-                             max_cached: Optional[int] = None, splits: Optional[int] = None) -> torch.Tensor:
+                             max_cached: Optional[int] = None, splits: Optional[int] = None, k_scale: float = 1.0,
+                             v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of the packed new tokens q [T, H, D] (cu_seqlen_q [B+1], max_q the longest run).
 
     Keys: with key_cache/value_cache [NB, BS, KVH, D], block_tables [B, max_blocks] and cache_lengths [B],
@@ -301,6 +319,9 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
 
     Split-KV: with `max_cached` (the longest cached prefix, a host int), a few new tokens on a long prefix
     spread the prefix over `splits` programs per row tile (`choose_splits` when None), merged after.
+
+    An FP8 (float8_e4m3fn) cache's entries count as entry * k_scale (keys) and entry * v_scale (values); the
+    packed k/v are used as given.
     """
     T, H, D = q.shape
     has_prefix = key_cache is not None
@@ -322,10 +343,13 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         assert k.dtype == q.dtype and v.dtype == q.dtype, (q.dtype, k.dtype, v.dtype)
     if has_prefix:
         assert key_cache.is_contiguous() and value_cache.is_contiguous() and value_cache.shape == key_cache.shape
-        assert key_cache.dtype == q.dtype and value_cache.dtype == q.dtype, (q.dtype, key_cache.dtype)
+        cache_fp8 = key_cache.dtype == torch.float8_e4m3fn
+        assert key_cache.dtype == value_cache.dtype and (cache_fp8 or key_cache.dtype == q.dtype), \
+            (q.dtype, key_cache.dtype, value_cache.dtype)
         block_size = key_cache.shape[1]
         cache_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0))
     else:
+        cache_fp8 = False
         key_cache = value_cache = block_tables = cache_lengths = cu_seqlen_q  # not read
         block_size, cache_strides = 1, (0, 0, 0, 0)
     tile = tile or choose_tile(D, q.dtype, max_q, max_k if has_prefix else None)
@@ -334,7 +358,7 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
     if not has_prefix or new_in_cache or not max_cached:
         splits = 1
     else:
-        splits = choose_splits(T, H, tiles, max_cached) if splits is None else splits
+        splits = choose_splits(T, H, tiles, max_cached, max_q) if splits is None else splits
         splits = min(splits, MAX_SPLITS, max(1, max_cached // tile.block_n))
     split_len = 0
     if splits > 1:  # whole key steps per split; rounding up may leave fewer splits
@@ -354,7 +378,8 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), *cache_strides, *part_strides,
         GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HAS_PREFIX=has_prefix,
         NEW_IN_CACHE=new_in_cache, WINDOWED=windowed, ONE_LOOP=tile.one_loop,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_KV=splits > 1, num_warps=tile.num_warps,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_KV=splits > 1,
+        cache_qk_scale=scale * k_scale * LOG2E, v_scale=v_scale, CACHE_FP8=cache_fp8, num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     if splits > 1:
         merge_log2_splits[(T, H)](part_acc, part_max, part_sum, out, splits, *part_acc.stride()[:3],

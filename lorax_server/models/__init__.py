@@ -17,6 +17,8 @@ from lorax_server.utils.sources import HUB, resolve
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# `--kv-cache-dtype`: "auto" keeps the cache in the compute dtype; "fp8" stores e4m3 with per-layer scales.
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
 # The weights `--quantize fp8` serves in FP8 (attention projections, experts, in both expert layouts).
 FP8_SERVED = re.compile(r"(self_attn\.[qkvo]_proj|experts\.\d+\.w[123])\.weight$|experts\.(gate_up|down)_proj$")
 # Index at which get_model loads `adapter_id` before merging it (the index is free again afterwards).
@@ -100,7 +102,8 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
               quantize: Optional[str] = None, compile: Optional[bool] = None, dtype: Optional[str] = None,
               trust_remote_code: bool = False, source: str = HUB, adapter_source: str = HUB,
               merge_adapter_weights: bool = False, embedding_dim: Optional[int] = None, *,
-              kv_cache_bytes: Optional[int] = None, block_size: int = 16, expert_parallel: bool = False):
+              kv_cache_bytes: Optional[int] = None, block_size: int = 16, expert_parallel: bool = False,
+              kv_cache_dtype: Optional[str] = None):
     """Loads the model `model_id` from `source` (upstream's arguments, in upstream's order).
 
     - `model_id`: with source "hub" a local checkpoint directory, else a model in the local Hugging Face
@@ -124,6 +127,10 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
     - `kv_cache_bytes` (default: 256 MiB on a CPU, most of the free GPU memory within CUDA_MEMORY_FRACTION),
       `block_size`, and `expert_parallel` (split the experts over the ranks instead of every expert's ffn;
       sharded runs only) are this server's own.
+    - `kv_cache_dtype` (this server's `--kv-cache-dtype`): None or "auto" keeps the KV cache in the compute
+      dtype; "fp8" stores it in float8_e4m3fn, one byte an entry (twice the tokens in the same budget), with a
+      K and a V scale per layer from the checkpoint (`self_attn.k_scale` / `v_scale`, or `kv_scale`; 1.0 where
+      absent), as vLLM's. A GPU without FP8 support is refused.
     """
     if embedding_dim is not None:
         raise ValueError(f"embedding_dim {embedding_dim}: this server serves Mixtral, a causal LM with no "
@@ -153,6 +160,11 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
     torch_dtype = resolve_dtype(dtype, device)
     if quantize == "fp8":
         check_fp8_device(device)
+    if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype '{kv_cache_dtype}' is not supported; supported: {sorted(KV_CACHE_DTYPES)}")
+    cache_dtype = KV_CACHE_DTYPES[kv_cache_dtype or "auto"]
+    if cache_dtype is not None:
+        check_fp8_device(device, what="kv cache dtype 'fp8'")
     fraction = cuda_memory_fraction()
     if device.type == "cuda" and fraction < 1.0:
         torch.cuda.set_per_process_memory_fraction(fraction, device)
@@ -161,7 +173,8 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
                                              fp8=quantize == "fp8")
     model = MODEL_TYPES[model_type]()(model_dir, torch_dtype, device, process_group,
                                       kv_cache_bytes=kv_cache_bytes, block_size=block_size,
-                                      expert_parallel=expert_parallel, quantize=quantize)
+                                      expert_parallel=expert_parallel, quantize=quantize,
+                                      kv_cache_dtype=cache_dtype)
     if compile is False and getattr(model, "graphs", None) is not None:
         model.graphs = None
         logger.info("decode steps run eagerly (no compile: CUDA graphs off)")

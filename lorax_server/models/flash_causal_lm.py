@@ -53,14 +53,15 @@ PROBE_BLOCK = 0
 
 class FlashCausalLM:
     def __init__(self, model, tokenizer, dtype: torch.dtype, device, num_blocks: int,
-                 block_size: int = DEFAULT_BLOCK_SIZE):
+                 block_size: int = DEFAULT_BLOCK_SIZE, kv_cache_dtype: Optional[torch.dtype] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype or dtype  # torch.float8_e4m3fn: the FP8 KV cache
         self.device = torch.device(device)
         self.config = model.config
         self.cache = PagedKVCache(self.config.num_hidden_layers, num_blocks, block_size, model.num_kv_heads,
-                                  model.head_dim, dtype, device, reserved=(PROBE_BLOCK,))
+                                  model.head_dim, self.kv_cache_dtype, device, reserved=(PROBE_BLOCK,))
         eos = self.config.eos_token_id
         self.eos_token_ids = eos if isinstance(eos, list) else [eos]
         self.adapters = AdapterStore(self.config, model.lm_head.process_group, dtype, device, base_model=model)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from lorax_server.layers.attention import check_fp8_kv_ops
 from lorax_server.models.custom_modeling.flash_mixtral_modeling import (
     ATTN_K_PROJ,
     ATTN_O_PROJ,
@@ -43,6 +44,8 @@ class FlashMixtral(FlashCausalLM):
     """A Mixtral checkpoint directory served by the engine.
 
     With `quantize="fp8"` the attention projections and the experts compute in FP8 (lorax_server/layers/fp8.py).
+    With `kv_cache_dtype=torch.float8_e4m3fn` the KV cache holds e4m3 entries (one byte each, so twice the
+    tokens of a 16-bit cache in the same budget), scaled by each layer's k_scale / v_scale.
     Everything cheap is checked before any weight is read: config.json's values and quantization, the
     tokenizer (tokenizer.json or sentencepiece's tokenizer.model; its chat template is
     `tokenizer.chat_template`), generation_config.json's stop ids, and the dtypes and layer/expert indices
@@ -51,7 +54,8 @@ class FlashMixtral(FlashCausalLM):
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, device, process_group,
                  kv_cache_bytes: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 expert_parallel: bool = False, quantize: Optional[str] = None):
+                 expert_parallel: bool = False, quantize: Optional[str] = None,
+                 kv_cache_dtype: Optional[torch.dtype] = None):
         model_dir = Path(model_dir)
         values = json.loads((model_dir / "config.json").read_text())
         config = MixtralConfig.from_dict(values)
@@ -67,8 +71,16 @@ class FlashMixtral(FlashCausalLM):
             model = FlashMixtralForCausalLM("", config, weights, moe_cls).eval()
         check_all_read(weights, config)
         budget = kv_cache_bytes or default_kv_cache_bytes(torch.device(device))
-        num_blocks = agreed_num_blocks(kv_cache_blocks(model, block_size, budget, dtype), process_group, device)
-        super().__init__(model, tokenizer, dtype, device, num_blocks, block_size)
+        cache_dtype = kv_cache_dtype or dtype
+        num_blocks = agreed_num_blocks(kv_cache_blocks(model, block_size, budget, cache_dtype), process_group, device)
+        super().__init__(model, tokenizer, dtype, device, num_blocks, block_size, kv_cache_dtype=cache_dtype)
+        if cache_dtype == torch.float8_e4m3fn:
+            attention = model.model.layers[0].self_attn
+            # The kernels against the reference on a tiny case before any request meets them (nothing on a CPU,
+            # whose ops are the reference).
+            check_fp8_kv_ops(attention.ops, torch.device(device), attention.num_heads, attention.num_kv_heads,
+                             attention.head_dim, dtype)
+            logger.info("--kv-cache-dtype fp8: %d cache blocks of %d tokens (float8_e4m3fn)", num_blocks, block_size)
         self.eos_token_ids = eos_ids
 
 

@@ -167,17 +167,22 @@ def check_quantize_option(quantize: Optional[str], quantization: Optional[Fp8Che
         raise ValueError(f"quantization '{quantize}' is not supported by this server: {found}, and {SERVED}")
 
 
-def check_fp8_device(device: torch.device) -> None:
-    """`--quantize fp8` on a GPU without FP8 tensor cores is refused, saying so; a CPU dequantizes each FP8
-    weight in its matmuls (slow, exact: the tests' oracle)."""
+def check_fp8_device(device: torch.device, what: str = "quantization 'fp8'") -> None:
+    """`--quantize fp8` (or `--kv-cache-dtype fp8`, `what`) on a GPU without FP8 support is refused, saying so;
+    a CPU dequantizes each FP8 weight in its matmuls, or each cache entry where it is read (slow, exact: the
+    tests' oracle)."""
     if device.type == "cuda":
         reason = fp8_unsupported(device)
         if reason is not None:
-            raise ValueError(f"quantization 'fp8' is not supported on this machine: {reason}; serve the checkpoint "
+            if what.startswith("kv"):
+                raise ValueError(f"{what} is not supported on this machine: {reason}; serve without "
+                                 f"--kv-cache-dtype fp8 (the KV cache then stays in the compute dtype)")
+            raise ValueError(f"{what} is not supported on this machine: {reason}; serve the checkpoint "
                              f"without --quantize (an FP8 checkpoint is then dequantized to bfloat16 on load)")
+    elif what.startswith("kv"):
+        logger.warning("%s on %s: FP8 cache entries are converted where they are read", what, device)
     else:
-        logger.warning("quantization 'fp8' on %s: FP8 weights are dequantized in every matmul (no FP8 GEMMs here)",
-                       device)
+        logger.warning("%s on %s: FP8 weights are dequantized in every matmul (no FP8 GEMMs here)", what, device)
 
 
 # -- the stored tensors --------------------------------------------------------------------------------

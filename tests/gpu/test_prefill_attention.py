@@ -177,9 +177,11 @@ def test_split_kv_over_long_prefixes_matches_the_reference(splits, window):
 
 
 def test_split_kv_is_chosen_for_few_row_tiles_on_a_long_prefix_only():
-    assert choose_splits(rows=288, heads=32, row_tiles=2, max_cached=8192) > 1  # a chunk beside 32 decodes
-    assert choose_splits(rows=8192, heads=32, row_tiles=1, max_cached=2000) == 1  # 64 requests on a shared prefix
-    assert choose_splits(rows=64, heads=32, row_tiles=1, max_cached=600) == 1  # a short prefix
+    assert choose_splits(rows=288, heads=32, row_tiles=2, max_cached=8192, max_q=256) > 1  # a chunk beside decodes
+    assert choose_splits(rows=128, heads=32, row_tiles=1, max_cached=2000, max_q=128) > 1  # one prefix-cache hit
+    assert choose_splits(rows=8192, heads=32, row_tiles=1, max_cached=2000, max_q=128) == 1  # 64 hits at once
+    assert choose_splits(rows=1024, heads=32, row_tiles=1, max_cached=2000, max_q=128) <= 2  # 8 hits at once
+    assert choose_splits(rows=64, heads=32, row_tiles=1, max_cached=600, max_q=64) == 1  # a short prefix
     problem = PrefixProblem([128], [5000], 16)
     auto = problem.run(None, max_cached=5000)
     assert relative_error(auto, problem.want(None)) < 1e-2

@@ -24,18 +24,20 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
                     seqlen: Seqlen, scale: float, window: Optional[int], key: Optional[torch.Tensor] = None,
-                    value: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    value: Optional[torch.Tensor] = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
     """New tokens q [T, H, D] over their sequence's cache (decode, or prefill on a cached prefix).
 
     Without key/value the new tokens' keys are read from the cache, so all of them must have been written;
     with key/value [T, KVH, D] (the packed new tokens) only the prefix is read from the cache, which is what
     a sliding window that caches only each prompt's last W tokens needs. Decode (max_q == 1) always reads
-    the cache.
+    the cache. An FP8 cache's entries are read as entry * k_scale / entry * v_scale.
     """
     if seqlen.max_q != 1:
         return varlen_prefill_attention(q, key, value, seqlen.cu_seqlen_q, seqlen.max_q, scale, window,
                                         cache_lengths=seqlen.cache_lengths, key_cache=key_cache,
                                         value_cache=value_cache, block_tables=block_tables, max_k=seqlen.max_k,
-                                        max_cached=seqlen.max_cached)
+                                        max_cached=seqlen.max_cached, k_scale=k_scale, v_scale=v_scale)
     lengths = seqlen.total_lengths.to(torch.int32)
-    return paged_decode_attention(q, key_cache, value_cache, block_tables, lengths, seqlen.max_k, scale, window)
+    return paged_decode_attention(q, key_cache, value_cache, block_tables, lengths, seqlen.max_k, scale, window,
+                                  k_scale=k_scale, v_scale=v_scale)

@@ -422,6 +422,8 @@ class MixtralAttention(nn.Module):
                                               reduce=False)
         self.o_proj = MultiAdapterLinear(o_proj, layer_id, [ATTN_O_PROJ], [hidden], reduce_group=weights.process_group)
         self.ops = attention_ops(o_proj.weight.device, self.head_dim)
+        # The FP8 KV cache's scales (Python floats: CUDA graphs bake them); only an FP8 cache uses them.
+        self.k_scale, self.v_scale = load_kv_scales(weights, prefix)
 
     def forward(self, x: torch.Tensor, batch: BatchMetadata, kv_cache: Tuple[torch.Tensor, torch.Tensor]):
         q, k, v = self.query_key_value(x, batch.adapter_data).split(self.split, dim=-1)
@@ -435,16 +437,42 @@ class MixtralAttention(nn.Module):
             # A prefill on a cached prefix: its new K/V come from here, since with a sliding window only a
             # prompt's last W tokens were written to the cache.
             out = self.ops.paged(q, *kv_cache, batch.block_tables, batch.seqlen, self.scale, self.window,
-                                 key=k, value=v)
+                                 key=k, value=v, k_scale=self.k_scale, v_scale=self.v_scale)
         else:
-            out = self.ops.paged(q, *kv_cache, batch.block_tables, batch.seqlen, self.scale, self.window)
+            out = self.ops.paged(q, *kv_cache, batch.block_tables, batch.seqlen, self.scale, self.window,
+                                 k_scale=self.k_scale, v_scale=self.v_scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim), batch.adapter_data)
 
     def write_cache(self, k, v, kv_cache, batch: BatchMetadata) -> None:
         if batch.prefill_cache_indices is not None:
             # With a sliding window only the last W tokens of a prompt are cached (upstream's contract).
             k, v = k[batch.prefill_cache_indices], v[batch.prefill_cache_indices]
-        self.ops.write_kv(k, v, *kv_cache, batch.slots)
+        self.ops.write_kv(k, v, *kv_cache, batch.slots, k_scale=self.k_scale, v_scale=self.v_scale)
+
+
+def load_kv_scales(weights, prefix: str) -> Tuple[float, float]:
+    """The layer's FP8 KV-cache scales from `{prefix}.k_scale` / `.v_scale` (or one `.kv_scale` for both), as
+    vLLM's FP8 checkpoints store them; 1.0 where the checkpoint has none."""
+    scales = []
+    for name in ("k_scale", "v_scale"):
+        for stored in (f"{prefix}.{name}", f"{prefix}.kv_scale"):
+            if weights.has(stored):
+                tensor = weights.read_stored(stored)[0]  # as stored: a bfloat16 cast would round the scale
+                if tensor.numel() != 1:
+                    raise CheckpointError(f"tensor {stored}: a KV-cache scale is one number, found shape "
+                                          f"{list(tensor.shape)}")
+                if tensor.device.type == "meta":
+                    scales.append(1.0)
+                    break
+                value = float(tensor.float().reshape(-1)[0])
+                if not value > 0.0 or value == float("inf"):
+                    raise CheckpointError(f"tensor {stored}: a KV-cache scale must be a positive finite number, "
+                                          f"got {value}")
+                scales.append(value)
+                break
+        else:
+            scales.append(1.0)
+    return scales[0], scales[1]
 
 
 # ---------------------------------------------------------------------------------------------------
