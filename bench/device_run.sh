@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune, fp8-tune,
-# adapters, adapters-mix, engine, prefill, chunked, serve, serve-adapters, serve-fp8, tp, serve-tp: the last two
-# on a machine with 2 GPUs). serve takes
-# about 4 minutes and serve-adapters about 3: give each its own call.
+# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, serve, serve-adapters, serve-fp8, tp, serve-tp: the
+# last two on a machine with 2 GPUs). serve takes about 4 minutes and serve-adapters about 3: give each its own call.
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -37,6 +36,9 @@ for step in "$@"; do
     fp8-tune) python3 -m bench.moe_layer --fp8 --tune --write 2>&1 | tee "$OUT/moe_fp8_tune.log"
               cp lorax_server/kernels/fused_moe.py "$OUT/fused_moe.py" ;;  # the table it wrote comes back
     adapters-mix) python3 -m bench.adapters --serve-mix 384 2>&1 | tee "$OUT/adapters_mix.log" ;;
+    kv-fp8) python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kv_cache.py 2>&1 | tail -5
+            python3 -m bench.engine_step --batches 64 --per-request 2>&1 | tee "$OUT/engine_step_bf16kv.log" | tail -6
+            python3 -m bench.engine_step --batches 64 --per-request --kv-fp8 2>&1 | tee "$OUT/engine_step_fp8kv.log" | tail -6 ;;
     serve-fp8) python3 -m bench.serve --fp8 --adapters 64 --shapes 128x128 2>&1 | tee "$OUT/serve_fp8.log" ;;
     tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl 2>&1 | \
         grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/tp_nccl.log" ;;

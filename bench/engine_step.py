@@ -42,12 +42,14 @@ def synthetic_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=words, bos_token="w1", eos_token="w2")
 
 
-def build_engine(layers: int, max_batch: int, context: int = CONTEXT) -> FlashCausalLM:
+def build_engine(layers: int, max_batch: int, context: int = CONTEXT, kv_fp8: bool = False) -> FlashCausalLM:
+    """`kv_fp8`: the KV cache in float8_e4m3fn (scales 1.0: random weights have none), as --kv-cache-dtype fp8."""
     config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=layers,
                            max_position_embeddings=context + NEW_TOKENS + 64)
     model = FlashMixtralForCausalLM("", config, RandomWeights()).eval()
     blocks = max_batch * (context + NEW_TOKENS) // 16 + max_batch + 16
-    return FlashCausalLM(model, synthetic_tokenizer(config.vocab_size), torch.bfloat16, "cuda", blocks)
+    return FlashCausalLM(model, synthetic_tokenizer(config.vocab_size), torch.bfloat16, "cuda", blocks,
+                         kv_cache_dtype=torch.float8_e4m3fn if kv_fp8 else None)
 
 
 def live_batch(engine: FlashCausalLM, batch: int, params: SamplingParams, first_id: int, context: int = CONTEXT) -> int:
@@ -117,14 +119,16 @@ def main():
                         help="batches also timed with per-request sampling (the engine before the batched sampler)")
     parser.add_argument("--profile", type=int, nargs="*", default=[],
                         help="batches whose steps are also profiled on the host (cProfile)")
+    parser.add_argument("--kv-fp8", action="store_true", help="the KV cache in FP8 (e4m3), as --kv-cache-dtype fp8")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
-    engine = build_engine(args.layers, max(args.batches), args.context)
+    engine = build_engine(args.layers, max(args.batches), args.context, args.kv_fp8)
     engine.graphs.prepare(args.context + NEW_TOKENS) if engine.graphs is not None else None
     rows, first_id = [], 0
     with torch.no_grad():
         for batch in args.batches:
-            floor = decode_floor_ms(engine.config, args.layers, batch, bandwidth, context=args.context)
+            floor = decode_floor_ms(engine.config, args.layers, batch, bandwidth, context=args.context,
+                                    kv_bytes=1 if args.kv_fp8 else 2)
             for mode, params in MODES.items():
                 batch_id = live_batch(engine, batch, params, first_id, args.context)
                 first_id += 10_000
@@ -146,7 +150,8 @@ def main():
                 if batch in args.profile:
                     profile_steps(engine, batch_id, args.steps)
                 engine.clear()
-    print_table(f"Decode step through the engine, {args.layers} Mixtral-8x7B layers, bf16, context {args.context}, "
+    print_table(f"Decode step through the engine, {args.layers} Mixtral-8x7B layers, bf16"
+                f"{' with an FP8 KV cache' if args.kv_fp8 else ''}, context {args.context}, "
                 f"{card()} (copy {bandwidth / 1e12:.2f} TB/s)",
                 ["step", "floor ms", "model alone (graph) ms", "engine step ms", "engine / model", "engine / floor"],
                 rows)

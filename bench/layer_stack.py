@@ -45,13 +45,14 @@ class RandomWeights(MetaWeights):
         return self.get_slice(name) if len(shape) > 1 else torch.ones(shape, device=self.device, dtype=torch.bfloat16)
 
 
-def decode_floor_ms(config, layers, batch, bandwidth, weight_bytes=2, context=CONTEXT):
-    """`weight_bytes` per weight of the attention projections and experts (1 in FP8); every row at `context`."""
+def decode_floor_ms(config, layers, batch, bandwidth, weight_bytes=2, context=CONTEXT, kv_bytes=2):
+    """`weight_bytes` per weight of the attention projections and experts (1 in FP8), `kv_bytes` per KV-cache
+    entry (1 with an FP8 cache); every row at `context`."""
     h, f, e, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
     attention = (h * config.num_attention_heads * 128 * 2 + h * config.num_key_value_heads * 128 * 2) * weight_bytes
     touched = e * (1 - (1 - k / e) ** batch)
     experts = touched * 3 * h * f * weight_bytes
-    kv = batch * context * config.num_key_value_heads * 128 * 2 * 2
+    kv = batch * context * config.num_key_value_heads * 128 * 2 * kv_bytes
     total = layers * (attention + experts + kv) + config.vocab_size * h * 2
     return total / bandwidth * 1e3
 
