@@ -474,7 +474,7 @@ class FlashCausalLM:
             return
         if self.batches:
             raise RequestError("kernels are warmed up with no batch alive")
-        room = len(self.cache.free_blocks) * self.cache.block_size
+        room = min(len(self.cache.free_blocks) * self.cache.block_size, self.config.max_position_embeddings)
         most = min(room, max_prefill_tokens or room)
         prefixes = [p for p in (512, 1024) if p + 128 <= room] or [p for p in [room - 128] if p >= 16]
         try:

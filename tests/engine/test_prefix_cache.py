@@ -257,7 +257,7 @@ def test_kernel_warm_up_runs_every_prefill_tile_once_and_gives_the_blocks_back(e
 
     monkeypatch.setattr(engine.runner, "forward", spy)
     monkeypatch.setattr(engine, "kernels_warm", False)
-    room = len(engine.cache.free_blocks) * engine.cache.block_size
+    room = min(len(engine.cache.free_blocks) * engine.cache.block_size, engine.config.max_position_embeddings)
     engine.warm_up_kernels(max_prefill_tokens=256)
     prefixes = [p for p in (512, 1024) if p + 128 <= room]
     assert prefixes, "the test engine's cache holds a 512-token prefix"

@@ -66,3 +66,54 @@ def test_decode_steps_launched_ahead_equal_steps_launched_in_turn():
     model.decode_ahead = False
     in_turn = [r.generated_ids for r in model.generate(PROMPTS, 16, params)]
     assert ahead == in_turn and model.cache.all_free
+
+
+def test_after_the_warm_up_serving_compiles_no_kernel():
+    """Warmup's kernel warm-up (and the decode graphs) leave nothing for Triton to compile when requests arrive:
+    prompts of odd lengths, batches of new sizes, a prefix-cache hit and a prompt prefilled in chunks beside
+    running decodes. Each new specialisation would stall its batch (seconds, where the disk cache is cold)."""
+    import triton
+
+    from lorax_server.utils.tokens import SamplingParams
+
+    model = get_model(str(DEFAULT_MODEL_DIR), dtype="bfloat16", kv_cache_bytes=64 << 20)
+    model.warm_up_kernels(max_prefill_tokens=4096)
+    if model.graphs is not None:  # as Warmup: the decode graphs of the longest context
+        model.graphs.prepare(1024)
+    compiled = []
+
+    def hook(*, repr, **kwargs):
+        compiled.append(repr)
+
+    triton.knobs.runtime.jit_post_compile_hook = hook
+    try:
+        def request(rid, ids, new=4, **kwargs):
+            return model.new_request(rid, ids, SamplingParams(), new, ignore_eos=True, **kwargs)
+
+        def blocks(ids, new, first, reuse=()):
+            return list(reuse) + list(range(first, first + model.cache.blocks_for(len(ids) + new - 1) - len(reuse)))
+
+        prompts = {1: list(range(5, 42)), 2: list(range(7, 12)), 3: [9] * 700}  # 37, 5 and 700 tokens
+        _, batch = model.prefill(1, [request(i, ids) for i, ids in prompts.items()],
+                                 {i: blocks(ids, 4, 100 * i) for i, ids in prompts.items()})
+        while batch is not None:
+            batch = model.decode([batch.id])[1]
+        shared = list(range(100, 164))  # 4 full blocks, then a prefix-cache hit on them
+        _, first = model.prefill(2, [request(10, shared + [7] * 9)], {10: blocks(shared + [7] * 9, 4, 500)})
+        prefix = model.batches[first.id].requests[0].seq.blocks[:4]
+        hit = shared + [8] * 23
+        _, second = model.prefill(3, [request(11, hit, cache_len=64)], {11: blocks(hit, 4, 600, prefix)})
+        model.clear()
+        model.max_prefill_tokens = 96  # chunks of a 1000-token prompt beside three running requests
+        _, running = model.prefill(4, [request(20 + i, [3 + i] * 50, new=40) for i in range(3)],
+                                   {20 + i: blocks([0] * 50, 40, 700 + 10 * i) for i in range(3)})
+        long = [11] * 1000
+        _, batch = model.prefill(5, [request(30, long, chunk_len=96)], {30: blocks(long, 4, 800)},
+                                 cached_batch_id=running.id)
+        while batch is not None:
+            batch = model.decode([batch.id])[1]
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = None
+        model.max_prefill_tokens = None
+        model.clear()
+    assert compiled == []
