@@ -277,7 +277,8 @@ class FlashCausalLM:
         # forward pass, launched ahead as one (`launch_chunk_step`); a decode step launched ahead would make it
         # two passes over the weights (measured on an H200: a 256-token chunk beside 32 decodes took 57 ms of
         # GPU time, 44 of them in the experts).
-        chunk_step = functools.partial(self.launch_chunk_step, requests) if any(r.prefilling for r in requests) else None
+        still_prefilling = any(r.prefilling for r in requests)
+        chunk_step = functools.partial(self.launch_chunk_step, requests) if still_prefilling else None
         results = self.finish_step(going, choices, launch=chunk_step)
         self.plan_chunks(requests)
         return results
