@@ -68,7 +68,7 @@ def paged_decode_kernel(q_ptr, k_cache, v_cache, tables_ptr, lens_ptr, acc_ptr, 
     tl.store(sum_ptr + stats, l, mask=g < GROUP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])  # one compile for every split count (split-KV prefill shares it)
 def merge_splits_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, splits, stride_ab, stride_as, stride_ah,
                         stride_mb, stride_ms, stride_ob, stride_oh, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """One program per (sequence, head): softmax-weighted sum of the splits' partial outputs."""

@@ -15,10 +15,10 @@ query of the tile sees run without a mask; only the tile's diagonal and the wind
 The grid is (H, B, tiles of max_q), all host ints the caller has: tiles past a sequence's end return at
 once, so nothing synchronises with the host. A few new tokens on a long cached prefix (a chunk of a long
 prompt) make too few programs to fill the GPU; then each tile's prefix is split over several programs
-(split-KV, `choose_splits`), each writing its unnormalised sum and softmax statistics, and
-`merge_log2_splits` combines them (the new tokens go with the last split). The query heads sharing a KV head are neighbours in launch
-order (their K/V reads then hit L2), and the last tiles of the sequences, with the longest key runs, start
-first.
+(split-KV, `choose_splits`), each writing its unnormalised sum and softmax statistics, and the decode
+kernel's `merge_splits_kernel` combines them (the new tokens go with the last split). The query heads sharing
+a KV head are neighbours in launch order (their K/V reads then hit L2), and the last tiles of the sequences,
+with the longest key runs, start first.
 """
 
 import os
@@ -28,7 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from lorax_server.kernels.paged_attention import merge_splits_kernel
+
 LOG2E = 1.4426950408889634  # the kernel's softmax uses exp2: exp(x) = exp2(x * log2(e))
+LN2 = tl.constexpr(0.6931471805599453)  # its maxima back to natural-log units, for the split-KV merge
 
 
 class Tile(NamedTuple):
@@ -246,31 +249,12 @@ def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr,
         out = acc / l[:, None]
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=real[:, None])
-    else:  # the split's unnormalised sum and its softmax statistics (log2 units), merged by merge_log2_splits
+    else:  # the split's unnormalised sum and softmax statistics, merged by paged_attention.merge_splits_kernel
         part = (q_start + rows)[:, None] * stride_pt + split * stride_ps + h * stride_ph + d[None, :]
         tl.store(part_acc_ptr + part, acc, mask=real[:, None])
         stats = (q_start + rows) * stride_mt + split * stride_ms + h
-        tl.store(part_max_ptr + stats, m, mask=real)
+        tl.store(part_max_ptr + stats, m * LN2, mask=real)  # natural-log units, as the merge weighs with exp
         tl.store(part_sum_ptr + stats, l, mask=real)
-
-
-@triton.jit(do_not_specialize=["splits"])
-def merge_log2_splits(acc_ptr, max_ptr, sum_ptr, out_ptr, splits, stride_at, stride_as, stride_ah, stride_mt,
-                      stride_ms, stride_ot, stride_oh, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One program per (query row, head): the splits' partial sums weighted by 2^(max - overall max). A split
-    that saw no key has max -inf and weight 0; every query sees at least itself, in the last split."""
-    t, h = tl.program_id(0), tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    real = s < splits
-    maxima = tl.load(max_ptr + t * stride_mt + s * stride_ms + h, mask=real, other=float("-inf"))
-    sums = tl.load(sum_ptr + t * stride_mt + s * stride_ms + h, mask=real, other=0.0)
-    top = tl.max(maxima, 0)
-    weight = tl.where(maxima > float("-inf"), tl.math.exp2(maxima - top), 0.0)
-    acc = tl.load(acc_ptr + t * stride_at + s[:, None] * stride_as + h * stride_ah + d[None, :], mask=real[:, None],
-                  other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.sum(sums * weight, 0)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 # Split-KV for new tokens on a long cached prefix (a chunk of a long prompt, or a short request on a long shared
@@ -382,7 +366,7 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         cache_qk_scale=scale * k_scale * LOG2E, v_scale=v_scale, CACHE_FP8=cache_fp8, num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     if splits > 1:
-        merge_log2_splits[(T, H)](part_acc, part_max, part_sum, out, splits, *part_acc.stride()[:3],
-                                  *part_max.stride()[:2], out.stride(0), out.stride(1), SPLITS_PAD=MAX_SPLITS,
-                                  HEAD_DIM=D)
+        merge_splits_kernel[(T, H)](part_acc, part_max, part_sum, out, splits, *part_acc.stride()[:3],
+                                    *part_max.stride()[:2], out.stride(0), out.stride(1), HEAD_DIM=D,
+                                    SPLITS_PAD=MAX_SPLITS)
     return out
