@@ -150,7 +150,7 @@ ALIGN_BYTES = 16
 
 def to_device_sections(sections: Sequence[List[int]], dtype: torch.dtype, device) -> List[torch.Tensor]:
     """One host-to-device copy of several lists of ints; one tensor per list, each starting ALIGN_BYTES-aligned."""
-    per_boundary = ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
+    per_boundary = ALIGN_BYTES // dtype.itemsize
     flat: List[int] = []
     bounds = []
     for values in sections:
