@@ -26,10 +26,12 @@ CPU with the embedded tiny model (tests/bench keeps it from rotting). Every requ
 """
 
 import argparse
+import contextlib
 import itertools
+import os
 import statistics
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -41,6 +43,33 @@ FULL = dict(plain=[(1, 4096), (16, 512), (64, 128)], prefix=2000, own=128, shari
             long=16384, chunks=(128, 256, 512, 1024, 2048), prefill_budget=16384)
 SMOKE = dict(plain=[(1, 64), (4, 16)], prefix=32, own=8, sharing=4, running=3, context=16, long=96, chunks=(24,),
              prefill_budget=64)
+
+
+@contextlib.contextmanager
+def split_kv_off(engine):
+    """The prefill attention without split-KV (its escape hatch, read at every launch)."""
+    before = os.environ.get("LORAX_PREFILL_SPLIT_KV")
+    os.environ["LORAX_PREFILL_SPLIT_KV"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LORAX_PREFILL_SPLIT_KV"]
+        else:
+            os.environ["LORAX_PREFILL_SPLIT_KV"] = before
+
+
+@contextlib.contextmanager
+def no_steps_ahead(engine):
+    """No step launched ahead, decode or chunk: each call launches its step and waits for it."""
+    before, engine.steps_ahead.enabled = engine.steps_ahead.enabled, False
+    try:
+        yield
+    finally:
+        engine.steps_ahead.enabled = before
+
+
+VARIANTS = {"default": contextlib.nullcontext, "no-split-kv": split_kv_off, "no-steps-ahead": no_steps_ahead}
 
 
 class Blocks:
@@ -138,14 +167,42 @@ def prefix_rows(engine, blocks, cfg) -> List[List[str]]:
              f"{again * 1e3:.1f}", f"{without / first_hit:.1f}x", f"{without / again:.1f}x"]]
 
 
-def decode_times(engine, batch_id: int, steps: int) -> List[float]:
+def decode_times(engine, batch_id: int, steps: int, launches: Optional[List[float]] = None) -> List[float]:
+    """Wall time of each of `steps` Decode calls, back to back; with `launches`, also the host time each spent
+    launching forward passes (`HostLaunchTimer`)."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        _, batch = engine.decode([batch_id])
+        with HostLaunchTimer(engine) as timer:
+            _, batch = engine.decode([batch_id])
         times.append(time.perf_counter() - start)
+        if launches is not None:
+            launches.append(timer.seconds)
         batch_id = batch.id
     return times
+
+
+class HostLaunchTimer:
+    """Host seconds spent in the runner's forward calls (packing the inputs and launching every kernel, no
+    wait for the GPU) while in the block: when it nears a step's wall time, the step is host-bound."""
+
+    def __init__(self, engine):
+        self.runner, self.seconds = engine.runner, 0.0
+
+    def __enter__(self):
+        forward = self.runner.forward
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        self.runner.forward = timed
+        return self
+
+    def __exit__(self, *exc):
+        del self.runner.forward  # the class's method again
 
 
 def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
@@ -154,11 +211,12 @@ def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
     long = prompt(300, cfg["long"], vocab)
     rows = []
     for mode in ("alone", *[f"chunks of {c}" for c in cfg["chunks"]], "one piece"):
+        launches = []
         engine.clear()
         batch = prefill(engine, blocks, 30, running, 4 * steps + 8)
         decode_times(engine, batch.id, 4)  # warm-up
         if mode == "alone":
-            times = decode_times(engine, batch.id, steps)
+            times = decode_times(engine, batch.id, steps, launches)
         elif mode.startswith("chunks"):
             chunk = int(mode.split()[-1])
             engine.max_prefill_tokens = chunk
@@ -166,15 +224,16 @@ def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
             prefill(engine, blocks, 31, {999: long}, 2, chunk_len=chunk, cached_batch_id=batch.id)
             times = [time.perf_counter() - start]
             while any(r.prefilling for r in engine.batches[batch.id].requests):
-                times += decode_times(engine, batch.id, 1)
+                times += decode_times(engine, batch.id, 1, launches)
             engine.max_prefill_tokens = None
         else:
             start = time.perf_counter()
             new = prefill(engine, blocks, 32, {999: long}, 2)
             times = [time.perf_counter() - start]
             times += decode_times(engine, engine.concatenate([batch.id, new.id]).id, 1)
+        launch = f"{statistics.median(launches) * 1e3:.1f}" if launches else "-"
         rows.append([mode, str(len(times)), f"{statistics.median(times) * 1e3:.1f}", f"{percentile(times, 99) * 1e3:.1f}",
-                     f"{max(times) * 1e3:.1f}"])
+                     f"{max(times) * 1e3:.1f}", launch])
     engine.clear()
     alone_p99 = float(rows[0][3])
     for row in rows:
@@ -242,10 +301,15 @@ def main(argv=None) -> Dict[str, List[List[str]]]:
     parser.add_argument("--smoke", action="store_true", help="the embedded tiny model on the CPU")
     parser.add_argument("--only", nargs="*", choices=["plain", "prefix", "chunked"],
                         default=["plain", "prefix", "chunked"], help="the tables to run (default: all three)")
+    parser.add_argument("--chunks", type=int, nargs="*", help="chunk sizes of the chunked table (default: 128-2048)")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=["default"],
+                        help="run the chunked table under each (A/B of the engine's switches, one model build)")
     parser.add_argument("--profile-chunk", type=int, metavar="TOKENS",
                         help="only profile one step of chunked prefill with chunks of this size")
     args = parser.parse_args(argv)
-    cfg = SMOKE if args.smoke else FULL
+    cfg = dict(SMOKE if args.smoke else FULL)
+    if args.chunks:
+        cfg["chunks"] = tuple(args.chunks)
     engine, ceilings, what = build(args)
     dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
     floor = Floor(engine.config, 1, dtype_bytes, ceilings, weight_bytes=1 if args.fp8 else None)
@@ -260,18 +324,21 @@ def main(argv=None) -> Dict[str, List[List[str]]]:
         if "prefix" in args.only:
             tables["prefix"] = prefix_rows(engine, blocks, cfg)
         if "chunked" in args.only:
-            tables["chunked"] = chunked_rows(engine, blocks, cfg)
+            for variant in args.variants:
+                with VARIANTS[variant](engine):
+                    tables["chunked" if variant == "default" else f"chunked, {variant}"] = chunked_rows(engine, blocks, cfg)
     if "plain" in tables:
         print_table(f"Plain prefill, {what} (matmul {ceilings.matmul / 1e12:.3g} TFLOP/s)",
                     ["prompts", "ms", "FLOP floor ms", "floor / wall"], tables["plain"])
     if "prefix" in tables:
         print_table(f"Prefix caching, {what}", ["requests", "without cache ms", "first hit ms", "next hit ms",
                                                 "speedup (first)", "speedup (next)"], tables["prefix"])
-    if "chunked" in tables:
+    for name in [name for name in tables if name.startswith("chunked")]:
         print_table(f"Running decodes while a {cfg['long']}-token prompt is prefilled, {what} ({cfg['running']} "
-                    f"running requests at context {cfg['context']})",
-                    ["long prompt", "decode calls", "TPOT p50 ms", "TPOT p99 ms", "max ms", "p99 / alone's p99"],
-                    tables["chunked"])
+                    f"running requests at context {cfg['context']}){name[len('chunked'):]}",
+                    ["long prompt", "decode calls", "TPOT p50 ms", "TPOT p99 ms", "max ms", "host launch p50 ms",
+                     "p99 / alone's p99"],
+                    tables[name])
     return tables
 
 

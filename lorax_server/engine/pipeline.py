@@ -9,10 +9,6 @@ for all of that host work. So:
   filtered), the step after that one is launched first, fed with the tokens the steps in flight chose on the
   device (`follow`), and only then are those tokens read: the GPU always has the next step queued.
 
-While a request of the batch still prefills in chunks, the engine launches the batch's whole next step the
-same way (`FlashCausalLM.launch_chunk_step`: the next chunk and every other request's token in one forward
-pass), so a chunk step is one pass over the weights and its host work overlaps the GPU too.
-
 The router decodes every live request at its next step (batches concatenated or filtered, never a request
 skipped), so a choice made ahead is always the one its request needs next; a request filtered out or
 cleared simply drops its own. A step launched ahead writes its K/V into the request's reserved blocks, at

@@ -58,7 +58,6 @@ class Request:
     counts: Optional[torch.Tensor] = None  # [vocab] token counts on the device, for penalties (engine.sampler)
     decoder: object = None  # its incremental detokenizer (engine.text), made at its first token
     ahead: object = None  # its next token's Choice (engine.sampler), when a step launched ahead chose it
-    chunk_ahead: bool = False  # its next prompt chunk already ran in a step launched ahead (chunked prefill)
     grammar: object = None  # its place in its JSON schema (engine.grammar.GrammarState), for structured output
     cache_len: int = 0  # prompt tokens the router says its blocks already hold (prefix caching)
     next_chunk: Optional[int] = None  # prompt tokens its next prefill step runs (chunked prefill); None: the rest

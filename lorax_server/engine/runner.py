@@ -78,7 +78,8 @@ def pack(seqs: Sequence[PagedSequence], new_counts: Sequence[int], cache: PagedK
     input_lengths, cache_lengths, cu_seqlens, table = to_device_sections(
         [list(new_counts), cached, cu, tables], torch.int32, device)
     seqlen = Seqlen(input_lengths, cache_lengths, cu_seqlens, max_q=max(new_counts),
-                    max_k=max(c + n for c, n in zip(cached, new_counts)), max_cached=max(cached))
+                    max_k=max(c + n for c, n in zip(cached, new_counts)), max_cached=max(cached),
+                    min_q=min(new_counts))
     return ForwardBatch(
         input_ids=input_ids, position_ids=position_ids, slots=slot_ids, token_adapters=token_adapters,
         block_tables=table.view(len(seqs), width), seqlen=seqlen, cu_seqlen_prefill=cu_seqlens if prefill else None,

@@ -16,7 +16,7 @@ import triton.language as tl
 W8A16_TILES = (64, 32, 256, 4, 4)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def w8a16_linear_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)

@@ -121,7 +121,7 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, b: torch.Tensor, slots: torch.
 SGMV_BLOCK_M = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def sgmv_shrink_kernel(x_ptr, a_ptr, sorted_rows_ptr, block_group_ptr, v_ptr, n_rows, in_features,
                        stride_x, stride_as, stride_ar, stride_v,
                        RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -146,7 +146,7 @@ def sgmv_shrink_kernel(x_ptr, a_ptr, sorted_rows_ptr, block_group_ptr, v_ptr, n_
     tl.store(v_ptr + row[:, None] * stride_v + r[None, :], acc, mask=real[:, None] & (r[None, :] < RANK))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def sgmv_expand_kernel(v_ptr, b_ptr, sorted_rows_ptr, block_group_ptr, y_ptr, n_rows, out_features,
                        stride_v, stride_bs, stride_bn, stride_y,
                        RANK: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

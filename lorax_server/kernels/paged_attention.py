@@ -20,13 +20,15 @@ TARGET_PROGRAMS = 528  # about four waves of 132 SMs: enough splits to keep an H
 FP8_MAX = tl.constexpr(448.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "split_len", "stride_mb"])
 def paged_decode_kernel(q_ptr, k_cache, v_cache, tables_ptr, lens_ptr, acc_ptr, max_ptr, sum_ptr,
                         scale, window, split_len, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,
                         stride_tb, stride_ab, stride_as, stride_ah, stride_mb, stride_ms, v_scale,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CACHE_FP8: tl.constexpr = False):
-    """CACHE_FP8: the cache holds e4m3 entries, converted to q's dtype where they are loaded; `scale` then
+                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                        CACHE_FP8: tl.constexpr = False):
+    """fp32 inputs get IEEE dots (PRECISION), as in the prefill kernel: TF32 would cost them ~1e-4 of accuracy.
+    CACHE_FP8: the cache holds e4m3 entries, converted to q's dtype where they are loaded; `scale` then
     already carries the K scale (the host folds it in) and the partial sums are multiplied by `v_scale`."""
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
@@ -48,7 +50,7 @@ def paged_decode_kernel(q_ptr, k_cache, v_cache, tables_ptr, lens_ptr, acc_ptr, 
         k = tl.load(k_cache + row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
         if CACHE_FP8:
             k = k.to(q.dtype)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -56,7 +58,7 @@ def paged_decode_kernel(q_ptr, k_cache, v_cache, tables_ptr, lens_ptr, acc_ptr, 
         v = tl.load(v_cache + row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
         if CACHE_FP8:
             v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l = l * alpha + tl.sum(p, 1)
         m = m_new
     if CACHE_FP8:
@@ -68,7 +70,9 @@ def paged_decode_kernel(q_ptr, k_cache, v_cache, tables_ptr, lens_ptr, acc_ptr, 
     tl.store(sum_ptr + stats, l, mask=g < GROUP)
 
 
-@triton.jit(do_not_specialize=["splits"])  # one compile for every split count (split-KV prefill shares it)
+# One compile for every split count (split-KV prefill shares it); the statistics' row stride (splits x heads)
+# moves with it.
+@triton.jit(do_not_specialize=["splits", "stride_mb"])
 def merge_splits_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, splits, stride_ab, stride_as, stride_ah,
                         stride_mb, stride_ms, stride_ob, stride_oh, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """One program per (sequence, head): softmax-weighted sum of the splits' partial outputs."""
@@ -110,7 +114,8 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         key_cache.stride(2), block_tables.stride(0), acc.stride(0), acc.stride(1), acc.stride(2),
         maxima.stride(0), maxima.stride(1), v_scale,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=block_size,
-        BLOCK_N=KEYS_PER_STEP, CACHE_FP8=cache_fp8, num_warps=4, num_stages=2)
+        BLOCK_N=KEYS_PER_STEP, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CACHE_FP8=cache_fp8,
+        num_warps=4, num_stages=2)
     out = torch.empty_like(q)
     merge_splits_kernel[(B, H)](acc, maxima, sums, out, splits, acc.stride(0), acc.stride(1), acc.stride(2),
                                 maxima.stride(0), maxima.stride(1), out.stride(0), out.stride(1),

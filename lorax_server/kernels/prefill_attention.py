@@ -21,6 +21,7 @@ a KV head are neighbours in launch order (their K/V reads then hit L2), and the 
 with the longest key runs, start first.
 """
 
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -177,11 +178,12 @@ def attend_new(acc, l, m, q, q_pos, ctx, lo, first, last, window, qk_scale, k_pt
 
 
 # One compile for every window, block size and split: none of them is specialised on.
-@triton.jit(do_not_specialize=["window", "block_size", "splits", "split_len"])
+@triton.jit(do_not_specialize=["window", "block_size", "splits", "split_len", "min_rows", "max_rows", "stride_tb",
+                                "stride_mt"])
 def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr, k_cache, v_cache, tables_ptr,
                           part_acc_ptr, part_max_ptr, part_sum_ptr,
-                          qk_scale, window, block_size, splits, split_len, stride_qt, stride_qh, stride_kt, stride_kh,
-                          stride_vt, stride_vh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_tb,
+                          qk_scale, window, block_size, splits, split_len, min_rows, max_rows, stride_qt, stride_qh,
+                          stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_tb,
                           stride_pt, stride_ps, stride_ph, stride_mt, stride_ms,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, HAS_PREFIX: tl.constexpr, NEW_IN_CACHE: tl.constexpr,
@@ -196,6 +198,10 @@ def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr,
     q_start = tl.load(cu_q_ptr + b)
     n_q = tl.load(cu_q_ptr + b + 1) - q_start
     if m0 >= n_q:
+        return
+    if n_q < min_rows:  # another launch takes this sequence (`short_rows_apart`)
+        return
+    if n_q > max_rows:
         return
     q_start = q_start.to(tl.int64)
     kvh = h // GROUP
@@ -292,7 +298,7 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
                              value_cache: Optional[torch.Tensor] = None, block_tables: Optional[torch.Tensor] = None,
                              max_k: Optional[int] = None, tile: Optional[Tile] = None,
                              max_cached: Optional[int] = None, splits: Optional[int] = None, k_scale: float = 1.0,
-                             v_scale: float = 1.0) -> torch.Tensor:
+                             v_scale: float = 1.0, min_q: Optional[int] = None) -> torch.Tensor:
     """Causal attention of the packed new tokens q [T, H, D] (cu_seqlen_q [B+1], max_q the longest run).
 
     Keys: with key_cache/value_cache [NB, BS, KVH, D], block_tables [B, max_blocks] and cache_lengths [B],
@@ -303,6 +309,8 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
 
     Split-KV: with `max_cached` (the longest cached prefix, a host int), a few new tokens on a long prefix
     spread the prefix over `splits` programs per row tile (`choose_splits` when None), merged after.
+    With `min_q` (the shortest run, a host int), sequences of at most SHORT_ROWS new tokens beside longer ones
+    on a prefix (decodes beside a chunk) get a launch of 16-row tiles of their own.
 
     An FP8 (float8_e4m3fn) cache's entries count as entry * k_scale (keys) and entry * v_scale (values); the
     packed k/v are used as given.
@@ -336,10 +344,37 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         cache_fp8 = False
         key_cache = value_cache = block_tables = cache_lengths = cu_seqlen_q  # not read
         block_size, cache_strides = 1, (0, 0, 0, 0)
+    short_apart = (tile is None and has_prefix and min_q is not None and min_q <= SHORT_ROWS < max_q
+                   and choose_tile(D, q.dtype, max_q, max_k).block_m > SHORT_ROWS)
+    launch = functools.partial(
+        launch_varlen_prefill, q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables,
+        scale, window if windowed else 0, block_size, cache_strides, H // kv_heads, has_prefix, new_in_cache,
+        windowed, k_scale, v_scale, cache_fp8)
+    split_prefix = max_cached if has_prefix and not new_in_cache else None  # split-KV reads only the cache
+    if short_apart:
+        # A chunk beside decodes: the decodes' single rows would each fill a 128-row tile of the long-prefix
+        # launch, as much work as the chunk itself (32 decodes beside a 256-token chunk). They get 16-row tiles
+        # in a launch of their own, after the other's split merge (which writes every row).
+        launch(SHORT_ROWS + 1, max_q, max_q, max_k, split_prefix, splits)
+        launch(0, SHORT_ROWS, SHORT_ROWS, max_k, None, 1)
+    else:
+        launch(0, max_q, max_q, max_k, split_prefix, splits, tile)
+    return out
+
+
+SHORT_ROWS = 16  # sequences with at most this many new tokens (decodes) take 16-row tiles beside long chunks
+
+
+def launch_varlen_prefill(q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables, scale,
+                          window, block_size, cache_strides, group, has_prefix, new_in_cache, windowed, k_scale,
+                          v_scale, cache_fp8, min_rows, max_rows, max_q, max_k, max_cached, splits, tile=None):
+    """One launch of the kernel over the sequences with min_rows..max_rows new tokens (max_q the longest of
+    them): its tile, its split of long prefixes (`max_cached` None: none) and their merge."""
+    T, H, D = q.shape
     tile = tile or choose_tile(D, q.dtype, max_q, max_k if has_prefix else None)
     B = cu_seqlen_q.shape[0] - 1
     tiles = triton.cdiv(max_q, tile.block_m)
-    if not has_prefix or new_in_cache or not max_cached:
+    if not max_cached:
         splits = 1
     else:
         splits = choose_splits(T, H, tiles, max_cached, max_q) if splits is None else splits
@@ -358,10 +393,10 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         part_strides = (0, 0, 0, 0, 0)
     varlen_prefill_kernel[(H, B, tiles * splits)](
         q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables, part_acc, part_max, part_sum,
-        scale * LOG2E, window if windowed else 0, block_size, splits, split_len, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), *cache_strides, *part_strides,
-        GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HAS_PREFIX=has_prefix,
-        NEW_IN_CACHE=new_in_cache, WINDOWED=windowed, ONE_LOOP=tile.one_loop,
+        scale * LOG2E, window, block_size, splits, split_len, min_rows, max_rows, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), *cache_strides,
+        *part_strides, GROUP=group, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        HAS_PREFIX=has_prefix, NEW_IN_CACHE=new_in_cache, WINDOWED=windowed, ONE_LOOP=tile.one_loop,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_KV=splits > 1,
         cache_qk_scale=scale * k_scale * LOG2E, v_scale=v_scale, CACHE_FP8=cache_fp8, num_warps=tile.num_warps,
         num_stages=tile.num_stages)
@@ -369,4 +404,3 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         merge_splits_kernel[(T, H)](part_acc, part_max, part_sum, out, splits, *part_acc.stride()[:3],
                                     *part_max.stride()[:2], out.stride(0), out.stride(1), HEAD_DIM=D,
                                     SPLITS_PAD=MAX_SPLITS)
-    return out

@@ -23,12 +23,11 @@ shard (whose prefix cache is the router's radix trie). A request that fails on i
 alone with an error result; its batch-mates go on.
 """
 
-import functools
 import itertools
 import logging
 import math
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -245,9 +244,7 @@ class FlashCausalLM:
         the requests that chose a token: a request whose prompt is not complete yet has none (as upstream)."""
         if self.steps_ahead.in_flight(requests):
             self.steps_ahead.collect()
-        run = [r for r in requests if (r.prefilling and not r.chunk_ahead) or (not r.prefilling and r.ahead is None)]
-        for r in requests:
-            r.chunk_ahead = False
+        run = [r for r in requests if r.prefilling or r.ahead is None]
         if run:
             counts = [r.chunk if r.prefilling else 1 for r in run]
             starts = [r.seq.cached for r in run]
@@ -274,40 +271,11 @@ class FlashCausalLM:
         for r in going:
             r.ahead = None
         # While a request still prefills, the next step runs its chunk and every other request's token in one
-        # forward pass, launched ahead as one (`launch_chunk_step`); a decode step launched ahead would make it
-        # two passes over the weights (measured on an H200: a 256-token chunk beside 32 decodes took 57 ms of
-        # GPU time, 44 of them in the experts).
-        still_prefilling = any(r.prefilling for r in requests)
-        chunk_step = functools.partial(self.launch_chunk_step, requests) if still_prefilling else None
-        results = self.finish_step(going, choices, launch=chunk_step)
+        # forward pass; a decode step launched ahead would make that two passes over the weights (measured on
+        # an H200: a 256-token chunk beside 32 decodes took 57 ms of GPU time, 44 of them in the experts).
+        results = self.finish_step(going, choices, launch_ahead=not any(r.prefilling for r in requests))
         self.plan_chunks(requests)
         return results
-
-    def launch_chunk_step(self, requests: List[Request], going_on: List[Request]) -> None:
-        """Launches the next step of a batch in which a request still prefills, before this step's text is made
-        (as `engine.pipeline` launches decode steps): one forward pass over each prefilling request's next chunk
-        and one token of every request in `going_on`, whose choices are read at the next call. Not with
-        prompt logprobs (read on the host per chunk); a failed launch leaves the step to the next call."""
-        if not self.steps_ahead.enabled or any(r.prefilling and r.prefill_logprobs for r in requests):
-            return
-        self.plan_chunks(requests)
-        on = {id(r) for r in going_on}
-        run = [r for r in requests if r.prefilling or id(r) in on]
-        prefilling = [r for r in run if r.prefilling]
-        try:
-            logits = self.runner.forward([r.seq for r in run], [r.chunk if r.prefilling else 1 for r in run],
-                                         prefill=True)
-        except Exception:
-            logger.exception("a chunked prefill step launched ahead failed; the next call runs it again")
-            return
-        for r in prefilling:
-            r.chunk_ahead = True
-            self.cache.record(r.seq, min(r.seq.cached, r.prompt_length))
-        ready = [i for i, r in enumerate(run) if not r.prefilling]
-        if ready:
-            chosen = [run[i] for i in ready]
-            rows = logits.index_select(0, torch.tensor(ready, device=logits.device))
-            self.steps_ahead.pending.append(self.runner.start(chosen, rows))
 
     def plan_chunks(self, requests: List[Request]) -> None:
         """The next chunk of each request still prefilling, as upstream sizes it after a prefill step
@@ -358,14 +326,15 @@ class FlashCausalLM:
         return choices
 
     def finish_step(self, requests: List[Request], choices: List[Choice],
-                    launch: Optional[Callable[[List[Request]], None]] = None) -> List[StepResult]:
-        """Each request's result from its chosen token: the token joins the sequence, the next step is launched
-        for the requests that go on (`launch`, by default a decode step: `engine.pipeline`), then text, stop and
-        result follow per request while the GPU computes; a request that fails there ends alone."""
+                    launch_ahead: bool = True) -> List[StepResult]:
+        """Each request's result from its chosen token: the token joins the sequence, the next decode step is
+        launched for the requests that go on (`engine.pipeline`; unless `launch_ahead` is False), then text,
+        stop and result follow per request while the GPU computes; a request that fails there ends alone."""
         for r, choice in zip(requests, choices):
             if choice.error is None:
                 r.seq.tokens.append(choice.token)
-        (launch or self.steps_ahead.launch)([r for r, choice in zip(requests, choices) if self.goes_on(r, choice)])
+        if launch_ahead:
+            self.steps_ahead.launch([r for r, choice in zip(requests, choices) if self.goes_on(r, choice)])
         results = []
         for i, (r, choice) in enumerate(zip(requests, choices)):
             if choice.error is not None:

@@ -94,37 +94,3 @@ def test_a_request_filtered_out_mid_prefill_gives_its_blocks_back(engine):
     assert [r.request_id for r in results] == [2]
     engine.clear()
     assert engine.cache.all_free
-
-
-@pytest.mark.parametrize("ahead", [True, False], ids=["decode-ahead", "in-turn"])
-def test_a_batch_filtered_and_joined_while_a_chunk_step_is_in_flight(engine, monkeypatch, ahead):
-    """With steps launched ahead, each call launches the batch's next chunk step before making this step's text.
-    The router filters a request out and then concatenates a new batch while such a step is in flight: every
-    request that stays gives its output alone, and the filtered one's blocks come back."""
-    monkeypatch.setattr(engine, "decode_ahead", ahead)
-    short = {1: tail(8, 6), 2: tail(9, 11)}
-    late = tail(12, 7)
-    alone = {i: full_prefill(engine, ids, new=12) for i, ids in short.items()}
-    want_late = full_prefill(engine, late, new=12)
-    want = full_prefill(engine, LONG)
-    engine.max_prefill_tokens = 24
-    out = Outputs()
-    results, running = engine.prefill(1, [request(engine, i, ids, new=12) for i, ids in short.items()],
-                                      {i: blocks_for(engine, ids, 12, 10 * i) for i, ids in short.items()})
-    out.add(results)
-    results, batch = engine.prefill(2, [request(engine, 3, LONG, chunk_len=20)], {3: blocks_for(engine, LONG, 8, 40)},
-                                    cached_batch_id=running.id)
-    out.add(results)
-    results, batch = engine.decode([batch.id])
-    out.add(results)
-    batch = engine.filter(batch.id, [2, 3])  # request 1 cancelled mid-chunk
-    results, joined = engine.prefill(3, [request(engine, 4, late, new=12)], {4: blocks_for(engine, late, 12, 80)})
-    out.add(results)
-    batch = engine.concatenate([batch.id, joined.id])
-    while batch is not None:
-        results, batch = engine.decode([batch.id])
-        out.add(results)
-    assert_same(out, alone[2], 2, 9)
-    assert_same(out, want, 3, 9)
-    assert_same(out, want_late, 4, 9)
-    assert engine.cache.all_free

@@ -116,4 +116,5 @@ def test_after_the_warm_up_serving_compiles_no_kernel():
         triton.knobs.runtime.jit_post_compile_hook = None
         model.max_prefill_tokens = None
         model.clear()
+    print("compiled after the warm-up:", *compiled, sep="\n")  # shown in full when the test fails
     assert compiled == []

@@ -13,7 +13,8 @@ skip_without_gpu()
 
 import triton
 
-from lorax_server.kernels.prefill_attention import TILE_CANDIDATES, choose_splits, varlen_prefill_attention
+from lorax_server.kernels.prefill_attention import (SHORT_ROWS, TILE_CANDIDATES, choose_splits,
+                                                      varlen_prefill_attention)
 from lorax_server.layers.attention import cuda as cuda_attention
 from lorax_server.layers.attention import reference
 from lorax_server.utils.attention.common import Seqlen
@@ -173,6 +174,17 @@ def test_split_kv_over_long_prefixes_matches_the_reference(splits, window):
     long prompt next to decode rows: prefixes longer and shorter than a split, rows with no prefix at all."""
     problem = PrefixProblem([256, 1, 1, 7, 0], [3000, 600, 0, 2999, 40], 16, seed=splits)
     got = problem.run(window, max_cached=3000, splits=splits)
+    assert relative_error(got, problem.want(window)) < 1e-2
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("window", [None, 300])
+def test_decodes_beside_a_chunk_take_a_launch_of_their_own(splits, window):
+    """Rows of at most SHORT_ROWS new tokens (decodes, a short prefix hit) beside a long chunk get 16-row tiles
+    in a second launch (min_q known); every row matches the reference, the long chunk's split merged or not."""
+    new = [1, 200, 1, SHORT_ROWS, 0, SHORT_ROWS + 1, 3]
+    problem = PrefixProblem(new, [500, 3000, 0, 2999, 40, 17, 1200], 16, seed=5)
+    got = problem.run(window, max_cached=3000, splits=splits, min_q=min(new))
     assert relative_error(got, problem.want(window)) < 1e-2
 
 

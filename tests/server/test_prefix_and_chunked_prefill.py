@@ -108,8 +108,7 @@ def test_a_prefix_hit_over_grpc_equals_a_full_prefill(chunked):
 
 def test_chunks_across_prefill_and_decode_calls(chunked):
     """The first Prefill runs 20 prompt tokens and answers the batch without a generation for it (its
-    current_tokens are what the next call runs: a chunk of Warmup's max_prefill_tokens less one per other
-    request; with steps launched ahead, the chunk after the one already launched);
+    current_tokens are the next step's: a chunk of Warmup's max_prefill_tokens less one per other request);
     a Prefill with that batch as cached_batch adds a request and steps both; Decode calls run the rest. The
     tokens equal a one-piece prefill's."""
     client, model = chunked
@@ -124,12 +123,7 @@ def test_chunks_across_prefill_and_decode_calls(chunked):
     response = prefill(client, 4, [routed(4, short, fresh_blocks(30, short))], cached=response.batch)
     assert [g.request_id for g in response.generations] == [4]  # request 3 is still prefilling
     assert response.batch.id == 3 and list(response.batch.request_ids) == [3, 4]
-    if model.decode_ahead:
-        # This Prefill ran request 4's prompt and launched the next step ahead: request 3's chunk of 23 (24 less
-        # one for request 4) with request 4's token. What the next call runs is the rest, 70 - 20 - 24 - 23.
-        assert response.batch.current_tokens == 3 + 1
-    else:
-        assert response.batch.current_tokens == 23 + 1  # the next chunk (24 less one) and request 4's token
+    assert response.batch.current_tokens == 23 + 1  # the next chunk (24 less one) and request 4's token
     tokens = finish(client, response, {})
     same(tokens[3], full[1])
     same(tokens[4], alone[2])

@@ -37,7 +37,8 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         return varlen_prefill_attention(q, key, value, seqlen.cu_seqlen_q, seqlen.max_q, scale, window,
                                         cache_lengths=seqlen.cache_lengths, key_cache=key_cache,
                                         value_cache=value_cache, block_tables=block_tables, max_k=seqlen.max_k,
-                                        max_cached=seqlen.max_cached, k_scale=k_scale, v_scale=v_scale)
+                                        max_cached=seqlen.max_cached, k_scale=k_scale, v_scale=v_scale,
+                                        min_q=seqlen.min_q)
     lengths = seqlen.total_lengths.to(torch.int32)
     return paged_decode_attention(q, key_cache, value_cache, block_tables, lengths, seqlen.max_k, scale, window,
                                   k_scale=k_scale, v_scale=v_scale)

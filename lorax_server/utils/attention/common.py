@@ -15,6 +15,8 @@ class Seqlen:
     cu_seqlen_q [B+1]: offsets of each sequence's new tokens in the packed batch (derived when absent).
     max_q / max_k: the longest query run and the longest key run (cache + new).
     max_cached: the most tokens any sequence has in the cache already, when the caller knows it on the host.
+    min_q: the shortest query run, when the caller knows it on the host (decodes beside a chunk take their own
+        attention launch).
     """
 
     input_lengths: torch.Tensor
@@ -23,6 +25,7 @@ class Seqlen:
     max_q: Optional[int] = None
     max_k: Optional[int] = None
     max_cached: Optional[int] = None
+    min_q: Optional[int] = None
 
     def __post_init__(self):
         if self.cu_seqlen_q is None:
