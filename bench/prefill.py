@@ -26,9 +26,11 @@ CPU with the embedded tiny model (tests/bench keeps it from rotting). Every requ
 """
 
 import argparse
+import cProfile
 import contextlib
 import itertools
 import os
+import pstats
 import statistics
 import time
 from typing import Dict, List, Optional, Sequence
@@ -231,6 +233,9 @@ def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
             new = prefill(engine, blocks, 32, {999: long}, 2)
             times = [time.perf_counter() - start]
             times += decode_times(engine, engine.concatenate([batch.id, new.id]).id, 1)
+        slowest = sorted(range(len(times)), key=times.__getitem__)[-4:][::-1]
+        print(f"{mode}: slowest calls (index of {len(times)}: ms) "
+              + ", ".join(f"{i}: {times[i] * 1e3:.1f}" for i in slowest), flush=True)
         launch = f"{statistics.median(launches) * 1e3:.1f}" if launches else "-"
         rows.append([mode, str(len(times)), f"{statistics.median(times) * 1e3:.1f}", f"{percentile(times, 99) * 1e3:.1f}",
                      f"{max(times) * 1e3:.1f}", launch])
@@ -241,9 +246,10 @@ def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
     return rows
 
 
-def profile_chunk(engine, blocks, cfg, chunk: int) -> None:
+def profile_chunk(engine, blocks, cfg, chunk: int, host_profile: bool = False) -> None:
     """The kernels of one step that runs a chunk (half-way through the long prompt) beside the running decodes,
-    and how much of the step's wall time the GPU was busy (the rest is the host launching)."""
+    and how much of the step's wall time the GPU was busy (the rest is the host launching); with
+    `host_profile`, also where the host's time goes over the next few such steps (cProfile)."""
     vocab = engine.config.vocab_size
     running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
     engine.clear()
@@ -254,6 +260,11 @@ def profile_chunk(engine, blocks, cfg, chunk: int) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         (wall,) = decode_times(engine, batch.id, 1)
+    if host_profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        decode_times(engine, batch.id, 4)
+        profiler.disable()
     engine.max_prefill_tokens = None
     engine.clear()
     events = prof.key_averages()
@@ -261,6 +272,9 @@ def profile_chunk(engine, blocks, cfg, chunk: int) -> None:
     print(f"\none step with a {chunk}-token chunk at prefix {cfg['long'] // 2} beside {cfg['running']} decodes: "
           f"wall {wall * 1e3:.1f} ms (profiled), GPU busy {busy:.1f} ms")
     print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+    if host_profile:
+        print("\nHost profile of the next 4 such steps (cProfile; its own overhead inflates the times)")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
 
 
 def build(args):
@@ -306,6 +320,7 @@ def main(argv=None) -> Dict[str, List[List[str]]]:
                         help="run the chunked table under each (A/B of the engine's switches, one model build)")
     parser.add_argument("--profile-chunk", type=int, metavar="TOKENS",
                         help="only profile one step of chunked prefill with chunks of this size")
+    parser.add_argument("--host-profile", action="store_true", help="with --profile-chunk: also cProfile the host")
     args = parser.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.chunks:
@@ -316,7 +331,7 @@ def main(argv=None) -> Dict[str, List[List[str]]]:
     blocks = Blocks(engine)
     if args.profile_chunk:
         with torch.no_grad():
-            return profile_chunk(engine, blocks, cfg, args.profile_chunk)
+            return profile_chunk(engine, blocks, cfg, args.profile_chunk, args.host_profile)
     tables = {}
     with torch.no_grad():
         if "plain" in args.only:

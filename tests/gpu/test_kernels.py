@@ -114,6 +114,25 @@ def test_paged_decode_matches_reference(block_size, window):
     assert relative_error(got, want) < 1e-2
 
 
+def test_paged_decode_and_write_kv_take_strided_views_of_the_rotated_q_and_k():
+    """The model rotates q and k in one tensor [T, H + KVH, D] and hands the kernels views of it."""
+    lengths = [5, 300, 1]
+    (kc, vc), tables, slots, k, v = paged_problem(lengths, 16)
+    q_and_k = torch.randn(len(lengths), 32 + 8, 128, device=DEV).bfloat16()
+    q, k_last = q_and_k.split([32, 8], dim=1)
+    seqlen = Seqlen(torch.ones(len(lengths), dtype=torch.int32, device=DEV),
+                    torch.tensor(lengths, dtype=torch.int32, device=DEV) - 1)
+    last = torch.tensor(lengths, device=DEV).cumsum(0) - 1  # each sequence's newest token: written from k_last
+    kr, vr = kc.clone(), vc.clone()
+    reference.write_kv(k.index_copy(0, last, k_last), v, kr, vr, slots)
+    write_kv(k, v, kc, vc, slots)
+    write_kv(k_last, v[last], kc, vc, slots[last])
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    want = reference.paged_attention(q.float(), kc.float(), vc.float(), tables, seqlen, 128**-0.5, None)
+    got = paged_decode_attention(q, kc, vc, tables, seqlen.total_lengths.int(), max(lengths), 128**-0.5, None)
+    assert relative_error(got, want) < 1e-2
+
+
 def test_write_kv_matches_reference_and_skips_padding():
     (kc, vc), _, slots, k, v = paged_problem([5, 40], 16)
     slots[3] = -1
