@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune, fp8-tune,
-# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, serve, serve-adapters, serve-fp8, tp, serve-tp: the
+# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, step-graphs, serve, serve-adapters, serve-fp8, tp, serve-tp: the
 # last two on a machine with 2 GPUs). serve takes about 4 minutes and serve-adapters about 3: give each its own call.
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
@@ -40,6 +40,9 @@ for step in "$@"; do
             python3 -m bench.engine_step --batches 64 --per-request 2>&1 | tee "$OUT/engine_step_bf16kv.log" | tail -6
             python3 -m bench.engine_step --batches 64 --per-request --kv-fp8 2>&1 | tee "$OUT/engine_step_fp8kv.log" | tail -6 ;;
     serve-fp8) python3 -m bench.serve --fp8 --adapters 64 --shapes 128x128 2>&1 | tee "$OUT/serve_fp8.log" ;;
+    step-graphs) python3 -m pytest -q -p no:cacheprovider tests/gpu/test_step_graphs.py 2>&1 | tail -15
+                 python3 -m bench.prefill --only chunked --chunks 128 256 --variants default step-graphs 2>&1 | \
+                   tee "$OUT/prefill_step_graphs.log" ;;
     tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl 2>&1 | \
         grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/tp_nccl.log" ;;
     serve-tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.serve --tp 2 2>&1 | \

@@ -39,6 +39,7 @@ import torch
 
 from bench.common import print_table
 from bench.serve import BLOCK_SIZE, FIRST_TOKEN, GREEDY, Floor, cpu_ceilings, device_ceilings, percentile
+from lorax_server.engine.step_graphs import StepGraphs
 from lorax_server.models.flash_causal_lm import FlashCausalLM
 
 FULL = dict(plain=[(1, 4096), (16, 512), (64, 128)], prefix=2000, own=128, sharing=64, running=32, context=512,
@@ -71,7 +72,24 @@ def no_steps_ahead(engine):
         engine.steps_ahead.enabled = before
 
 
-VARIANTS = {"default": contextlib.nullcontext, "no-split-kv": split_kv_off, "no-steps-ahead": no_steps_ahead}
+@contextlib.contextmanager
+def step_graphs_on(engine):
+    """Prefill and mixed steps replayed from CUDA graphs between their attentions (engine.step_graphs), every
+    bucket captured first (as Warmup does with LORAX_STEP_GRAPHS=1); on the CPU the pieces run eagerly."""
+    before = engine.runner.step_graphs
+    engine.runner.step_graphs = before or StepGraphs(engine.model, engine.cache.layers,
+                                                     capture=torch.cuda.is_available())
+    start = time.perf_counter()
+    buckets = engine.runner.step_graphs.prepare()
+    print(f"step graphs: {buckets} buckets captured in {time.perf_counter() - start:.1f} s", flush=True)
+    try:
+        yield
+    finally:
+        engine.runner.step_graphs = before
+
+
+VARIANTS = {"default": contextlib.nullcontext, "no-split-kv": split_kv_off, "no-steps-ahead": no_steps_ahead,
+            "step-graphs": step_graphs_on}
 
 
 class Blocks:

@@ -22,6 +22,8 @@ from lorax_server.adapters.store import AdapterStore
 from lorax_server.engine.cache import PagedKVCache, PagedSequence
 from lorax_server.engine.graphs import DecodeGraphs
 from lorax_server.engine.sampler import NON_FINITE, BatchSampler, Choice, LaunchedStep, advance_grammars
+from lorax_server.engine.step_graphs import StepGraphs
+from lorax_server.engine.step_graphs import enabled_by_env as step_graphs_enabled
 from lorax_server.utils.attention.common import Seqlen
 
 logger = logging.getLogger(__name__)
@@ -183,8 +185,11 @@ class ModelRunner:
         self.sampler = BatchSampler(device)
         self.tables = BlockTables()
         self.graphs = None
+        self.step_graphs = None  # prefill and mixed steps in pieces between attentions (engine.step_graphs)
         if device.type == "cuda" and os.getenv("LORAX_CUDA_GRAPHS", "1") != "0":
             self.graphs = DecodeGraphs(model, cache.layers, cache.block_size, model.config.max_position_embeddings)
+            if step_graphs_enabled():
+                self.step_graphs = StepGraphs(model, cache.layers)
 
     def forward(self, seqs: Sequence[PagedSequence], new_counts: Sequence[int], prefill: bool,
                 all_logits: bool = False, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -198,6 +203,8 @@ class ModelRunner:
         logits = None
         if not prefill and self.graphs is not None:
             logits = self.graphs.run(batch, adapter_data, self.adapters.stacks)
+        elif prefill and self.step_graphs is not None and adapter_data is None and not all_logits:
+            logits = self.step_graphs.run(batch)
         if logits is None:
             logits, _ = self.model(**batch.model_inputs(self.cache.layers, adapter_data))
         mark_cached(seqs, new_counts)

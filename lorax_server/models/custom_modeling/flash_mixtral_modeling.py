@@ -426,6 +426,13 @@ class MixtralAttention(nn.Module):
         self.k_scale, self.v_scale = load_kv_scales(weights, prefix)
 
     def forward(self, x: torch.Tensor, batch: BatchMetadata, kv_cache: Tuple[torch.Tensor, torch.Tensor]):
+        q, k, v = self.project(x, batch, kv_cache)
+        return self.output(self.attend(q, k, v, batch, kv_cache), batch)
+
+    def project(self, x: torch.Tensor, batch: BatchMetadata, kv_cache: Tuple[torch.Tensor, torch.Tensor]):
+        """q [T, nh, D] and k, v [T, nkv, D] of x, rotated; k and v are written to the cache. (The forward is
+        split in three so that engine.step_graphs can replay all but `attend`, which depends on the batch's
+        sequences, from CUDA graphs.)"""
         qkv = self.query_key_value(x, batch.adapter_data)
         q_and_k, v = qkv.split([self.split[0] + self.split[1], self.split[2]], dim=-1)
         # q's and k's heads sit side by side in the projection: rotated in one pass (half the launches of two,
@@ -435,6 +442,11 @@ class MixtralAttention(nn.Module):
         q, k = q_and_k.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, nh, D], [T, nkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         self.write_cache(k, v, kv_cache, batch)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BatchMetadata,
+               kv_cache: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Each new token's attention over its sequence [T, nh, D]."""
         if batch.prefill_without_prefix:
             out = self.ops.prefill(q, k, v, batch.cu_seqlen_prefill, batch.max_s, self.scale, self.window)
         elif batch.cu_seqlen_prefill is not None:
@@ -445,7 +457,10 @@ class MixtralAttention(nn.Module):
         else:
             out = self.ops.paged(q, *kv_cache, batch.block_tables, batch.seqlen, self.scale, self.window,
                                  k_scale=self.k_scale, v_scale=self.v_scale)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim), batch.adapter_data)
+        return out
+
+    def output(self, attended: torch.Tensor, batch: BatchMetadata) -> torch.Tensor:
+        return self.o_proj(attended.reshape(-1, self.num_heads * self.head_dim), batch.adapter_data)
 
     def write_cache(self, k, v, kv_cache, batch: BatchMetadata) -> None:
         if batch.prefill_cache_indices is not None:
@@ -504,9 +519,17 @@ class MixtralLayer(nn.Module):
 
     def forward(self, x, residual, batch: BatchMetadata, kv_cache):
         """x is the previous layer's output, residual the stream before it; returns the same pair."""
+        q, k, v, residual = self.enter(x, residual, batch, kv_cache)
+        return self.leave(self.self_attn.attend(q, k, v, batch, kv_cache), residual, batch)
+
+    def enter(self, x, residual, batch: BatchMetadata, kv_cache):
+        """Up to the attention: the input norm and q, k, v (k and v written to the cache), and the residual."""
         normed, residual = self.input_layernorm(x, residual)
-        attn = self.self_attn(normed, batch, kv_cache)
-        normed, residual = self.post_attention_layernorm(attn, residual)
+        return (*self.self_attn.project(normed, batch, kv_cache), residual)
+
+    def leave(self, attended, residual, batch: BatchMetadata):
+        """From the attention on: o_proj, the post-attention norm and the experts; (output, residual)."""
+        normed, residual = self.post_attention_layernorm(self.self_attn.output(attended, batch), residual)
         return self.moe(normed, batch.adapter_data), residual
 
 
@@ -534,6 +557,19 @@ class MixtralModel(nn.Module):
         for layer, layer_cache in zip(self.layers, kv_cache):
             x, residual = layer(x, residual, batch, layer_cache)
         return self.norm(x, residual)[0]
+
+    # The step cut at each attention (engine.step_graphs replays the pieces between them from CUDA graphs).
+
+    @staticmethod
+    def piece_metadata(cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor) -> BatchMetadata:
+        """What a layer's `enter` and `leave` read of a batch without adapters: the rotary tables and the slots."""
+        return BatchMetadata(cos, sin, None, None, slots, None, 0, None, None, False)
+
+    @staticmethod
+    def attention_metadata(cu_seqlen_prefill, block_tables, slots, seqlen: Seqlen) -> BatchMetadata:
+        """What a layer's attention (`attend`) reads of a batch."""
+        return make_batch_metadata(None, None, cu_seqlen_prefill, block_tables, slots, seqlen, seqlen.max_k, None,
+                                   None)
 
 
 class FlashMixtralForCausalLM(nn.Module):

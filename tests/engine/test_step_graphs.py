@@ -1,0 +1,78 @@
+"""Prefill and mixed steps cut at each attention (engine.step_graphs), run eagerly over the static buffers on the
+CPU: the same logits and the same cache as the whole forward, padding tokens writing nothing. (The CUDA graph
+capture and replay of the pieces: tests/gpu/test_step_graphs.py.)"""
+
+import pytest
+import torch
+
+from lorax_server.cli import DEFAULT_MODEL_DIR
+from lorax_server.engine.cache import PagedSequence
+from lorax_server.engine.runner import pack
+from lorax_server.engine.step_graphs import StepGraphs
+from lorax_server.models import get_model
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=8 << 20)
+
+
+def sequences(engine, specs, seed=0):
+    """PagedSequences of (tokens, cached) with their prefixes written by one plain forward first."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.config.vocab_size
+    seqs = [PagedSequence(torch.randint(3, vocab, (length,), generator=g).tolist()) for length, _ in specs]
+    prefixes = [(s, cached) for s, (_, cached) in zip(seqs, specs) if cached]
+    if prefixes:
+        engine.runner.forward([s for s, _ in prefixes], [c for _, c in prefixes], prefill=True)
+    return seqs
+
+
+def both_ways(engine, seqs, counts, buckets):
+    """Logits and caches of one step through the whole forward, then (from the same cache) through the pieces."""
+    runner = engine.runner
+    start = [s.cached for s in seqs]
+    before = [(k.clone(), v.clone()) for k, v in engine.cache.layers]
+    whole = runner.forward(seqs, counts, prefill=True)
+    after_whole = [(k.clone(), v.clone()) for k, v in engine.cache.layers]
+    for (k, v), (k0, v0) in zip(engine.cache.layers, before):
+        k.copy_(k0)
+        v.copy_(v0)
+    for s, c in zip(seqs, start):
+        s.cached = c
+    graphs = runner.step_graphs = StepGraphs(engine.model, engine.cache.layers, capture=False, buckets=buckets)
+    try:
+        pieces = runner.forward(seqs, counts, prefill=True)
+    finally:
+        runner.step_graphs = None
+    assert list(graphs.steps) == [next(b for b in buckets if b >= sum(counts))]  # the pieces ran, padded
+    return whole, pieces, after_whole, engine.cache.layers
+
+
+@pytest.mark.parametrize("specs, counts", [
+    ([(9, 0), (3, 0), (14, 0)], [9, 3, 14]),  # a fresh ragged prefill: 26 tokens padded to 32
+    ([(40, 31), (6, 0)], [9, 6]),  # new tokens on a cached prefix beside a fresh prompt: 15 tokens padded to 16
+    ([(30, 29), (25, 24), (60, 20), (12, 11)], [1, 1, 24, 1]),  # a chunk beside decodes
+])
+def test_the_pieces_give_the_whole_forwards_logits_and_cache(engine, specs, counts):
+    engine.clear()
+    seqs = sequences(engine, specs)
+    whole, pieces, cache_whole, cache_pieces = both_ways(engine, seqs, counts, buckets=(8, 16, 32, 64))
+    assert pieces.shape == whole.shape
+    torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
+    for (k1, v1), (k2, v2) in zip(cache_whole, cache_pieces):
+        torch.testing.assert_close(k2, k1, rtol=1e-5, atol=1e-5)  # padding tokens wrote no slot
+        torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-5)
+    engine.clear()
+
+
+def test_a_step_beyond_the_largest_bucket_or_wanting_every_tokens_logits_runs_whole(engine):
+    engine.clear()
+    graphs = StepGraphs(engine.model, engine.cache.layers, capture=False, buckets=(8,))
+    seqs = sequences(engine, [(12, 0)])
+    big = pack(seqs, [12], engine.cache, True, "cpu")
+    assert graphs.run(big) is None  # 12 tokens > 8
+    every = pack(seqs, [6], engine.cache, True, "cpu", all_logits=True)
+    assert graphs.run(every) is None  # lm_head_indices None: every token's logits
+    assert graphs.steps == {}
+    engine.clear()

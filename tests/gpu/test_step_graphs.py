@@ -1,0 +1,81 @@
+"""Prefill and mixed steps replayed from CUDA graphs between their attentions (engine.step_graphs) on the GPU:
+the logits of the eager forward, the same greedy tokens through the engine (chunks beside decodes), and
+nothing compiled or captured twice."""
+
+import pytest
+import torch
+
+from tests.gpu.conftest import skip_without_gpu
+
+skip_without_gpu()
+
+from lorax_server.cli import DEFAULT_MODEL_DIR  # noqa: E402
+from lorax_server.engine.step_graphs import StepGraphs  # noqa: E402
+from lorax_server.models import get_model  # noqa: E402
+from lorax_server.utils.tokens import SamplingParams  # noqa: E402
+from tests.engine.test_step_graphs import both_ways, sequences  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_replayed_pieces_give_the_eager_logits_and_cache(dtype):
+    engine = get_model(str(DEFAULT_MODEL_DIR), dtype=dtype, kv_cache_bytes=64 << 20)
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    for specs, counts in [([(9, 0), (3, 0), (14, 0)], [9, 3, 14]), ([(300, 200), (25, 24), (12, 11)], [100, 1, 1])]:
+        seqs = sequences(engine, specs)
+        runner = engine.runner
+        start = [s.cached for s in seqs]
+        eager = runner.forward(seqs, counts, prefill=True)
+        for s, c in zip(seqs, start):
+            s.cached = c
+        runner.step_graphs = StepGraphs(engine.model, engine.cache.layers, buckets=(32, 128, 256))
+        try:
+            replayed = runner.forward(seqs, counts, prefill=True)
+            assert runner.step_graphs.steps and not runner.step_graphs.broken
+            step = next(iter(runner.step_graphs.steps.values()))
+            assert len(step.graphs) == len(step.pieces) == len(engine.model.model.layers) + 1
+        finally:
+            runner.step_graphs = None
+        torch.testing.assert_close(replayed.float(), eager.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_the_cpu_checks_cut_also_holds_on_the_gpu():
+    engine = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=64 << 20)
+    seqs = sequences(engine, [(30, 29), (25, 24), (60, 20), (12, 11)])
+    whole, pieces, cache_whole, cache_pieces = both_ways(engine, seqs, [1, 1, 24, 1], buckets=(32,))
+    torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
+    for (k1, v1), (k2, v2) in zip(cache_whole, cache_pieces):
+        torch.testing.assert_close(k2, k1)
+        torch.testing.assert_close(v2, v1)
+
+
+def test_chunked_prefill_through_the_engine_gives_the_same_greedy_tokens():
+    """A 1000-token prompt in chunks beside three running requests, with the pieces replayed and without."""
+    outputs = []
+    for replayed in (False, True):
+        model = get_model(str(DEFAULT_MODEL_DIR), dtype="bfloat16", kv_cache_bytes=64 << 20)
+        if replayed:
+            model.runner.step_graphs = StepGraphs(model.model, model.cache.layers)
+            assert model.runner.step_graphs.prepare(256) > 0 and not model.runner.step_graphs.broken
+
+        def request(rid, ids, new):
+            return model.new_request(rid, ids, SamplingParams(), new, ignore_eos=True,
+                                     chunk_len=96 if len(ids) > 100 else None)
+
+        def blocks(ids, new, first):
+            return list(range(first, first + model.cache.blocks_for(len(ids) + new - 1)))
+
+        model.max_prefill_tokens = 96
+        _, running = model.prefill(1, [request(20 + i, [3 + i] * 50, 30) for i in range(3)],
+                                   {20 + i: blocks([0] * 50, 30, 700 + 10 * i) for i in range(3)})
+        long = [(7 * i) % 500 + 3 for i in range(1000)]
+        results, batch = model.prefill(2, [request(30, long, 8)], {30: blocks(long, 8, 800)},
+                                       cached_batch_id=running.id)
+        tokens = {}
+        while batch is not None:
+            step, batch = model.decode([batch.id])
+            for r in step:
+                tokens.setdefault(r.request_id, []).append(r.token.id)
+        outputs.append(tokens)
+    assert outputs[0] == outputs[1]
