@@ -141,16 +141,20 @@ class StepGraphs:
         return [lambda i=i: piece(i) for i in range(count + 1)]
 
     def build(self, size: int) -> Optional[StaticStep]:
-        step = self.allocate(size)
-        step.pieces = self.pieces(step)
-        if self.capture:
-            try:
+        """The bucket's buffers and pieces, captured; None (and eager from now on) when that fails: a backend
+        that synchronises with the host cannot be captured, and the buffers or the graphs may not fit."""
+        try:
+            step = self.allocate(size)
+            step.pieces = self.pieces(step)
+            if self.capture:
                 step.graphs = self.record(step.pieces)
-            except Exception as error:  # a backend that synchronises with the host cannot be captured
-                logger.warning("prefill CUDA graphs disabled: capture failed (%s)", error)
-                self.broken = True
-                torch.cuda.synchronize()
-                return None
+        except Exception as error:
+            if not self.capture:
+                raise
+            logger.warning("prefill CUDA graphs disabled: capturing %d tokens failed (%s)", size, error)
+            self.broken = True
+            torch.cuda.synchronize()
+            return None
         self.steps[size] = step
         return step
 

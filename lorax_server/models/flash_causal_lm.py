@@ -480,8 +480,8 @@ class FlashCausalLM:
         try:
             if prefixes:
                 self.runner.warm_up_prefill(prefixes, [n for n in PLAIN_WARM_UP if n <= most])
-            if self.runner.step_graphs is not None:  # prefill steps' pieces, captured before serving
-                self.runner.step_graphs.prepare(most)
+            if self.runner.step_graphs is not None:  # every bucket: a step may exceed max_prefill_tokens
+                self.runner.step_graphs.prepare()  # by one token per running request
         except Exception:
             logger.exception("the kernel warm-up failed; kernels compile at their first use instead")
         self.kernels_warm = True

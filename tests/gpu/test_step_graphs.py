@@ -26,7 +26,12 @@ def test_replayed_pieces_give_the_eager_logits_and_cache(dtype):
         seqs = sequences(engine, specs)
         runner = engine.runner
         start = [s.cached for s in seqs]
+        before = [(k.clone(), v.clone()) for k, v in engine.cache.layers]
         eager = runner.forward(seqs, counts, prefill=True)
+        after_eager = [(k.clone(), v.clone()) for k, v in engine.cache.layers]
+        for (k, v), (k0, v0) in zip(engine.cache.layers, before):
+            k.copy_(k0)
+            v.copy_(v0)
         for s, c in zip(seqs, start):
             s.cached = c
         runner.step_graphs = StepGraphs(engine.model, engine.cache.layers, buckets=(32, 128, 256))
@@ -38,6 +43,9 @@ def test_replayed_pieces_give_the_eager_logits_and_cache(dtype):
         finally:
             runner.step_graphs = None
         torch.testing.assert_close(replayed.float(), eager.float(), rtol=tolerance, atol=tolerance)
+        for (k1, v1), (k2, v2) in zip(after_eager, engine.cache.layers):  # padding tokens wrote no slot
+            torch.testing.assert_close(k2.float(), k1.float(), rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(v2.float(), v1.float(), rtol=tolerance, atol=tolerance)
 
 
 def test_the_cpu_checks_cut_also_holds_on_the_gpu():
@@ -45,16 +53,17 @@ def test_the_cpu_checks_cut_also_holds_on_the_gpu():
     seqs = sequences(engine, [(30, 29), (25, 24), (60, 20), (12, 11)])
     whole, pieces, cache_whole, cache_pieces = both_ways(engine, seqs, [1, 1, 24, 1], buckets=(32,))
     torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
-    for (k1, v1), (k2, v2) in zip(cache_whole, cache_pieces):
-        torch.testing.assert_close(k2, k1)
-        torch.testing.assert_close(v2, v1)
+    for (k1, v1), (k2, v2) in zip(cache_whole, cache_pieces):  # eager over 27 rows, the pieces over 32
+        torch.testing.assert_close(k2, k1, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_prefill_through_the_engine_gives_the_same_greedy_tokens():
-    """A 1000-token prompt in chunks beside three running requests, with the pieces replayed and without."""
+    """A 1000-token prompt in chunks beside three running requests, with the pieces replayed and without (in
+    float32: padded steps run other GEMM shapes, and bf16 rounding could flip a random model's argmax)."""
     outputs = []
     for replayed in (False, True):
-        model = get_model(str(DEFAULT_MODEL_DIR), dtype="bfloat16", kv_cache_bytes=64 << 20)
+        model = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=64 << 20)
         if replayed:
             model.runner.step_graphs = StepGraphs(model.model, model.cache.layers)
             assert model.runner.step_graphs.prepare(256) > 0 and not model.runner.step_graphs.broken
