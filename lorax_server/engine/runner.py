@@ -225,11 +225,13 @@ class ModelRunner:
         seq = PagedSequence(tokens=[0] * longest)
         runs = [(0, n) for n in sorted({*plain_tokens, *prefixes})]
         runs += [(p, n) for p in prefixes for n in query_tokens]
+        step_graphs, self.step_graphs = self.step_graphs, None  # the eager kernels (adapters' steps take them)
         try:
             for cached, count in runs:
                 seq.cached = cached
                 self.forward([seq], [count], prefill=True)
         finally:
+            self.step_graphs = step_graphs
             self.cache.free(seq.blocks)
 
     def forget_tables(self) -> None:
