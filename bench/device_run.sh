@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune, fp8-tune,
-# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, step-graphs, serve, serve-adapters, serve-fp8, tp, serve-tp: the
-# last two on a machine with 2 GPUs). serve takes about 4 minutes and serve-adapters about 3: give each its own call.
+# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, step-graphs, serve, serve-step-graphs, serve-adapters,
+# serve-fp8, tp, serve-tp: the last two on a machine with 2 GPUs). serve takes about 4 minutes and serve-adapters about 3: give each its own call.
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -43,6 +43,7 @@ for step in "$@"; do
     step-graphs) python3 -m pytest -q -p no:cacheprovider tests/gpu/test_step_graphs.py 2>&1 | tail -15
                  python3 -m bench.prefill --only chunked --chunks 128 256 --variants default step-graphs 2>&1 | \
                    tee "$OUT/prefill_step_graphs.log" ;;
+    serve-step-graphs) LORAX_STEP_GRAPHS=1 python3 -m bench.serve --shapes 128x128 2>&1 | tee "$OUT/serve_step_graphs.log" ;;
     tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl 2>&1 | \
         grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/tp_nccl.log" ;;
     serve-tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.serve --tp 2 2>&1 | \
