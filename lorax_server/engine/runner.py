@@ -56,10 +56,12 @@ class ForwardBatch:
 
 
 def pack(seqs: Sequence[PagedSequence], new_counts: Sequence[int], cache: PagedKVCache, prefill: bool,
-         device, all_logits: bool = False) -> ForwardBatch:
+         device, all_logits: bool = False, tables: Optional["BlockTables"] = None) -> ForwardBatch:
     """The batch that runs `new_counts[i]` uncached tokens of each sequence (reserving any block they still
     need: the engine's requests reserved theirs at admission). `all_logits`: logits for every token, not
-    only each sequence's last."""
+    only each sequence's last. `tables`: where the batch's block table may be kept from step to step (the
+    steps of a prompt prefilled in chunks share one: 33k ints a step for a 16k-token prompt beside 32
+    decodes, the largest part of the step's host-to-device copy)."""
     block_size = cache.block_size
     ids, positions, slots, adapters = [], [], [], []
     for seq, count in zip(seqs, new_counts):
@@ -72,19 +74,21 @@ def pack(seqs: Sequence[PagedSequence], new_counts: Sequence[int], cache: PagedK
     cu = list(itertools.accumulate(new_counts, initial=0))
     last = [end - 1 for end in cu[1:]]
     width = max(len(s.blocks) for s in seqs)
-    tables = [b for s in seqs for b in s.blocks + [0] * (width - len(s.blocks))]
     cached = [s.cached for s in seqs]
+    kept = tables.get(seqs, device) if tables is not None else None
+    flat_table = [] if kept is not None else [b for s in seqs for b in s.blocks + [0] * (width - len(s.blocks))]
 
     input_ids, position_ids, slot_ids, token_adapters, last_rows = to_device_sections(
         [ids, positions, slots, adapters, [] if all_logits else last], torch.int64, device)
     input_lengths, cache_lengths, cu_seqlens, table = to_device_sections(
-        [list(new_counts), cached, cu, tables], torch.int32, device)
+        [list(new_counts), cached, cu, flat_table], torch.int32, device)
+    table = kept if kept is not None else table.view(len(seqs), width)
     seqlen = Seqlen(input_lengths, cache_lengths, cu_seqlens, max_q=max(new_counts),
                     max_k=max(c + n for c, n in zip(cached, new_counts)), max_cached=max(cached),
                     min_q=min(new_counts))
     return ForwardBatch(
         input_ids=input_ids, position_ids=position_ids, slots=slot_ids, token_adapters=token_adapters,
-        block_tables=table.view(len(seqs), width), seqlen=seqlen, cu_seqlen_prefill=cu_seqlens if prefill else None,
+        block_tables=table, seqlen=seqlen, cu_seqlen_prefill=cu_seqlens if prefill else None,
         lm_head_indices=None if all_logits else last_rows, adapter_indices=frozenset(adapters),
     )
 
@@ -196,7 +200,7 @@ class ModelRunner:
         """Logits of each sequence's last new token [B, V] (every new token's [T, V] with `all_logits`);
         the new tokens' K/V are in the cache afterwards. `input_ids`: a decode step's tokens, on the device."""
         if prefill or all_logits or any(n != 1 for n in new_counts):
-            batch = pack(seqs, new_counts, self.cache, prefill, self.device, all_logits=all_logits)
+            batch = pack(seqs, new_counts, self.cache, prefill, self.device, all_logits=all_logits, tables=self.tables)
         else:
             batch = pack_decode(seqs, self.cache, self.device, self.tables, input_ids)
         adapter_data = self.adapters.batch_data(batch.token_adapters, batch.adapter_indices)

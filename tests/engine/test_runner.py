@@ -102,3 +102,23 @@ def test_every_packed_tensor_starts_16_byte_aligned_whatever_the_batch_size():
         fields += [decode.input_ids, decode.position_ids, decode.token_adapters]
         assert all(t.data_ptr() % 16 == 0 for t in fields), size
         assert decode.token_adapters.tolist() == [0] * size and decode.input_ids.tolist() == [s.tokens[-1] for s in seqs]
+
+
+def test_prefill_steps_of_the_same_sequences_share_one_device_table_until_a_block_is_added():
+    """Chunk after chunk of one prompt beside the same decodes: the table is copied to the device once."""
+    cache, tables = tiny_cache(), BlockTables()
+    seqs = [PagedSequence(list(range(20))), PagedSequence([1, 2, 3, 4, 5], cached=4)]
+    seqs[0].reserve(cache, 20)  # the router's blocks, reserved at admission
+    seqs[1].reserve(cache, 8)
+    first = pack(seqs, [6, 1], cache, prefill=True, device="cpu", tables=tables)
+    mark_cached(seqs, [6, 1])
+    seqs[1].tokens.append(6)
+    second = pack(seqs, [6, 1], cache, prefill=True, device="cpu", tables=tables)
+    assert second.block_tables.data_ptr() == first.block_tables.data_ptr()  # the same device tensor
+    assert torch.equal(second.block_tables, pack(seqs, [6, 1], cache, prefill=True, device="cpu").block_tables)
+    mark_cached(seqs, [6, 1])
+    seqs[1].tokens += [7, 8, 9]
+    grown = pack(seqs, [6, 4], cache, prefill=True, device="cpu", tables=tables)  # seq 1 needs a third block
+    assert grown.block_tables.data_ptr() != first.block_tables.data_ptr() and len(seqs[1].blocks) == 3
+    width = max(len(s.blocks) for s in seqs)
+    assert grown.block_tables.tolist() == [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
