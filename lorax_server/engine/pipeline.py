@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from lorax_server.engine.runner import ModelRunner, PendingChoices
+from lorax_server.engine.runner import ModelRunner, PendingChoices, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class StepsAhead:
         tokens = steps[0] if len(steps) == 1 else torch.cat(steps)
         rows = [where[id(r)] for r in going]
         if rows != list(range(len(tokens))):
-            tokens = tokens.index_select(0, torch.tensor(rows, device=tokens.device))
+            # to_device: a blocking copy (torch.tensor(device=)) would wait for the steps in flight
+            tokens = tokens.index_select(0, to_device(rows, torch.int64, tokens.device))
         return self.decode_step(going, tokens)
 
     def decode_step(self, requests: Sequence, input_ids: Optional[torch.Tensor] = None) -> Optional[PendingChoices]:

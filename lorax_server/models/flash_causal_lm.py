@@ -37,7 +37,7 @@ from lorax_server.engine.cache import BlockInUse, CacheFull, PagedKVCache, Paged
 from lorax_server.engine.grammar import GrammarCompiler
 from lorax_server.engine.requests import DEFAULT_BLOCK_SIZE, Batch, BatchNotFound, Request, StepResult, TokenChoice
 from lorax_server.engine.pipeline import StepsAhead
-from lorax_server.engine.runner import PLAIN_WARM_UP, ModelRunner
+from lorax_server.engine.runner import PLAIN_WARM_UP, ModelRunner, to_device
 from lorax_server.engine.sampler import Choice
 from lorax_server.engine.text import CONTEXT_TOKENS, final_text, incremental_decoder
 from lorax_server.models.merge_adapter import merge_into
@@ -262,7 +262,7 @@ class FlashCausalLM:
                 self.add_prompt_logprobs(wanted)
             ready = [i for i, r in enumerate(run) if not r.prefilling]
             if ready:
-                index = torch.tensor(ready, device=last.device)
+                index = to_device(ready, torch.int64, last.device)  # torch.tensor(device=) would wait for the GPU
                 chosen = [run[i] for i in ready]
                 for r, choice in zip(chosen, self.runner.sample(chosen, last.index_select(0, index))):
                     r.ahead = choice
