@@ -28,8 +28,9 @@ def sequences(engine, specs, seed=0):
     return seqs
 
 
-def both_ways(engine, seqs, counts, buckets):
-    """Logits and caches of one step through the whole forward, then (from the same cache) through the pieces."""
+def both_ways(engine, seqs, counts, buckets, capture=False):
+    """Logits and caches of one step through the whole forward, then (from the same cache) through the pieces
+    (replayed from CUDA graphs with `capture`); and the StepGraphs that ran them."""
     runner = engine.runner
     start = [s.cached for s in seqs]
     before = [(k.clone(), v.clone()) for k, v in engine.cache.layers]
@@ -40,13 +41,13 @@ def both_ways(engine, seqs, counts, buckets):
         v.copy_(v0)
     for s, c in zip(seqs, start):
         s.cached = c
-    graphs = runner.step_graphs = StepGraphs(engine.model, engine.cache.layers, capture=False, buckets=buckets)
+    graphs = runner.step_graphs = StepGraphs(engine.model, engine.cache.layers, capture=capture, buckets=buckets)
     try:
         pieces = runner.forward(seqs, counts, prefill=True)
     finally:
         runner.step_graphs = None
     assert list(graphs.steps) == [next(b for b in buckets if b >= sum(counts))]  # the pieces ran, padded
-    return whole, pieces, after_whole, engine.cache.layers
+    return whole, pieces, after_whole, engine.cache.layers, graphs
 
 
 @pytest.mark.parametrize("specs, counts", [
@@ -57,7 +58,7 @@ def both_ways(engine, seqs, counts, buckets):
 def test_the_pieces_give_the_whole_forwards_logits_and_cache(engine, specs, counts):
     engine.clear()
     seqs = sequences(engine, specs)
-    whole, pieces, cache_whole, cache_pieces = both_ways(engine, seqs, counts, buckets=(8, 16, 32, 64))
+    whole, pieces, cache_whole, cache_pieces, _ = both_ways(engine, seqs, counts, buckets=(8, 16, 32, 64))
     assert pieces.shape == whole.shape
     torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
     for (k1, v1), (k2, v2) in zip(cache_whole, cache_pieces):

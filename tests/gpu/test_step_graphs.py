@@ -20,42 +20,20 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_replayed_pieces_give_the_eager_logits_and_cache(dtype):
+    """Captured and replayed: a fresh ragged prefill, a chunk beside decodes; padding tokens write no slot."""
     engine = get_model(str(DEFAULT_MODEL_DIR), dtype=dtype, kv_cache_bytes=64 << 20)
     tolerance = 1e-4 if dtype == "float32" else 2e-2
-    for specs, counts in [([(9, 0), (3, 0), (14, 0)], [9, 3, 14]), ([(300, 200), (25, 24), (12, 11)], [100, 1, 1])]:
+    for specs, counts in [([(9, 0), (3, 0), (14, 0)], [9, 3, 14]), ([(300, 200), (25, 24), (12, 11)], [100, 1, 1]),
+                          ([(30, 29), (25, 24), (60, 20), (12, 11)], [1, 1, 24, 1])]:
         seqs = sequences(engine, specs)
-        runner = engine.runner
-        start = [s.cached for s in seqs]
-        before = [(k.clone(), v.clone()) for k, v in engine.cache.layers]
-        eager = runner.forward(seqs, counts, prefill=True)
-        after_eager = [(k.clone(), v.clone()) for k, v in engine.cache.layers]
-        for (k, v), (k0, v0) in zip(engine.cache.layers, before):
-            k.copy_(k0)
-            v.copy_(v0)
-        for s, c in zip(seqs, start):
-            s.cached = c
-        runner.step_graphs = StepGraphs(engine.model, engine.cache.layers, buckets=(32, 128, 256))
-        try:
-            replayed = runner.forward(seqs, counts, prefill=True)
-            assert runner.step_graphs.steps and not runner.step_graphs.broken
-            step = next(iter(runner.step_graphs.steps.values()))
-            assert len(step.graphs) == len(step.pieces) == len(engine.model.model.layers) + 1
-        finally:
-            runner.step_graphs = None
+        eager, replayed, cache_eager, cache_replayed, graphs = both_ways(engine, seqs, counts, (32, 128, 256),
+                                                                         capture=True)
+        step = next(iter(graphs.steps.values()))
+        assert not graphs.broken and len(step.graphs) == len(step.pieces) == len(engine.model.model.layers) + 1
         torch.testing.assert_close(replayed.float(), eager.float(), rtol=tolerance, atol=tolerance)
-        for (k1, v1), (k2, v2) in zip(after_eager, engine.cache.layers):  # padding tokens wrote no slot
+        for (k1, v1), (k2, v2) in zip(cache_eager, cache_replayed):
             torch.testing.assert_close(k2.float(), k1.float(), rtol=tolerance, atol=tolerance)
             torch.testing.assert_close(v2.float(), v1.float(), rtol=tolerance, atol=tolerance)
-
-
-def test_the_cpu_checks_cut_also_holds_on_the_gpu():
-    engine = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=64 << 20)
-    seqs = sequences(engine, [(30, 29), (25, 24), (60, 20), (12, 11)])
-    whole, pieces, cache_whole, cache_pieces = both_ways(engine, seqs, [1, 1, 24, 1], buckets=(32,))
-    torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
-    for (k1, v1), (k2, v2) in zip(cache_whole, cache_pieces):  # eager over 27 rows, the pieces over 32
-        torch.testing.assert_close(k2, k1, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_prefill_through_the_engine_gives_the_same_greedy_tokens():
