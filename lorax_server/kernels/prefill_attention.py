@@ -21,9 +21,9 @@ a KV head are neighbours in launch order (their K/V reads then hit L2), and the 
 with the longest key runs, start first.
 """
 
-import functools
 import os
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -346,61 +346,86 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         block_size, cache_strides = 1, (0, 0, 0, 0)
     short_apart = (tile is None and has_prefix and min_q is not None and min_q <= SHORT_ROWS < max_q
                    and choose_tile(D, q.dtype, max_q, max_k).block_m > SHORT_ROWS)
-    launch = functools.partial(
-        launch_varlen_prefill, q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables,
-        scale, window if windowed else 0, block_size, cache_strides, H // kv_heads, has_prefix, new_in_cache,
-        windowed, k_scale, v_scale, cache_fp8)
+    batch = PackedLaunch(q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables, scale,
+                         window if windowed else 0, block_size, cache_strides, H // kv_heads, has_prefix,
+                         new_in_cache, windowed, k_scale, v_scale, cache_fp8, max_k)
     split_prefix = max_cached if has_prefix and not new_in_cache else None  # split-KV reads only the cache
     if short_apart:
         # A chunk beside decodes: the decodes' single rows would each fill a 128-row tile of the long-prefix
         # launch, as much work as the chunk itself (32 decodes beside a 256-token chunk). They get 16-row tiles
         # in a launch of their own, after the other's split merge (which writes every row).
-        launch(SHORT_ROWS + 1, max_q, max_q, max_k, split_prefix, splits)
-        launch(0, SHORT_ROWS, SHORT_ROWS, max_k, None, 1)
+        batch.launch(SHORT_ROWS + 1, max_q, max_q, split_prefix, splits)
+        batch.launch(0, SHORT_ROWS, SHORT_ROWS, None, 1)
     else:
-        launch(0, max_q, max_q, max_k, split_prefix, splits, tile)
+        batch.launch(0, max_q, max_q, split_prefix, splits, tile)
     return out
 
 
 SHORT_ROWS = 16  # sequences with at most this many new tokens (decodes) take 16-row tiles beside long chunks
 
 
-def launch_varlen_prefill(q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables, scale,
-                          window, block_size, cache_strides, group, has_prefix, new_in_cache, windowed, k_scale,
-                          v_scale, cache_fp8, min_rows, max_rows, max_q, max_k, max_cached, splits, tile=None):
-    """One launch of the kernel over the sequences with min_rows..max_rows new tokens (max_q the longest of
-    them): its tile, its split of long prefixes (`max_cached` None: none) and their merge."""
-    T, H, D = q.shape
-    tile = tile or choose_tile(D, q.dtype, max_q, max_k if has_prefix else None)
-    B = cu_seqlen_q.shape[0] - 1
-    tiles = triton.cdiv(max_q, tile.block_m)
-    if not max_cached:
-        splits = 1
-    else:
-        splits = choose_splits(T, H, tiles, max_cached, max_q) if splits is None else splits
-        splits = min(splits, MAX_SPLITS, max(1, max_cached // tile.block_n))
-    split_len = 0
-    if splits > 1:  # whole key steps per split; rounding up may leave fewer splits
-        split_len = triton.cdiv(triton.cdiv(max_cached, splits), tile.block_n) * tile.block_n
-        splits = triton.cdiv(max_cached, split_len)
-    if splits > 1:
-        part_acc = torch.empty(T, splits, H, D, dtype=torch.float32, device=q.device)
-        part_max = torch.empty(T, splits, H, dtype=torch.float32, device=q.device)
-        part_sum = torch.empty_like(part_max)
-        part_strides = (*part_acc.stride()[:3], *part_max.stride()[:2])
-    else:
-        part_acc = part_max = part_sum = out  # not written
-        part_strides = (0, 0, 0, 0, 0)
-    varlen_prefill_kernel[(H, B, tiles * splits)](
-        q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables, part_acc, part_max, part_sum,
-        scale * LOG2E, window, block_size, splits, split_len, min_rows, max_rows, q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), *cache_strides,
-        *part_strides, GROUP=group, HEAD_DIM=D, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        HAS_PREFIX=has_prefix, NEW_IN_CACHE=new_in_cache, WINDOWED=windowed, ONE_LOOP=tile.one_loop,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT_KV=splits > 1,
-        cache_qk_scale=scale * k_scale * LOG2E, v_scale=v_scale, CACHE_FP8=cache_fp8, num_warps=tile.num_warps,
-        num_stages=tile.num_stages)
-    if splits > 1:
-        merge_splits_kernel[(T, H)](part_acc, part_max, part_sum, out, splits, *part_acc.stride()[:3],
-                                    *part_max.stride()[:2], out.stride(0), out.stride(1), HEAD_DIM=D,
-                                    SPLITS_PAD=MAX_SPLITS)
+@dataclass
+class PackedLaunch:
+    """What every launch of the kernel over one packed batch shares (`varlen_prefill_attention` checks it)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    cu_seqlen_q: torch.Tensor
+    cache_lengths: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_tables: torch.Tensor
+    scale: float
+    window: int  # 0: none
+    block_size: int
+    cache_strides: Tuple[int, int, int, int]
+    group: int  # query heads per KV head
+    has_prefix: bool
+    new_in_cache: bool
+    windowed: bool
+    k_scale: float
+    v_scale: float
+    cache_fp8: bool
+    max_k: Optional[int]
+
+    def launch(self, min_rows: int, max_rows: int, max_q: int, max_cached: Optional[int], splits: Optional[int],
+               tile: Optional[Tile] = None) -> None:
+        """The sequences with min_rows..max_rows new tokens (max_q the longest of them): their tile, the split
+        of long prefixes (`max_cached` None: no split) and the splits' merge."""
+        q, out = self.q, self.out
+        T, H, D = q.shape
+        tile = tile or choose_tile(D, q.dtype, max_q, self.max_k if self.has_prefix else None)
+        tiles = triton.cdiv(max_q, tile.block_m)
+        if not max_cached:
+            splits = 1
+        else:
+            splits = choose_splits(T, H, tiles, max_cached, max_q) if splits is None else splits
+            splits = min(splits, MAX_SPLITS, max(1, max_cached // tile.block_n))
+        split_len = 0
+        if splits > 1:  # whole key steps per split; rounding up may leave fewer splits
+            split_len = triton.cdiv(triton.cdiv(max_cached, splits), tile.block_n) * tile.block_n
+            splits = triton.cdiv(max_cached, split_len)
+        if splits > 1:
+            part_acc = torch.empty(T, splits, H, D, dtype=torch.float32, device=q.device)
+            part_max = torch.empty(T, splits, H, dtype=torch.float32, device=q.device)
+            part_sum = torch.empty_like(part_max)
+            part_strides = (*part_acc.stride()[:3], *part_max.stride()[:2])
+        else:
+            part_acc = part_max = part_sum = out  # not written
+            part_strides = (0, 0, 0, 0, 0)
+        k, v = self.k, self.v
+        varlen_prefill_kernel[(H, self.cu_seqlen_q.shape[0] - 1, tiles * splits)](
+            q, k, v, out, self.cu_seqlen_q, self.cache_lengths, self.key_cache, self.value_cache, self.block_tables,
+            part_acc, part_max, part_sum, self.scale * LOG2E, self.window, self.block_size, splits, split_len,
+            min_rows, max_rows, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), *self.cache_strides, *part_strides, GROUP=self.group, HEAD_DIM=D,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HAS_PREFIX=self.has_prefix, NEW_IN_CACHE=self.new_in_cache,
+            WINDOWED=self.windowed, ONE_LOOP=tile.one_loop, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            SPLIT_KV=splits > 1, cache_qk_scale=self.scale * self.k_scale * LOG2E, v_scale=self.v_scale,
+            CACHE_FP8=self.cache_fp8, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        if splits > 1:
+            merge_splits_kernel[(T, H)](part_acc, part_max, part_sum, out, splits, *part_acc.stride()[:3],
+                                        *part_max.stride()[:2], out.stride(0), out.stride(1), HEAD_DIM=D,
+                                        SPLITS_PAD=MAX_SPLITS)
