@@ -65,6 +65,7 @@ class StepGraphs:
         self.capture = capture
         self.buckets = buckets
         self.steps: Dict[int, StaticStep] = {}
+        self.buffers: Optional[Dict[str, torch.Tensor]] = None  # `allocate`
         self.pool = None
         self.broken = False  # set when a capture failed: stay eager
 
@@ -159,24 +160,27 @@ class StepGraphs:
         return step
 
     def allocate(self, size: int) -> StaticStep:
+        """The bucket's buffers: views of one set sized for the largest bucket (steps run one at a time), with
+        every slot -1, so that the warm-up and capture that follow write no cache slot."""
+        if self.buffers is None:
+            self.buffers = self.full_size_buffers()
+        view = {name: buffer[:size] for name, buffer in self.buffers.items()}
+        view["slots"].fill_(-1)
+        return StaticStep(**view, meta=self.model.model.piece_metadata(view["cos"], view["sin"], view["slots"]))
+
+    def full_size_buffers(self) -> Dict[str, torch.Tensor]:
         model = self.model.model
         attn = model.layers[0].self_attn
         heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        hidden = model.norm.weight.shape[0]
+        hidden, n = model.norm.weight.shape[0], self.buckets[-1]
         device, dtype = model.norm.weight.device, model.embed_tokens.weight.dtype
-        cos = torch.zeros(size, dim // 2, dtype=dtype, device=device)
-        sin = torch.zeros_like(cos)
-        slots = torch.full((size,), -1, dtype=torch.int64, device=device)  # capture writes nothing
-        meta = model.piece_metadata(cos, sin, slots)
-        return StaticStep(
-            input_ids=torch.zeros(size, dtype=torch.int64, device=device),
-            position_ids=torch.zeros(size, dtype=torch.int64, device=device),
-            slots=slots, cos=cos, sin=sin,
-            q_and_k=torch.zeros(size, heads + kv_heads, dim, dtype=dtype, device=device),
-            v=torch.zeros(size, kv_heads, dim, dtype=dtype, device=device),
-            attended=torch.zeros(size, heads, dim, dtype=dtype, device=device),
-            residual=torch.zeros(size, hidden, dtype=dtype, device=device),
-            hidden=torch.zeros(size, hidden, dtype=dtype, device=device), meta=meta)
+
+        def zeros(*shape, dtype=dtype):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        return dict(input_ids=zeros(n, dtype=torch.int64), position_ids=zeros(n, dtype=torch.int64),
+                    slots=zeros(n, dtype=torch.int64), cos=zeros(n, dim // 2), sin=zeros(n, dim // 2),
+                    q_and_k=zeros(n, heads + kv_heads, dim), v=zeros(n, kv_heads, dim), attended=zeros(n, heads, dim),
+                    residual=zeros(n, hidden), hidden=zeros(n, hidden))
 
     def record(self, pieces: List[Callable[[], None]]) -> List[torch.cuda.CUDAGraph]:
         stream = torch.cuda.Stream()

@@ -77,3 +77,17 @@ def test_a_step_beyond_the_largest_bucket_or_wanting_every_tokens_logits_runs_wh
     assert graphs.run(every) is None  # lm_head_indices None: every token's logits
     assert graphs.steps == {}
     engine.clear()
+
+
+def test_buckets_share_one_set_of_buffers_and_a_new_one_starts_with_no_slot(engine):
+    """A bucket captured after others served (its warm-up and capture run the pieces) must write no cache slot."""
+    engine.clear()
+    graphs = StepGraphs(engine.model, engine.cache.layers, capture=False, buckets=(8, 16))
+    seqs = sequences(engine, [(7, 0)])
+    graphs.run(pack(seqs, [7], engine.cache, True, "cpu"))
+    small = graphs.steps[8]
+    assert (small.slots[:7] >= 0).all()
+    large = graphs.build(16)
+    assert large.q_and_k.data_ptr() == small.q_and_k.data_ptr()
+    assert (large.slots == -1).all()
+    engine.clear()
