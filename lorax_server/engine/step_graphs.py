@@ -41,7 +41,8 @@ def enabled_by_env() -> bool:
 
 @dataclass
 class StaticStep:
-    """The buffers of one bucket that the pieces read and write: the step's inputs, then what crosses each cut."""
+    """What one bucket's pieces read and write (views of the buffers every bucket shares): the step's inputs, then
+    what crosses each cut."""
 
     input_ids: torch.Tensor  # [N] int64
     position_ids: torch.Tensor  # [N] int64
@@ -55,10 +56,12 @@ class StaticStep:
     hidden: torch.Tensor  # [N, H]: the final norm's output
     meta: object  # what the pieces (not the attention) read of the batch (the model's piece_metadata)
     pieces: List[Callable[[], None]] = field(default_factory=list)  # `StepGraphs.pieces`
-    graphs: List[Optional[torch.cuda.CUDAGraph]] = field(default_factory=list)  # one per piece (empty: eager)
+    graphs: List[torch.cuda.CUDAGraph] = field(default_factory=list)  # one per piece (empty: run eagerly)
 
 
 class StepGraphs:
+    """The pieces of every bucket met so far, captured (or, with capture=False, run eagerly)."""
+
     def __init__(self, model, kv_cache, capture: bool = True, buckets: Tuple[int, ...] = TOKEN_BUCKETS):
         self.model = model  # FlashMixtralForCausalLM
         self.kv_cache = kv_cache
