@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune, fp8-tune,
 # adapters, adapters-mix, engine, prefill, chunked, kv-fp8, step-graphs, serve, serve-step-graphs, serve-adapters,
-# serve-fp8, tp, serve-tp: the last two on a machine with 2 GPUs). serve takes about 4 minutes and serve-adapters about 3: give each its own call.
+# serve-fp8, save-cache, tp, serve-tp: the last two on a machine with 2 GPUs). serve takes about 4 minutes and serve-adapters about 3: give each its own call.
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+# Triton's compiled kernels, kept in an ignored folder of the checkout: a lent machine starts with an empty cache, and
+# the GPU tests spend minutes compiling. The `save-cache` step packs it into $OUT; unpack that into .triton_cache
+# (`mkdir -p .triton_cache && tar xzf .../triton_cache.tgz -C .triton_cache`) and name .triton_cache in `carry`.
+export TRITON_CACHE_DIR=$PWD/.triton_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # The lent image has grpcio 1.84; the stubs need 1.85.1. Carry the wheels in .wheels (`pip download grpcio
 # protobuf --only-binary=:all: --python-version 3.12 --no-deps -d .wheels`, an ignored folder) and name it in `carry`.
@@ -44,6 +48,7 @@ for step in "$@"; do
                  python3 -m bench.prefill --only chunked --chunks 128 256 --variants default step-graphs 2>&1 | \
                    tee "$OUT/prefill_step_graphs.log" ;;
     serve-step-graphs) LORAX_STEP_GRAPHS=1 python3 -m bench.serve --shapes 128x128 2>&1 | tee "$OUT/serve_step_graphs.log" ;;
+    save-cache) tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . && du -h "$OUT/triton_cache.tgz" ;;
     tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl 2>&1 | \
         grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/tp_nccl.log" ;;
     serve-tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.serve --tp 2 2>&1 | \
