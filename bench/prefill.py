@@ -28,6 +28,7 @@ CPU with the embedded tiny model (tests/bench keeps it from rotting). Every requ
 import argparse
 import cProfile
 import contextlib
+import gc
 import itertools
 import os
 import pstats
@@ -187,19 +188,51 @@ def prefix_rows(engine, blocks, cfg) -> List[List[str]]:
              f"{again * 1e3:.1f}", f"{without / first_hit:.1f}x", f"{without / again:.1f}x"]]
 
 
-def decode_times(engine, batch_id: int, steps: int, launches: Optional[List[float]] = None) -> List[float]:
+def decode_times(engine, batch_id: int, steps: int, launches: Optional[List[float]] = None,
+                 events: Optional[List[str]] = None) -> List[float]:
     """Wall time of each of `steps` Decode calls, back to back; with `launches`, also the host time each spent
-    launching forward passes (`HostLaunchTimer`)."""
+    launching forward passes (`HostLaunchTimer`); with `events`, what else happened in each (`CallEvents`)."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        with HostLaunchTimer(engine) as timer:
+        with HostLaunchTimer(engine) as timer, CallEvents(events):
             _, batch = engine.decode([batch_id])
         times.append(time.perf_counter() - start)
         if launches is not None:
             launches.append(timer.seconds)
         batch_id = batch.id
     return times
+
+
+class CallEvents:
+    """Appends to `events` (when given) what happened during the block beside its own work: Python garbage
+    collections and, on a GPU, device allocations (cudaMalloc) and allocation retries (the caching allocator
+    freeing its cache, which waits for the GPU). For the slowest calls of the chunked table."""
+
+    def __init__(self, events: Optional[List[str]]):
+        self.events, self.collections = events, 0
+
+    def count(self, phase, info):
+        if phase == "start":
+            self.collections += 1
+
+    def allocator(self):
+        if not torch.cuda.is_available():
+            return 0, 0
+        stats = torch.cuda.memory_stats()
+        return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
+
+    def __enter__(self):
+        if self.events is not None:
+            gc.callbacks.append(self.count)
+            self.before = self.allocator()
+        return self
+
+    def __exit__(self, *exc):
+        if self.events is not None:
+            gc.callbacks.remove(self.count)
+            (mallocs, retries), (mallocs0, retries0) = self.allocator(), self.before
+            self.events.append(f"gc {self.collections}, cudaMalloc {mallocs - mallocs0}, retries {retries - retries0}")
 
 
 class HostLaunchTimer:
@@ -231,7 +264,7 @@ def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
     long = prompt(300, cfg["long"], vocab)
     rows = []
     for mode in ("alone", *[f"chunks of {c}" for c in cfg["chunks"]], "one piece"):
-        launches = []
+        launches, events = [], []  # events: of the Decode calls after the chunked Prefill (times[1:])
         engine.clear()
         batch = prefill(engine, blocks, 30, running, 4 * steps + 8)
         decode_times(engine, batch.id, 4)  # warm-up
@@ -244,7 +277,7 @@ def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
             prefill(engine, blocks, 31, {999: long}, 2, chunk_len=chunk, cached_batch_id=batch.id)
             times = [time.perf_counter() - start]
             while any(r.prefilling for r in engine.batches[batch.id].requests):
-                times += decode_times(engine, batch.id, 1, launches)
+                times += decode_times(engine, batch.id, 1, launches, events)
             engine.max_prefill_tokens = None
         else:
             start = time.perf_counter()
@@ -253,7 +286,8 @@ def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
             times += decode_times(engine, engine.concatenate([batch.id, new.id]).id, 1)
         slowest = sorted(range(len(times)), key=times.__getitem__)[-4:][::-1]
         print(f"{mode}: slowest calls (index of {len(times)}: ms) "
-              + ", ".join(f"{i}: {times[i] * 1e3:.1f}" for i in slowest), flush=True)
+              + ", ".join(f"{i}: {times[i] * 1e3:.1f}" + (f" ({events[i - 1]})" if 0 < i <= len(events) else "")
+                          for i in slowest), flush=True)
         launch = f"{statistics.median(launches) * 1e3:.1f}" if launches else "-"
         rows.append([mode, str(len(times)), f"{statistics.median(times) * 1e3:.1f}", f"{percentile(times, 99) * 1e3:.1f}",
                      f"{max(times) * 1e3:.1f}", launch])
