@@ -48,7 +48,8 @@ for step in "$@"; do
                  python3 -m bench.prefill --only chunked --chunks 128 256 --variants default step-graphs 2>&1 | \
                    tee "$OUT/prefill_step_graphs.log" ;;
     serve-step-graphs) LORAX_STEP_GRAPHS=1 python3 -m bench.serve --shapes 128x128 2>&1 | tee "$OUT/serve_step_graphs.log" ;;
-    save-cache) tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . && du -h "$OUT/triton_cache.tgz" ;;
+    save-cache) [ -d "$TRITON_CACHE_DIR" ] && tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . && \
+                  du -h "$OUT/triton_cache.tgz" ;;
     tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl 2>&1 | \
         grep -v "^W1\|OMP_NUM\|^\*\*\*" | tee "$OUT/tp_nccl.log" ;;
     serve-tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.serve --tp 2 2>&1 | \

@@ -65,7 +65,7 @@ def split_kv_off(engine):
 
 @contextlib.contextmanager
 def no_steps_ahead(engine):
-    """No step launched ahead, decode or chunk: each call launches its step and waits for it."""
+    """No decode step launched ahead: each call launches its step and waits for it."""
     before, engine.steps_ahead.enabled = engine.steps_ahead.enabled, False
     try:
         yield

@@ -56,7 +56,8 @@ DOT_M = 16  # rows of a pairs-layout tile: the smallest tensor-core dot
 # Integers that change from step to step. Triton compiles a kernel per class of each integer argument (1, a
 # multiple of 16, other), so a batch of a new size could wait seconds for a compile in serving (found on an H200 by
 # tests/gpu/test_engine_on_gpu.py after the warm-up); these only bound masks and loops, where the class gains nothing.
-PER_STEP_INTS = ["n", "padded_rows", "num_blocks", "num_m", "num_assignments", "lora_slots", "lora_experts"]
+ALIGN_PER_STEP_INTS = ["n", "padded_rows", "num_blocks"]
+GEMM_PER_STEP_INTS = ["num_m", "num_assignments", "lora_slots", "lora_experts"]
 
 # (max tokens, gate/up kernel tile, down kernel tile), tiles as `Tile` fields; the first row whose bound is >= the
 # token count is used. Both tiles of a row share block_m.
@@ -90,7 +91,7 @@ MOE_FP8_TILE_CONFIGS = (
 # fp8-tune-table-end
 
 
-@triton.jit(do_not_specialize=PER_STEP_INTS)
+@triton.jit(do_not_specialize=ALIGN_PER_STEP_INTS)
 def align_kernel(experts_ptr, sorted_rows_ptr, position_ptr, block_expert_ptr, n, padded_rows, num_blocks,
                  NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, FILL: tl.constexpr):
     """`align_by_expert` in one program: small batches spend more time launching its ~18 torch ops than
@@ -211,7 +212,7 @@ def lora_shrink_kernel(x_ptr, a_ptr, stack_rows_ptr, x_rows_ptr, out_ptr, in_fea
     tl.store(out_ptr + part * stride_op + i * stride_on + r, tl.sum(acc, 1))
 
 
-@triton.jit(do_not_specialize=PER_STEP_INTS)
+@triton.jit(do_not_specialize=GEMM_PER_STEP_INTS)
 def gate_up_kernel(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_ptr, block_expert_ptr, experts_ptr,
                    lora_v_ptr, lora_rows_ptr, lora_b_ptr, num_m, num_assignments, hidden, ffn, lora_slots,
                    lora_experts, stride_x, stride_we, stride_wn, stride_h, stride_se, stride_lv, stride_lb, stride_lbn,
@@ -320,7 +321,7 @@ def down_epilogue(acc, expert, assignment, h_rows, real, w_cols, weights_ptr, h_
     return acc
 
 
-@triton.jit(do_not_specialize=PER_STEP_INTS)
+@triton.jit(do_not_specialize=GEMM_PER_STEP_INTS)
 def down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, sorted_rows_ptr, block_expert_ptr,
                 experts_ptr, lora_v_ptr, lora_rows_ptr, lora_b_ptr, num_m, num_assignments, hidden, ffn,
                 lora_slots, lora_experts, stride_h, stride_we, stride_wn, stride_out, stride_se, stride_lv,

@@ -20,7 +20,7 @@ TARGET_PROGRAMS = 528  # about four waves of 132 SMs: enough splits to keep an H
 FP8_MAX = tl.constexpr(448.0)
 
 
-@triton.jit(do_not_specialize=["window", "split_len", "stride_mb"])
+@triton.jit(do_not_specialize=["window", "split_len", "stride_tb", "stride_mb"])
 def paged_decode_kernel(q_ptr, k_cache, v_cache, tables_ptr, lens_ptr, acc_ptr, max_ptr, sum_ptr,
                         scale, window, split_len, stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,
                         stride_tb, stride_ab, stride_as, stride_ah, stride_mb, stride_ms, v_scale,

@@ -1,4 +1,4 @@
-"""Varlen prefill attention in one Triton launch: each packed sequence's new tokens over its cached prefix
+"""Varlen prefill attention in one Triton kernel: each packed sequence's new tokens over its cached prefix
 and over themselves, causal, with GQA and an optional sliding window.
 
 Oracle: `lorax_server.layers.attention.reference.prefill_attention` (no prefix) and `paged_attention`.
@@ -199,7 +199,7 @@ def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr,
     n_q = tl.load(cu_q_ptr + b + 1) - q_start
     if m0 >= n_q:
         return
-    if n_q < min_rows:  # another launch takes this sequence (`short_rows_apart`)
+    if n_q < min_rows:  # another launch takes this sequence (decodes beside a chunk: `PackedLaunch`)
         return
     if n_q > max_rows:
         return

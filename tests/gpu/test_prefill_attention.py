@@ -13,7 +13,7 @@ skip_without_gpu()
 
 import triton
 
-from lorax_server.kernels.prefill_attention import (SHORT_ROWS, TILE_CANDIDATES, choose_splits,
+from lorax_server.kernels.prefill_attention import (SHORT_ROWS, TILE_CANDIDATES, PackedLaunch, choose_splits,
                                                       varlen_prefill_attention)
 from lorax_server.layers.attention import cuda as cuda_attention
 from lorax_server.layers.attention import reference
@@ -179,12 +179,20 @@ def test_split_kv_over_long_prefixes_matches_the_reference(splits, window):
 
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("window", [None, 300])
-def test_decodes_beside_a_chunk_take_a_launch_of_their_own(splits, window):
+def test_decodes_beside_a_chunk_take_a_launch_of_their_own(splits, window, monkeypatch):
     """Rows of at most SHORT_ROWS new tokens (decodes, a short prefix hit) beside a long chunk get 16-row tiles
     in a second launch (min_q known); every row matches the reference, the long chunk's split merged or not."""
+    launches = []
+    launch = PackedLaunch.launch
+
+    def counted(self, min_rows, max_rows, *args, **kwargs):
+        launches.append((min_rows, max_rows))
+        return launch(self, min_rows, max_rows, *args, **kwargs)
+    monkeypatch.setattr(PackedLaunch, "launch", counted)
     new = [1, 200, 1, SHORT_ROWS, 0, SHORT_ROWS + 1, 3]
     problem = PrefixProblem(new, [500, 3000, 0, 2999, 40, 17, 1200], 16, seed=5)
     got = problem.run(window, max_cached=3000, splits=splits, min_q=min(new))
+    assert launches == [(SHORT_ROWS + 1, 200), (0, SHORT_ROWS)]
     assert relative_error(got, problem.want(window)) < 1e-2
 
 
