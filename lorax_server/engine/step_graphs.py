@@ -101,11 +101,12 @@ class StepGraphs:
                                                         batch.seqlen)
         layers = self.model.model.layers
         heads = layers[0].self_attn.num_heads if layers else 0
+        # Every layer's q, k and v land in the same buffers: one set of views serves all the attentions.
+        q, k = step.q_and_k[:tokens].split([heads, step.q_and_k.shape[1] - heads], dim=1)
+        v, attended = step.v[:tokens], step.attended[:tokens]
         self.replay(step, 0)
         for i, layer in enumerate(layers):
-            q, k = step.q_and_k[:tokens].split([heads, step.q_and_k.shape[1] - heads], dim=1)
-            out = layer.self_attn.attend(q, k, step.v[:tokens], attention, self.kv_cache[i])
-            step.attended[:tokens].copy_(out)
+            attended.copy_(layer.self_attn.attend(q, k, v, attention, self.kv_cache[i]))
             self.replay(step, i + 1)
         return self.model.compute_logits(step.hidden[:tokens].index_select(0, batch.lm_head_indices))
 

@@ -344,8 +344,9 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         cache_fp8 = False
         key_cache = value_cache = block_tables = cache_lengths = cu_seqlen_q  # not read
         block_size, cache_strides = 1, (0, 0, 0, 0)
+    chosen = tile or choose_tile(D, q.dtype, max_q, max_k if has_prefix else None)
     short_apart = (tile is None and has_prefix and min_q is not None and min_q <= SHORT_ROWS < max_q
-                   and choose_tile(D, q.dtype, max_q, max_k).block_m > SHORT_ROWS)
+                   and chosen.block_m > SHORT_ROWS)
     batch = PackedLaunch(q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables, scale,
                          window if windowed else 0, block_size, cache_strides, H // kv_heads, has_prefix,
                          new_in_cache, windowed, k_scale, v_scale, cache_fp8, max_k)
@@ -354,10 +355,10 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         # A chunk beside decodes: the decodes' single rows would each fill a 128-row tile of the long-prefix
         # launch, as much work as the chunk itself (32 decodes beside a 256-token chunk). They get 16-row tiles
         # in a launch of their own, after the other's split merge (which writes every row).
-        batch.launch(SHORT_ROWS + 1, max_q, max_q, split_prefix, splits)
+        batch.launch(SHORT_ROWS + 1, max_q, max_q, split_prefix, splits, chosen)
         batch.launch(0, SHORT_ROWS, SHORT_ROWS, None, 1)
     else:
-        batch.launch(0, max_q, max_q, split_prefix, splits, tile)
+        batch.launch(0, max_q, max_q, split_prefix, splits, chosen)
     return out
 
 
