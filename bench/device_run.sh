@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune, fp8-tune,
-# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, step-graphs, serve, serve-step-graphs, serve-adapters,
+# One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune, tune-mid (the decode batches of a loaded server), fp8-tune,
+# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, step-graphs, serve, serve-no-step-graphs, serve-adapters,
 # serve-fp8, save-cache, tp, serve-tp: the last two on a machine with 2 GPUs). serve takes about 4 minutes and serve-adapters about 3: give each its own call.
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
@@ -27,6 +27,7 @@ for step in "$@"; do
     tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     moe) python3 -m bench.moe_layer 2>&1 | tee "$OUT/moe_layer.log" ;;
     tune) python3 -m bench.moe_layer --tune --tokens 1 16 64 256 1024 4096 2>&1 | tee "$OUT/moe_tune.log" ;;
+    tune-mid) python3 -m bench.moe_layer --tune --tokens 320 384 448 512 640 768 2>&1 | tee "$OUT/moe_tune_mid.log" ;;
     attention) python3 -m bench.paged_attention 2>&1 | tee "$OUT/paged_attention.log"
                python3 -m bench.prefill_attention 2>&1 | tee "$OUT/prefill_attention.log" ;;
     stack) python3 -m bench.layer_stack 2>&1 | tee "$OUT/layer_stack.log" ;;
@@ -45,9 +46,9 @@ for step in "$@"; do
             python3 -m bench.engine_step --batches 64 --per-request --kv-fp8 2>&1 | tee "$OUT/engine_step_fp8kv.log" | tail -6 ;;
     serve-fp8) python3 -m bench.serve --fp8 --adapters 64 --shapes 128x128 2>&1 | tee "$OUT/serve_fp8.log" ;;
     step-graphs) python3 -m pytest -q -p no:cacheprovider tests/gpu/test_step_graphs.py 2>&1 | tail -15
-                 python3 -m bench.prefill --only chunked --chunks 128 256 --variants default step-graphs 2>&1 | \
+                 python3 -m bench.prefill --only chunked --chunks 128 256 --variants default no-step-graphs 2>&1 | \
                    tee "$OUT/prefill_step_graphs.log" ;;
-    serve-step-graphs) LORAX_STEP_GRAPHS=1 python3 -m bench.serve --shapes 128x128 2>&1 | tee "$OUT/serve_step_graphs.log" ;;
+    serve-no-step-graphs) LORAX_STEP_GRAPHS=0 python3 -m bench.serve --shapes 128x128 2>&1 | tee "$OUT/serve_no_step_graphs.log" ;;
     save-cache) [ -d "$TRITON_CACHE_DIR" ] && tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . && \
                   du -h "$OUT/triton_cache.tgz" ;;
     tp) python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m bench.tp_nccl 2>&1 | \

@@ -146,7 +146,8 @@ def candidates(T, fp8: bool = False):
                     tiles(False, 128, (128, 256), (64,), (8,), (3, 4), operand_bytes=b)))
     else:
         for bm in (64, 128):
-            out.append((tiles(True, bm, (64, 128), (64,), (4, 8), (3, 4), (8, 16, 1024), operand_bytes=b),
+            out.append((tiles(True, bm, (64, 128), (64,) if bm == 128 else (64, 128), (4, 8), (3, 4), (8, 16, 1024),
+                              operand_bytes=b),
                         tiles(False, bm, (128, 256), (64,), (8,), (3, 4), (8, 16, 1024), operand_bytes=b)))
     return out
 

@@ -40,7 +40,6 @@ import torch
 
 from bench.common import print_table
 from bench.serve import BLOCK_SIZE, FIRST_TOKEN, GREEDY, Floor, cpu_ceilings, device_ceilings, percentile
-from lorax_server.engine.step_graphs import StepGraphs
 from lorax_server.models.flash_causal_lm import FlashCausalLM
 
 FULL = dict(plain=[(1, 4096), (16, 512), (64, 128)], prefix=2000, own=128, sharing=64, running=32, context=512,
@@ -74,15 +73,10 @@ def no_steps_ahead(engine):
 
 
 @contextlib.contextmanager
-def step_graphs_on(engine):
-    """Prefill and mixed steps replayed from CUDA graphs between their attentions (engine.step_graphs), every
-    bucket captured first (as Warmup does with LORAX_STEP_GRAPHS=1); on the CPU the pieces run eagerly."""
-    before = engine.runner.step_graphs
-    engine.runner.step_graphs = before or StepGraphs(engine.model, engine.cache.layers,
-                                                     capture=torch.cuda.is_available())
-    start = time.perf_counter()
-    buckets = engine.runner.step_graphs.prepare()
-    print(f"step graphs: {buckets} buckets captured in {time.perf_counter() - start:.1f} s", flush=True)
+def no_step_graphs(engine):
+    """Prefill and mixed steps launched eagerly, kernel by kernel (LORAX_STEP_GRAPHS=0), not replayed from the
+    CUDA graphs between their attentions (engine.step_graphs, on by default with CUDA)."""
+    before, engine.runner.step_graphs = engine.runner.step_graphs, None
     try:
         yield
     finally:
@@ -90,7 +84,7 @@ def step_graphs_on(engine):
 
 
 VARIANTS = {"default": contextlib.nullcontext, "no-split-kv": split_kv_off, "no-steps-ahead": no_steps_ahead,
-            "step-graphs": step_graphs_on}
+            "no-step-graphs": no_step_graphs}
 
 
 class Blocks:
@@ -200,6 +194,8 @@ def decode_times(engine, batch_id: int, steps: int, launches: Optional[List[floa
         times.append(time.perf_counter() - start)
         if launches is not None:
             launches.append(timer.seconds)
+        if events is not None:
+            events[-1] += f", tokens {timer.tokens}"
         batch_id = batch.id
     return times
 
@@ -240,15 +236,16 @@ class HostLaunchTimer:
     wait for the GPU) while in the block: when it nears a step's wall time, the step is host-bound."""
 
     def __init__(self, engine):
-        self.runner, self.seconds = engine.runner, 0.0
+        self.runner, self.seconds, self.tokens = engine.runner, 0.0, 0  # tokens: the forwards' new tokens
 
     def __enter__(self):
         forward = self.runner.forward
 
-        def timed(*args, **kwargs):
+        def timed(seqs, new_counts, *args, **kwargs):
+            self.tokens += sum(new_counts)
             start = time.perf_counter()
             try:
-                return forward(*args, **kwargs)
+                return forward(seqs, new_counts, *args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
         self.runner.forward = timed

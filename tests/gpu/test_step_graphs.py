@@ -23,6 +23,9 @@ def test_replayed_pieces_give_the_eager_logits_and_cache(dtype):
     """Captured and replayed: a fresh ragged prefill, a chunk beside decodes; padding tokens write no slot."""
     engine = get_model(str(DEFAULT_MODEL_DIR), dtype=dtype, kv_cache_bytes=64 << 20)
     tolerance = 1e-4 if dtype == "float32" else 2e-2
+    # The cache holds k and v of every layer: a padded step multiplies other GEMM shapes (other cuBLAS kernels,
+    # other MoE tiles), whose rounding differs by ~1e-6 and grows through the layers (2.7e-4 at most on an H200).
+    cache_tolerance = 1e-3 if dtype == "float32" else 2e-2
     for specs, counts in [([(9, 0), (3, 0), (14, 0)], [9, 3, 14]), ([(300, 200), (25, 24), (12, 11)], [100, 1, 1]),
                           ([(30, 29), (25, 24), (60, 20), (12, 11)], [1, 1, 24, 1])]:
         seqs = sequences(engine, specs)
@@ -32,8 +35,8 @@ def test_replayed_pieces_give_the_eager_logits_and_cache(dtype):
         assert not graphs.broken and len(step.graphs) == len(step.pieces) == len(engine.model.model.layers) + 1
         torch.testing.assert_close(replayed.float(), eager.float(), rtol=tolerance, atol=tolerance)
         for (k1, v1), (k2, v2) in zip(cache_eager, cache_replayed):
-            torch.testing.assert_close(k2.float(), k1.float(), rtol=tolerance, atol=tolerance)
-            torch.testing.assert_close(v2.float(), v1.float(), rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(k2.float(), k1.float(), rtol=cache_tolerance, atol=cache_tolerance)
+            torch.testing.assert_close(v2.float(), v1.float(), rtol=cache_tolerance, atol=cache_tolerance)
 
 
 def test_chunked_prefill_through_the_engine_gives_the_same_greedy_tokens():
