@@ -95,6 +95,25 @@ def model_step_ms(engine: FlashCausalLM, batch_id: int) -> float:
     return time_graph_ms(lambda: engine.model(**inputs), repeat=20)
 
 
+def kernel_profile(engine: FlashCausalLM, batch_id: int, steps: int = 3) -> None:
+    """Where the GPU time of the model's step goes: its kernels over `steps` eager forwards (each kernel takes
+    what it takes in the graph; only the launch gaps differ), per step."""
+    seqs = [PagedSequence(r.seq.tokens, r.seq.adapter_index, len(r.seq.tokens) - 1, r.seq.blocks)
+            for r in engine.batches[batch_id].requests]
+    inputs = pack(seqs, [1] * len(seqs), engine.cache, False, engine.device).model_inputs(engine.cache.layers)
+    engine.model(**inputs)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.model(**inputs)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    print(f"\nkernels of the model's step at b={len(seqs)} ({steps} eager steps): GPU busy {busy:.2f} ms a step")
+    print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
+
+
 def profile_steps(engine: FlashCausalLM, batch_id: int, steps: int) -> None:
     """Where the host time of a step goes: cProfile over `steps` decode steps, the functions that take most."""
     import cProfile
@@ -119,6 +138,8 @@ def main():
                         help="batches also timed with per-request sampling (the engine before the batched sampler)")
     parser.add_argument("--profile", type=int, nargs="*", default=[],
                         help="batches whose steps are also profiled on the host (cProfile)")
+    parser.add_argument("--kernels", type=int, nargs="*", default=[],
+                        help="batches whose model step is also profiled on the GPU (its kernels, torch.profiler)")
     parser.add_argument("--kv-fp8", action="store_true", help="the KV cache in FP8 (e4m3), as --kv-cache-dtype fp8")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
@@ -149,6 +170,8 @@ def main():
                                  f"{step:.2f}", f"{step / alone:.2f}x", f"{step / floor:.2f}x"])
                 if batch in args.profile:
                     profile_steps(engine, batch_id, args.steps)
+                if batch in args.kernels and mode == next(iter(MODES)):
+                    kernel_profile(engine, batch_id)
                 engine.clear()
     print_table(f"Decode step through the engine, {args.layers} Mixtral-8x7B layers, bf16"
                 f"{' with an FP8 KV cache' if args.kv_fp8 else ''}, context {args.context}, "

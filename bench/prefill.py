@@ -202,15 +202,25 @@ def decode_times(engine, batch_id: int, steps: int, launches: Optional[List[floa
 
 class CallEvents:
     """Appends to `events` (when given) what happened during the block beside its own work: Python garbage
-    collections and, on a GPU, device allocations (cudaMalloc) and allocation retries (the caching allocator
-    freeing its cache, which waits for the GPU). For the slowest calls of the chunked table."""
+    collections, Triton kernels compiled or loaded from the disk cache (each a stall of milliseconds to seconds)
+    and, on a GPU, device allocations (cudaMalloc) and allocation retries (the caching allocator freeing its
+    cache, which waits for the GPU). For the slowest calls of the chunked table."""
 
     def __init__(self, events: Optional[List[str]]):
-        self.events, self.collections = events, 0
+        self.events, self.collections, self.compiled = events, 0, []
 
     def count(self, phase, info):
         if phase == "start":
             self.collections += 1
+
+    def compile_hook(self, *, repr, **kwargs):
+        self.compiled.append(repr.split("[")[0].split("(")[0])
+
+    @staticmethod
+    def set_compile_hook(hook) -> None:
+        if torch.cuda.is_available():  # Triton is installed with CUDA (and only needed there)
+            import triton
+            triton.knobs.runtime.jit_post_compile_hook = hook
 
     def allocator(self):
         if not torch.cuda.is_available():
@@ -222,13 +232,17 @@ class CallEvents:
         if self.events is not None:
             gc.callbacks.append(self.count)
             self.before = self.allocator()
+            self.set_compile_hook(self.compile_hook)
         return self
 
     def __exit__(self, *exc):
         if self.events is not None:
             gc.callbacks.remove(self.count)
+            self.set_compile_hook(None)
             (mallocs, retries), (mallocs0, retries0) = self.allocator(), self.before
-            self.events.append(f"gc {self.collections}, cudaMalloc {mallocs - mallocs0}, retries {retries - retries0}")
+            compiled = f", compiled {'/'.join(self.compiled)}" if self.compiled else ""
+            self.events.append(f"gc {self.collections}, cudaMalloc {mallocs - mallocs0}, retries {retries - retries0}"
+                               + compiled)
 
 
 class HostLaunchTimer:
