@@ -340,6 +340,40 @@ def profile_chunk(engine, blocks, cfg, chunk: int, host_profile: bool = False) -
         pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
 
 
+def profile_calls(engine, blocks, cfg, chunk: int, indices: Sequence[int]) -> None:
+    """The chunked table's calls at `indices` (0: the Prefill that brings the long prompt; then its Decode calls)
+    under torch.profiler, each printed with its wall time, GPU busy time, host-side ops (the CUDA runtime calls
+    among them: a synchronisation or a blocking copy shows there) and kernels: for calls slower than their
+    neighbours at the same index run after run."""
+    vocab = engine.config.vocab_size
+    running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
+    engine.clear()
+    batch = prefill(engine, blocks, 30, running, 4 * cfg["long"] // chunk + 8)
+    decode_times(engine, batch.id, 4)
+    engine.max_prefill_tokens = chunk
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    call = 0
+    while call == 0 or any(r.prefilling for r in engine.batches[batch.id].requests):
+        profiled = call in indices
+        with torch.profiler.profile(activities=activities) if profiled else contextlib.nullcontext() as prof:
+            start = time.perf_counter()
+            if call == 0:
+                prefill(engine, blocks, 31, {999: prompt(300, cfg["long"], vocab)}, 2, chunk_len=chunk,
+                        cached_batch_id=batch.id)
+            else:
+                decode_times(engine, batch.id, 1)
+            wall = time.perf_counter() - start
+        if profiled:
+            events = prof.key_averages()
+            busy = sum(e.self_device_time_total for e in events) / 1e3
+            print(f"\ncall {call} (chunks of {chunk}): wall {wall * 1e3:.1f} ms (profiled), GPU busy {busy:.1f} ms")
+            print(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
+            print(events.table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=50))
+        call += 1
+    engine.max_prefill_tokens = None
+    engine.clear()
+
+
 def build(args):
     if args.smoke:
         from lorax_server.cli import DEFAULT_MODEL_DIR
@@ -384,6 +418,8 @@ def main(argv=None) -> Dict[str, List[List[str]]]:
     parser.add_argument("--profile-chunk", type=int, metavar="TOKENS",
                         help="only profile one step of chunked prefill with chunks of this size")
     parser.add_argument("--host-profile", action="store_true", help="with --profile-chunk: also cProfile the host")
+    parser.add_argument("--profile-calls", type=int, nargs="*", metavar="INDEX",
+                        help="only profile these calls of the chunked table (its first chunk size) one by one")
     args = parser.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.chunks:
@@ -392,6 +428,9 @@ def main(argv=None) -> Dict[str, List[List[str]]]:
     dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
     floor = Floor(engine.config, 1, dtype_bytes, ceilings, weight_bytes=1 if args.fp8 else None)
     blocks = Blocks(engine)
+    if args.profile_calls:
+        with torch.no_grad():
+            return profile_calls(engine, blocks, cfg, cfg["chunks"][0], args.profile_calls)
     if args.profile_chunk:
         with torch.no_grad():
             return profile_chunk(engine, blocks, cfg, args.profile_chunk, args.host_profile)
