@@ -12,19 +12,23 @@ equal lengths, no paging, no GQA). CUDA events, warm-up, medians.
 """
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 
 from bench.common import card, print_table, time_ms
-from lorax_server.kernels.prefill_attention import TILE_CANDIDATES, choose_tile, varlen_prefill_attention
+from lorax_server.kernels.prefill_attention import (TILE_CANDIDATES, choose_tile, packs_heads,
+                                                      varlen_prefill_attention)
 from lorax_server.layers.attention import reference
 from lorax_server.utils.attention.common import Seqlen
 
 H, KVH, D, BS = 32, 8, 128, 16
 SCALE = D**-0.5
 CASES = (("1 x 4096", 1, 4096, 0), ("16 x 512", 16, 512, 0), ("64 x 128", 64, 128, 0),
-         ("64 x (2000 + 128)", 64, 128, 2000))
+         ("64 x (2000 + 128)", 64, 128, 2000),
+         ("1 x (16000 + 96)", 1, 96, 16000),  # a chunk of a long prompt (chunked prefill)
+         ("32 x (600 + 1)", 32, 1, 600))  # decodes beside a chunk (their own launch)
 
 
 class Case:
@@ -124,10 +128,13 @@ def main():
     if args.tune:
         tiles["best of sweep"] = sweep(cases)
     baselines = {case.name: (time_or_nan(case.replaced, repeat=10), time_or_nan(case.one_sdpa_call)) for case in cases}
-    for name, tile in tiles.items():
+    for name, tile in [*tiles.items(), ("chosen, query heads unpacked", "unpacked")]:
+        os.environ["LORAX_PREFILL_PACK_GQA"] = "0" if tile == "unpacked" else "1"
+        tile = None if tile == "unpacked" else tile
         rows = []
         for case in cases:
-            used = tile or choose_tile(D, torch.bfloat16, case.new, case.seqlen.max_k if case.cached else None)
+            pack = 4 if packs_heads(4, bool(case.cached), case.new, tile) else 1  # 32 / 8 heads
+            used = tile or choose_tile(D, torch.bfloat16, case.new * pack, case.seqlen.max_k if case.cached else None)
             ms = time_ms(case.kernel(tile))
             old, sdpa = baselines[case.name]
             rows.append([case.name, label(used), f"{ms:.3f}", f"{tflops(case, ms):.0f}",

@@ -59,8 +59,9 @@ SMALL_TILE = Tile(64, 32, 4, 2)
 
 
 def choose_tile(head_dim: int, dtype: torch.dtype, max_q: int, max_k: Optional[int] = None) -> Tile:
-    """The tile for this launch (max_k: the longest prefix + new run, None without a prefix); short query
-    runs (chunks on a long prefix) get short row tiles."""
+    """The tile for this launch (max_q: the rows of the longest run, its new tokens times the query heads a
+    program packs; max_k: the longest prefix + new run, None without a prefix); short query runs (chunks on a
+    long prefix) get short row tiles."""
     if dtype == torch.float32 or head_dim > 128:
         tile = SMALL_TILE
     elif head_dim == 128 and max_k is not None and max_q >= 128 and max_k >= 4 * max_q:
@@ -188,13 +189,18 @@ def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, HAS_PREFIX: tl.constexpr, NEW_IN_CACHE: tl.constexpr,
                           WINDOWED: tl.constexpr, ONE_LOOP: tl.constexpr, PRECISION: tl.constexpr,
-                          SPLIT_KV: tl.constexpr, cache_qk_scale=1.0, v_scale=1.0, CACHE_FP8: tl.constexpr = False):
+                          SPLIT_KV: tl.constexpr, cache_qk_scale=1.0, v_scale=1.0, CACHE_FP8: tl.constexpr = False,
+                          PACK: tl.constexpr = 1):
+    """PACK 1: a program owns one query head (program_id 0) and BLOCK_M new tokens. PACK = GROUP: it owns one KV
+    head and the GROUP query heads that share it, BLOCK_M // GROUP new tokens each (row r: token r // GROUP,
+    head r % GROUP of the group), so each key and value it loads serves GROUP heads."""
+    TILE_T: tl.constexpr = BLOCK_M // PACK  # new tokens per tile
     h, b = tl.program_id(0), tl.program_id(1)
     if SPLIT_KV:  # `splits` programs share a row tile, each over its own slice of the cached prefix
         split = tl.program_id(2) % splits
-        m0 = (tl.num_programs(2) // splits - 1 - tl.program_id(2) // splits) * BLOCK_M
+        m0 = (tl.num_programs(2) // splits - 1 - tl.program_id(2) // splits) * TILE_T
     else:
-        m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_M  # last tiles first: they have the most keys
+        m0 = (tl.num_programs(2) - 1 - tl.program_id(2)) * TILE_T  # last tiles first: they have the most keys
     q_start = tl.load(cu_q_ptr + b)
     n_q = tl.load(cu_q_ptr + b + 1) - q_start
     if m0 >= n_q:
@@ -204,19 +210,25 @@ def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr,
     if n_q > max_rows:
         return
     q_start = q_start.to(tl.int64)
-    kvh = h // GROUP
+    r = tl.arange(0, BLOCK_M)
+    if PACK == 1:
+        kvh = h // GROUP
+        heads = h + r * 0  # [BLOCK_M], every row the program's head
+    else:
+        kvh = h
+        heads = h * GROUP + r % GROUP
     if HAS_PREFIX:
         ctx = tl.load(cache_len_ptr + b).to(tl.int32)
     else:
         ctx = 0
-    rows = m0 + tl.arange(0, BLOCK_M)
+    rows = m0 + r // PACK  # [BLOCK_M] each row's new token
     real = rows < n_q
     q_pos = ctx + rows  # [BLOCK_M] positions of the tile's queries
     first = ctx + m0
-    last = ctx + tl.minimum(m0 + BLOCK_M, n_q) - 1  # the last real query
+    last = ctx + tl.minimum(m0 + TILE_T, n_q) - 1  # the last real query
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=real[:, None],
-                other=0.0)
+    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=real[:, None], other=0.0)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -253,12 +265,12 @@ def varlen_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, cache_len_ptr,
                                WINDOWED, ONE_LOOP, HEAD_DIM, BLOCK_N, PRECISION)
     if not SPLIT_KV:
         out = acc / l[:, None]
-        tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],
+        tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=real[:, None])
     else:  # the split's unnormalised sum and softmax statistics, merged by paged_attention.merge_splits_kernel
-        part = (q_start + rows)[:, None] * stride_pt + split * stride_ps + h * stride_ph + d[None, :]
+        part = (q_start + rows)[:, None] * stride_pt + split * stride_ps + heads[:, None] * stride_ph + d[None, :]
         tl.store(part_acc_ptr + part, acc, mask=real[:, None])
-        stats = (q_start + rows) * stride_mt + split * stride_ms + h
+        stats = (q_start + rows) * stride_mt + split * stride_ms + heads
         tl.store(part_max_ptr + stats, m * LN2, mask=real)  # natural-log units, as the merge weighs with exp
         tl.store(part_sum_ptr + stats, l, mask=real)
 
@@ -344,25 +356,40 @@ def varlen_prefill_attention(q: torch.Tensor, k: Optional[torch.Tensor], v: Opti
         cache_fp8 = False
         key_cache = value_cache = block_tables = cache_lengths = cu_seqlen_q  # not read
         block_size, cache_strides = 1, (0, 0, 0, 0)
-    chosen = tile or choose_tile(D, q.dtype, max_q, max_k if has_prefix else None)
+    group = H // kv_heads
+    pack = group if packs_heads(group, has_prefix, max_q, tile) else 1
+    chosen = tile or choose_tile(D, q.dtype, max_q * pack, max_k if has_prefix else None)
     short_apart = (tile is None and has_prefix and min_q is not None and min_q <= SHORT_ROWS < max_q
                    and chosen.block_m > SHORT_ROWS)
     batch = PackedLaunch(q, k, v, out, cu_seqlen_q, cache_lengths, key_cache, value_cache, block_tables, scale,
-                         window if windowed else 0, block_size, cache_strides, H // kv_heads, has_prefix,
-                         new_in_cache, windowed, k_scale, v_scale, cache_fp8, max_k)
+                         window if windowed else 0, block_size, cache_strides, group, has_prefix,
+                         new_in_cache, windowed, k_scale, v_scale, cache_fp8, max_k, pack)
     split_prefix = max_cached if has_prefix and not new_in_cache else None  # split-KV reads only the cache
     if short_apart:
         # A chunk beside decodes: the decodes' single rows would each fill a 128-row tile of the long-prefix
         # launch, as much work as the chunk itself (32 decodes beside a 256-token chunk). They get 16-row tiles
         # in a launch of their own, after the other's split merge (which writes every row).
         batch.launch(SHORT_ROWS + 1, max_q, max_q, split_prefix, splits, chosen)
-        batch.launch(0, SHORT_ROWS, SHORT_ROWS, None, 1)
+        # its tile sized by the shortest run (a decode's one token: `pack` rows), not by SHORT_ROWS
+        batch.launch(0, SHORT_ROWS, SHORT_ROWS, None, 1, choose_tile(D, q.dtype, min_q * pack, max_k))
     else:
         batch.launch(0, max_q, max_q, split_prefix, splits, chosen)
     return out
 
 
 SHORT_ROWS = 16  # sequences with at most this many new tokens (decodes) take 16-row tiles beside long chunks
+# Query heads packed into a program's rows (GQA) for launches with a cached prefix and at most this many new
+# tokens a sequence: chunks and decodes on long prefixes, where the prefix's K/V reads are the cost.
+PACK_MAX_Q = 1024
+
+
+def packs_heads(group: int, has_prefix: bool, max_q: int, tile: Optional[Tile]) -> bool:
+    """Whether a program takes the `group` query heads of one KV head together (`varlen_prefill_kernel`'s PACK):
+    then each prefix key and value is read once for all of them, where one program per query head read it
+    `group` times. LORAX_PREFILL_PACK_GQA=0 turns it off."""
+    if os.getenv("LORAX_PREFILL_PACK_GQA", "1") == "0" or group == 1 or not has_prefix or max_q > PACK_MAX_Q:
+        return False
+    return tile is None or (tile.block_m % group == 0 and tile.block_m >= group)
 
 
 @dataclass
@@ -390,6 +417,7 @@ class PackedLaunch:
     v_scale: float
     cache_fp8: bool
     max_k: Optional[int]
+    pack: int = 1  # query heads per program (`packs_heads`)
 
     def launch(self, min_rows: int, max_rows: int, max_q: int, max_cached: Optional[int], splits: Optional[int],
                tile: Optional[Tile] = None) -> None:
@@ -397,12 +425,13 @@ class PackedLaunch:
         of long prefixes (`max_cached` None: no split) and the splits' merge."""
         q, out = self.q, self.out
         T, H, D = q.shape
-        tile = tile or choose_tile(D, q.dtype, max_q, self.max_k if self.has_prefix else None)
-        tiles = triton.cdiv(max_q, tile.block_m)
+        tile = tile or choose_tile(D, q.dtype, max_q * self.pack, self.max_k if self.has_prefix else None)
+        tiles = triton.cdiv(max_q, tile.block_m // self.pack)
+        heads = H // self.pack  # programs along the grid's first axis: query heads, or KV heads when packed
         if not max_cached:
             splits = 1
         else:
-            splits = choose_splits(T, H, tiles, max_cached, max_q) if splits is None else splits
+            splits = choose_splits(T, heads, tiles, max_cached, max_q) if splits is None else splits
             splits = min(splits, MAX_SPLITS, max(1, max_cached // tile.block_n))
         split_len = 0
         if splits > 1:  # whole key steps per split; rounding up may leave fewer splits
@@ -417,7 +446,7 @@ class PackedLaunch:
             part_acc = part_max = part_sum = out  # not written
             part_strides = (0, 0, 0, 0, 0)
         k, v = self.k, self.v
-        varlen_prefill_kernel[(H, self.cu_seqlen_q.shape[0] - 1, tiles * splits)](
+        varlen_prefill_kernel[(heads, self.cu_seqlen_q.shape[0] - 1, tiles * splits)](
             q, k, v, out, self.cu_seqlen_q, self.cache_lengths, self.key_cache, self.value_cache, self.block_tables,
             part_acc, part_max, part_sum, self.scale * LOG2E, self.window, self.block_size, splits, split_len,
             min_rows, max_rows, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -425,7 +454,7 @@ class PackedLaunch:
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, HAS_PREFIX=self.has_prefix, NEW_IN_CACHE=self.new_in_cache,
             WINDOWED=self.windowed, ONE_LOOP=tile.one_loop, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             SPLIT_KV=splits > 1, cache_qk_scale=self.scale * self.k_scale * LOG2E, v_scale=self.v_scale,
-            CACHE_FP8=self.cache_fp8, num_warps=tile.num_warps, num_stages=tile.num_stages)
+            CACHE_FP8=self.cache_fp8, PACK=self.pack, num_warps=tile.num_warps, num_stages=tile.num_stages)
         if splits > 1:
             merge_splits_kernel[(T, H)](part_acc, part_max, part_sum, out, splits, *part_acc.stride()[:3],
                                         *part_max.stride()[:2], out.stride(0), out.stride(1), HEAD_DIM=D,
