@@ -269,6 +269,16 @@ class HostLaunchTimer:
         del self.runner.forward  # the class's method again
 
 
+def running_new_tokens(cfg, steps: int = 32) -> int:
+    """Tokens each running request of the chunked table may generate: enough to decode through the warm-up,
+    `steps` calls alone and every chunk step of the long prompt at the smallest chunk size (each step's chunk
+    is the budget less one token per running request). Fewer, and the running requests ended before the
+    prompt did: the last chunk steps then had no decode in them, and nothing made those calls wait for their
+    GPU work but the last one (measured: a 268 ms "TPOT" that was 30 chunk steps)."""
+    per_step = max(1, min(cfg["chunks"]) - cfg["running"])
+    return 4 + steps + 8 + -(-cfg["long"] // per_step) + 8
+
+
 def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
     vocab, steps = engine.config.vocab_size, 32
     running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
@@ -277,7 +287,7 @@ def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
     for mode in ("alone", *[f"chunks of {c}" for c in cfg["chunks"]], "one piece"):
         launches, events = [], []  # events: of the Decode calls after the chunked Prefill (times[1:])
         engine.clear()
-        batch = prefill(engine, blocks, 30, running, 4 * steps + 8)
+        batch = prefill(engine, blocks, 30, running, running_new_tokens(cfg))
         decode_times(engine, batch.id, 4)  # warm-up
         if mode == "alone":
             times = decode_times(engine, batch.id, steps, launches)
@@ -316,7 +326,7 @@ def profile_chunk(engine, blocks, cfg, chunk: int, host_profile: bool = False) -
     vocab = engine.config.vocab_size
     running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
     engine.clear()
-    batch = prefill(engine, blocks, 30, running, 4 * cfg["long"] // chunk + 8)
+    batch = prefill(engine, blocks, 30, running, running_new_tokens(cfg))
     engine.max_prefill_tokens = chunk
     prefill(engine, blocks, 31, {999: prompt(300, cfg["long"], vocab)}, 2, chunk_len=chunk, cached_batch_id=batch.id)
     decode_times(engine, batch.id, cfg["long"] // chunk // 2)
@@ -348,7 +358,7 @@ def profile_calls(engine, blocks, cfg, chunk: int, indices: Sequence[int]) -> No
     vocab = engine.config.vocab_size
     running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
     engine.clear()
-    batch = prefill(engine, blocks, 30, running, 4 * cfg["long"] // chunk + 8)
+    batch = prefill(engine, blocks, 30, running, running_new_tokens(cfg))
     decode_times(engine, batch.id, 4)
     engine.max_prefill_tokens = chunk
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -395,7 +405,8 @@ def build(args):
         model = FlashMixtralForCausalLM("", config, RandomWeights(fp8=args.fp8)).eval()
     free, _ = torch.cuda.mem_get_info()
     block_bytes = 2 * config.num_hidden_layers * model.num_kv_heads * model.head_dim * BLOCK_SIZE * 2
-    tokens = cfg["sharing"] * (cfg["prefix"] + cfg["own"]) + cfg["long"] + cfg["running"] * (cfg["context"] + 200)
+    tokens = (cfg["sharing"] * (cfg["prefix"] + cfg["own"]) + cfg["long"]
+              + cfg["running"] * (cfg["context"] + running_new_tokens(cfg)))
     blocks = min((free - (12 << 30)) // block_bytes, 2 * tokens // BLOCK_SIZE)
     engine = FlashCausalLM(model, synthetic_tokenizer(config.vocab_size), torch.bfloat16, "cuda", int(blocks),
                            BLOCK_SIZE)

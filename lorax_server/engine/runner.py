@@ -143,9 +143,18 @@ class BlockTables:
         self.tables.clear()
 
 
+# A copy from pageable memory is staged by the driver in small pieces, and a large one can make the host wait
+# for the stream to reach it: a chunk step's 135 KB block table (33 rows x 1025 blocks) waited for the step
+# before it. Lists this long go through page-locked memory (PyTorch's pinned-memory cache) instead.
+PINNED_COPY_VALUES = 4096
+
+
 def to_device(values: List[int], dtype: torch.dtype, device) -> torch.Tensor:
     """One host-to-device copy of a list of ints (the host does not wait for it)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    host = torch.tensor(values, dtype=dtype)
+    if len(values) >= PINNED_COPY_VALUES and torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 # Triton compiles a kernel anew for each pattern of which pointer arguments are 16-byte aligned. Slices of one

@@ -57,12 +57,12 @@ def test_chunks_run_alongside_running_decodes(engine, monkeypatch, ahead):
         out.add(results)
 
     # One forward pass for the decodes and each chunk, the running requests first, as they are in the batch.
-    # With steps launched ahead, the Prefill found the running requests' next token in flight already, so its
-    # pass ran the first chunk alone; no step is launched ahead while a request still prefills (that would
-    # make every step two passes over the weights).
-    first = [20] if ahead else [1, 1, 20]
-    assert counts[1:6] == [first, [1, 1, 22], [1, 1, 22], [1, 1, 22], [1, 1, 14]]
-    assert out.steps[2:6] == [[1, 2]] * 4 and out.steps[6] == [1, 2, 3]
+    # With steps launched ahead, the Prefill found the running requests' next token in flight already: it
+    # returns those and the chunks start at the next call, in its pass (a chunk alone would be a pass of its
+    # own); no step is launched ahead while a request still prefills (that would make every step two passes).
+    assert counts[1:] == [[1, 1, 20], [1, 1, 22], [1, 1, 22], [1, 1, 22], [1, 1, 14]]
+    chunk_calls = 5 if ahead else 4  # calls that give the running requests a token while the long one prefills
+    assert out.steps[2:2 + chunk_calls] == [[1, 2]] * chunk_calls and out.steps[2 + chunk_calls] == [1, 2, 3]
     for i in short:
         assert_same(out, alone[i], i, 9)
     assert_same(out, want, 3, 9)
