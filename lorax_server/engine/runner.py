@@ -224,7 +224,8 @@ class ModelRunner:
         return logits
 
     def warm_up_prefill(self, prefixes: Sequence[int] = (512, 1024), plain_tokens: Sequence[int] = PLAIN_WARM_UP,
-                        query_tokens: Sequence[int] = (16, 32, 64, 128)) -> None:
+                        query_tokens: Sequence[int] = (16, 32, 64, 128),
+                        beside_chunk: Sequence[int] = (1, 8, 16)) -> None:
         """Runs one prefill per kernel variant serving can meet, so that Triton compiles them here and not when
         the first such request arrives, stalling the whole batch for a second or more (measured on an H200:
         2.8 s for the first chunk on a cached prefix, 2.0 s for the first 1024-token chunk): prompts of
@@ -232,20 +233,28 @@ class ModelRunner:
         the 1024 tokens it takes; decode graphs cover only up to 512), then new tokens on cached prefixes
         (prefix caching, chunked prefill) at `query_tokens` rows: on 512 cached tokens one program per row tile
         (128 new tokens there take the long-prefix tile), on 1024 the prefix split over several (split-KV,
-        kernels/prefill_attention.py). Uses free blocks (which forget any prefix recorded in them) and gives
-        them back; call it with no batch alive, before any prefix is cached."""
+        kernels/prefill_attention.py); and, where the cache has room for two such sequences, a chunk beside
+        decodes (`beside_chunk` new tokens on a prefix, which take the attention's short-row launch: its tile
+        follows the shortest run, found on an H200 compiling 1.6 s into the first chunk step). Uses free blocks
+        (which forget any prefix recorded in them) and gives them back; call it with no batch alive, before any
+        prefix is cached."""
         longest = max([p + n for p in prefixes for n in query_tokens] + list(plain_tokens) + list(prefixes))
-        seq = PagedSequence(tokens=[0] * longest)
-        runs = [(0, n) for n in sorted({*plain_tokens, *prefixes})]
-        runs += [(p, n) for p in prefixes for n in query_tokens]
+        seq, other = PagedSequence(tokens=[0] * longest), PagedSequence(tokens=[0] * longest)
+        runs = [((0, n),) for n in sorted({*plain_tokens, *prefixes})]
+        runs += [((p, n),) for p in prefixes for n in query_tokens]
+        if len(self.cache.free_blocks) >= 2 * self.cache.blocks_for(longest):
+            runs += [((p, max(query_tokens)), (p, n)) for p in prefixes for n in beside_chunk]
         step_graphs, self.step_graphs = self.step_graphs, None  # the eager kernels (adapters' steps take them)
         try:
-            for cached, count in runs:
-                seq.cached = cached
-                self.forward([seq], [count], prefill=True)
+            for run in runs:
+                seqs = [seq, other][:len(run)]
+                for s, (cached, _) in zip(seqs, run):
+                    s.cached = cached
+                self.forward(seqs, [count for _, count in run], prefill=True)
         finally:
             self.step_graphs = step_graphs
             self.cache.free(seq.blocks)
+            self.cache.free(other.blocks)
 
     def forget_tables(self) -> None:
         """Drops the cached block tables (the engine is idle: no batch will need them again)."""

@@ -252,7 +252,7 @@ def test_kernel_warm_up_runs_every_prefill_tile_once_and_gives_the_blocks_back(e
     forward = engine.runner.forward
 
     def spy(seqs, counts, prefill, **kw):
-        runs.append((seqs[0].cached, counts[0]))
+        runs.append(tuple((s.cached, n) for s, n in zip(seqs, counts)))
         return forward(seqs, counts, prefill, **kw)
 
     monkeypatch.setattr(engine.runner, "forward", spy)
@@ -261,9 +261,14 @@ def test_kernel_warm_up_runs_every_prefill_tile_once_and_gives_the_blocks_back(e
     engine.warm_up_kernels(max_prefill_tokens=256)
     prefixes = [p for p in (512, 1024) if p + 128 <= room]
     assert prefixes, "the test engine's cache holds a 512-token prefix"
-    assert sorted({n for n in PLAIN_WARM_UP if n <= 256} | set(prefixes)) == [n for cached, n in runs if cached == 0]
+    alone = [run[0] for run in runs if len(run) == 1]
+    assert sorted({n for n in PLAIN_WARM_UP if n <= 256} | set(prefixes)) == [n for cached, n in alone if cached == 0]
     # new tokens on each prefix at every row tile; 128 rows on 512 cached: the long-prefix tile; on 1024: split-KV
-    assert [(p, n) for p in prefixes for n in (16, 32, 64, 128)] == [r for r in runs if r[0] > 0]
+    assert [(p, n) for p in prefixes for n in (16, 32, 64, 128)] == [r for r in alone if r[0] > 0]
+    # then a 128-token chunk beside a decode-sized run (the attention's short-row launch), where two fit
+    beside = [run for run in runs if len(run) == 2]
+    fits = len(engine.cache.free_blocks) >= 2 * engine.cache.blocks_for(max(prefixes) + 128)
+    assert beside == ([((p, 128), (p, n)) for p in prefixes for n in (1, 8, 16)] if fits else [])
     assert engine.cache.all_free and not engine.cache.contents and engine.kernels_warm
     runs.clear()
     engine.warm_up_kernels()  # a second Warmup: nothing to compile, and nothing written
