@@ -177,11 +177,14 @@ def test_split_kv_over_long_prefixes_matches_the_reference(splits, window):
     assert relative_error(got, problem.want(window)) < 1e-2
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["gqa-packed", "one-head-a-program"])
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("window", [None, 300])
-def test_decodes_beside_a_chunk_take_a_launch_of_their_own(splits, window, monkeypatch):
-    """Rows of at most SHORT_ROWS new tokens (decodes, a short prefix hit) beside a long chunk get 16-row tiles
-    in a second launch (min_q known); every row matches the reference, the long chunk's split merged or not."""
+def test_decodes_beside_a_chunk_take_a_launch_of_their_own(splits, window, packed, monkeypatch):
+    """Rows of at most SHORT_ROWS new tokens (decodes, a short prefix hit) beside a long chunk get tiles of their
+    own in a second launch (min_q known); every row matches the reference, the long chunk's split merged or not,
+    with the 4 query heads of a KV head packed into one program's rows (the default on a prefix) or not."""
+    monkeypatch.setenv("LORAX_PREFILL_PACK_GQA", "1" if packed else "0")
     launches = []
     launch = PackedLaunch.launch
 
