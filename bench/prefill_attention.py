@@ -52,8 +52,10 @@ class Case:
         s = self.seqlen
         if not self.cached:
             return lambda: varlen_prefill_attention(self.q, self.k, self.v, s.cu_seqlen_q, s.max_q, SCALE, tile=tile)
+        # max_cached and min_q as the engine passes them (Seqlen): split-KV over a long prefix is chosen from it
         return lambda: varlen_prefill_attention(self.q, self.k, self.v, s.cu_seqlen_q, s.max_q, SCALE, None,
-                                                s.cache_lengths, *self.cache, self.tables, s.max_k, tile=tile)
+                                                s.cache_lengths, *self.cache, self.tables, s.max_k, tile=tile,
+                                                max_cached=self.cached, min_q=self.new)
 
     def replaced(self):
         """The path the kernel replaced: SDPA per sequence (fresh) or the pure-torch reference (prefix)."""
