@@ -27,6 +27,13 @@ Workloads (TensorRT-LLM's table shapes, `--shapes 128x128 512x128 2048x128`, inp
   `--rate` req/s (default: 70% of the closed loop's request rate for that shape, measured in this run).
   Reported: TTFT (arrival to first token) and TPOT ((finish - first token) / (output - 1)), p50 and p99 over
   requests, and the achieved throughput.
+- with `--long-prompt N` (try 16384): the open loop's arrivals again, served with the router's chunked prefill
+  (Info.chunked_prefill: no waiting-served ratio; a new batch gets max_batch_prefill_tokens = `--chunk-tokens`
+  (256) less the running batch's next-step tokens, its last request chunked to fit, and joins the running
+  batch: Prefill with cached_batch), without and then with one N-token prompt arriving halfway. Reported: the
+  wall time of the Decode calls (the running requests' time per output token) over the whole run without it,
+  and over the calls that ran a chunk of the long prompt beside decodes, p50/p99/max, and the p99 ratio
+  (issue 15's target: at most 2x).
 - each again with `--adapters N` (try 64): N random rank-16 adapters on q/k/v/o of every layer, the first
   `--expert-adapters` (8) of them on every expert too, loaded into the engine's AdapterStore (stacked for
   the Triton LoRA kernels), requests spread uniformly at random over them. Base and adapter rows run on one
@@ -180,6 +187,7 @@ class Step:
     kind: str
     lengths: List[int]
     seconds: float
+    prefilling: Tuple[int, ...] = ()  # a decode call's requests that ran a chunk of their prompt in it
 
 
 @dataclass
@@ -220,8 +228,12 @@ class RouterLoop:
     """LoRAX's batching loop over one engine in this process (the policy is in the module docstring)."""
 
     def __init__(self, engine, max_batch_total_tokens: int, max_batch_prefill_tokens: int, max_batch: int,
-                 waiting_served_ratio: float = 1.2, max_waiting_tokens: int = 20, clock: Optional[Clock] = None):
+                 waiting_served_ratio: float = 1.2, max_waiting_tokens: int = 20, clock: Optional[Clock] = None,
+                 chunked: bool = False):
         self.engine = engine
+        # Info.chunked_prefill: prompts longer than the prefill budget are prefilled in chunks beside the running
+        # batch (`run_chunked`), as the router does then (infer.rs:1101-1110, scheduler.rs:421-456)
+        self.chunked = chunked
         self.total_tokens = max_batch_total_tokens
         self.prefill_tokens = max_batch_prefill_tokens
         self.max_batch = max_batch
@@ -237,7 +249,7 @@ class RouterLoop:
 
     def check(self, arrivals: Sequence[Arrival]) -> None:
         for a in arrivals:
-            if len(a.prompt) > self.prefill_tokens or self.cache_tokens(a) > self.total_tokens:
+            if (len(a.prompt) > self.prefill_tokens and not self.chunked) or self.cache_tokens(a) > self.total_tokens:
                 raise ValueError(f"a request of {len(a.prompt)} + {a.max_new_tokens} tokens never fits a batch of "
                                  f"{self.prefill_tokens} prefill tokens and {self.total_tokens} cache tokens")
 
@@ -249,6 +261,8 @@ class RouterLoop:
         pending, waiting = deque(sorted(arrivals, key=lambda a: a.at_s)), deque()
         running, waited = None, 0  # the running engine batch; decode steps since the last prefill
         self.clock.restart()
+        if self.chunked:
+            return self.run_chunked(pending, waiting)
         while pending or waiting or running is not None:
             waiting.extend(pending.popleft() for _ in range(self.clock.arrived(pending)))
             if running is None:
@@ -268,16 +282,49 @@ class RouterLoop:
         self.trace.wall_s = max(s.finish_s for s in self.trace.served.values())
         return self.trace
 
-    def next_batch(self, waiting: deque, min_size: Optional[int]) -> List[Arrival]:
-        """The longest prefix of the queue within the budgets, or nothing if it is shorter than `min_size`."""
+    def run_chunked(self, pending: deque, waiting: deque) -> Trace:
+        """The router's loop with chunked prefill: no waiting-served ratio; a new batch gets the prefill budget
+        less the tokens the running batch's next step runs (CachedBatch.current_tokens), its last request
+        chunked to fit; it is prefilled together with the running batch (Prefill with cached_batch), and the
+        merged batch is decoded in the same iteration (infer.rs:1087-1241)."""
+        self.engine.max_prefill_tokens = self.prefill_tokens  # as Warmup sets it (set_max_prefill_tokens)
+        running = None
+        try:
+            while pending or waiting or running is not None:
+                waiting.extend(pending.popleft() for _ in range(self.clock.arrived(pending)))
+                if running is None and not waiting:
+                    time.sleep(max(0.0, min(pending[0].at_s - self.clock.now(), 0.01)))
+                    continue
+                current = self.engine.batches[running.id].next_step_tokens if running is not None else 0
+                new = self.next_batch(waiting, None, max(0, self.prefill_tokens - current))
+                if new:
+                    running = self.prefill(new, running)
+                if running is not None:
+                    running = self.decode([running])
+        finally:
+            self.engine.max_prefill_tokens = None
+        self.trace.wall_s = max(s.finish_s for s in self.trace.served.values())
+        return self.trace
+
+    def next_batch(self, waiting: deque, min_size: Optional[int], budget: Optional[int] = None) -> List[Arrival]:
+        """The longest prefix of the queue within the budgets (`budget` prompt tokens, by default the prefill
+        budget), or nothing if it is shorter than `min_size`. With chunked prefill the first request past the
+        budget is taken too, with `chunk_len` the budget left (when any is)."""
+        budget = self.prefill_tokens if budget is None else budget
         held = sum(self.cache_tokens(self.trace.served[i].arrival) for i in self.live)
         room = None if not self.max_batch else self.max_batch - len(self.live)  # 0: no cap, as the router's default
         taken, prompt_tokens, cache_tokens = [], 0, held
+        self.chunk_len = None
         for a in itertools.islice(waiting, room):
-            prompt_tokens += len(a.prompt)
             cache_tokens += self.cache_tokens(a)
-            if prompt_tokens > self.prefill_tokens or cache_tokens > self.total_tokens:
+            if cache_tokens > self.total_tokens:
                 break
+            if prompt_tokens + len(a.prompt) > budget:
+                if self.chunked and budget > prompt_tokens:
+                    self.chunk_len = budget - prompt_tokens
+                    taken.append(a)
+                break
+            prompt_tokens += len(a.prompt)
             taken.append(a)
         if not taken or (min_size is not None and len(taken) < min_size):
             return []
@@ -285,22 +332,29 @@ class RouterLoop:
             waiting.popleft()
         return taken
 
-    def prefill(self, arrivals: List[Arrival]):
+    def prefill(self, arrivals: List[Arrival], cached=None):
+        """A new batch of these arrivals (the last one with `next_batch`'s chunk_len, if it set one), alone or
+        joining the running batch `cached` (chunked prefill: Prefill with cached_batch)."""
+        chunks = [None] * (len(arrivals) - 1) + [getattr(self, "chunk_len", None)]
         # A copy of each prompt: the engine's sequence is the list it is given, and it grows with each token.
         requests = [self.engine.new_request(a.request_id, list(a.prompt), GREEDY, a.max_new_tokens, ignore_eos=True,
-                                            adapter_index=a.adapter_index) for a in arrivals]
+                                            adapter_index=a.adapter_index, chunk_len=chunk)
+                    for a, chunk in zip(arrivals, chunks)]
         start = time.perf_counter()
-        results, batch = self.engine.prefill(next(self.batch_ids), requests)
-        self.trace.steps.append(Step("prefill", [len(a.prompt) for a in arrivals], time.perf_counter() - start))
+        results, batch = self.engine.prefill(next(self.batch_ids), requests,
+                                             cached_batch_id=None if cached is None else cached.id)
+        lengths = [chunk or len(a.prompt) for a, chunk in zip(arrivals, chunks)]
+        self.trace.steps.append(Step("prefill", lengths, time.perf_counter() - start))
         self.live += [a.request_id for a in arrivals]
         self.record(results)
         return batch
 
     def decode(self, batches: list):
         lengths = [len(s.arrival.prompt) + s.tokens for s in map(self.trace.served.get, self.live)]
+        prefilling = tuple(r.id for b in batches for r in self.engine.batches[b.id].requests if r.prefilling)
         start = time.perf_counter()
         results, batch = self.engine.decode([b.id for b in batches])
-        self.trace.steps.append(Step("decode", lengths, time.perf_counter() - start))
+        self.trace.steps.append(Step("decode", lengths, time.perf_counter() - start, prefilling))
         self.record(results)
         return batch
 
@@ -649,6 +703,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-batch", type=int,
                         help="most requests in the running batch (default 0: no cap, as the router's default)")
     parser.add_argument("--max-prefill-tokens", type=int, help="max_batch_prefill_tokens (default 16384)")
+    parser.add_argument("--long-prompt", type=int, default=0,
+                        help="also serve the open loop with chunked prefill, without and with one prompt of this "
+                             "many tokens arriving halfway (try 16384), and compare the running requests' TPOT")
+    parser.add_argument("--chunk-tokens", type=int, default=256,
+                        help="with --long-prompt: max_batch_prefill_tokens, which sizes the chunks")
     parser.add_argument("--waiting-served-ratio", type=float, default=1.2)
     parser.add_argument("--max-waiting-tokens", type=int, default=20)
     parser.add_argument("--spare-gib", type=float, default=6.0,
@@ -710,6 +769,37 @@ def run_workloads(args, loop: RouterLoop, warm: WarmUp, floor: Floor, model: str
     return records
 
 
+def long_prompt_rows(args, engine, warm: WarmUp, group, total_tokens: int, rate: float) -> List[List[str]]:
+    """Chunked prefill in the open loop (issue 15's target): the open loop's arrivals served with chunked
+    prefill and a prefill budget of --chunk-tokens, without and then with one --long-prompt-token request
+    arriving halfway. The running requests' time per output token is the wall time of the Decode calls: over
+    every call of the run without it, and over the calls that ran a chunk of the long prompt."""
+    loop = RouterLoop(engine, total_tokens, args.chunk_tokens, args.max_batch, clock=Clock(group, engine.device),
+                      chunked=True)
+    shape, vocab = parse_shape(args.open_shape), engine.config.vocab_size
+    warm(shape, [0])
+    arrivals = workload(shape, args.open_requests, rate, vocab, 0, 0, 99)
+    generator = torch.Generator().manual_seed(7)
+    long = Arrival(len(arrivals), arrivals[len(arrivals) // 2].at_s,
+                   torch.randint(FIRST_TOKEN, vocab, (args.long_prompt,), generator=generator).tolist(), shape[1])
+    rows, alone_p99 = [], None
+    for name, run in (("without it", arrivals), (f"with {args.long_prompt} tokens in chunks", arrivals + [long])):
+        trace = loop.run(run)
+        # with it: the calls that ran its chunk beside running decodes (alone, no request waits on them)
+        calls = [st.seconds * 1e3 for st in trace.steps if st.kind == "decode" and (
+            run is arrivals or (long.request_id in st.prefilling and len(st.lengths) > len(st.prefilling)))]
+        served = trace.served.get(long.request_id)
+        ttft = f"{served.first_token_s - long.at_s:.2f}" if run is not arrivals else "-"
+        if not calls:  # every request ended before the long prompt came (too low a rate)
+            rows.append([name, "0", "-", "-", "-", "-", ttft])
+            continue
+        p99 = percentile(calls, 99)
+        alone_p99 = alone_p99 or p99
+        rows.append([name, str(len(calls)), f"{statistics.median(calls):.1f}", f"{p99:.1f}", f"{max(calls):.1f}",
+                     f"{p99 / alone_p99:.2f}x", ttft])
+    return rows
+
+
 def open_rate(args, closed: Dict[tuple, dict]) -> float:
     """--rate, else the base open loop's rate, else 70% of the closed loop's request rate for the open shape."""
     if args.rate:
@@ -748,6 +838,10 @@ def main(argv=None) -> List[dict]:
             engine.adapters.publish(adapters)
             base = {(r["mode"], r["shape"]): r for r in records}
             records += run_workloads(args, loop, warm, floor, f"{args.adapters} adapters", adapter_kinds(args), base)
+        long_rows = None
+        if args.long_prompt and args.open_requests:
+            closed = {(r["mode"], r["shape"]): r for r in records if r["model"] == "base"}
+            long_rows = long_prompt_rows(args, engine, warm, group, total_tokens, open_rate(args, closed))
     card = "CPU" if args.smoke else f"{torch.cuda.get_device_name()} x{args.tp}"
     meta = dict(card=card, layers=engine.config.num_hidden_layers, tp=args.tp, fp8=args.fp8, expert_adapters=args.expert_adapters,
                 lora_rank=LORA_RANK, kv_tokens=total_tokens, max_batch=args.max_batch,
@@ -763,6 +857,11 @@ def main(argv=None) -> List[dict]:
                               f"{ceilings.matmul / 1e12:.3g} TFLOP/s; {notes}; max batch {args.max_batch}, prefill "
                               f"{args.max_prefill_tokens} tokens, waiting_served_ratio {args.waiting_served_ratio}, "
                               f"max_waiting_tokens {args.max_waiting_tokens}")
+        if long_rows:
+            print_table(f"Chunked prefill in the open loop ({args.open_shape}): a {args.long_prompt}-token prompt "
+                        f"arriving halfway, max_batch_prefill_tokens {args.chunk_tokens}; decode calls' wall ms",
+                        ["run", "decode calls", "p50 ms", "p99 ms", "max ms", "p99 / without", "its TTFT s"],
+                        long_rows)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

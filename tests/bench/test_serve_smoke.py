@@ -92,3 +92,37 @@ def check_budgets(trace, cache_tokens: int, block: int, total: int, args) -> Non
             assert sum(step.lengths) <= args.max_prefill_tokens
         else:
             assert len(step.lengths) * held <= total
+
+
+def test_smoke_chunked_prefill_of_a_long_prompt_in_the_open_loop(threads, capsys):
+    """--long-prompt: the open loop again with the router's chunked prefill (a prefill budget of --chunk-tokens,
+    the long prompt joining the running batch in chunks), without and with it; its chunks ran beside decodes."""
+    serve.main(["--smoke", "--shapes", "16x8", "--requests", "4", "--open-requests", "8", "--rate", "400",
+                "--long-prompt", "150", "--chunk-tokens", "48"])
+    out = capsys.readouterr().out
+    assert "Chunked prefill in the open loop" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()
+            if line.startswith("| without it") or line.startswith("| with 150 tokens in chunks")}
+    assert set(rows) == {"without it", "with 150 tokens in chunks"}
+    assert int(rows["with 150 tokens in chunks"][0]) > 0  # decode calls that ran a chunk beside decodes
+    assert float(rows["with 150 tokens in chunks"][-1]) > 0  # the long prompt's TTFT
+
+
+def test_the_chunked_router_loop_serves_a_prompt_longer_than_the_prefill_budget(threads):
+    """RouterLoop(chunked=True): a 150-token prompt under a 48-token budget is prefilled in chunks (no prefill
+    call runs more than the budget), beside running requests that keep getting tokens, and every request makes
+    exactly its output length."""
+    args = serve.parse_args(["--smoke"])
+    engine = serve.smoke_engine(args, 1)
+    total = (engine.cache.num_blocks - 1) * engine.cache.block_size
+    loop = serve.RouterLoop(engine, total, 48, 8, chunked=True)
+    vocab = engine.config.vocab_size
+    arrivals = serve.workload((16, 8), 4, None, vocab, 0, 0, 5)
+    arrivals.append(serve.Arrival(4, 0.0, torch.randint(3, vocab, (150,)).tolist(), 4))
+    with torch.no_grad():
+        trace = loop.run(arrivals)
+    assert all(s.exact for s in trace.served.values())
+    assert all(sum(st.lengths) <= 48 for st in trace.steps if st.kind == "prefill")
+    beside = [st for st in trace.steps if st.kind == "decode" and 4 in st.prefilling and len(st.lengths) > 1]
+    assert beside, "a chunk of the long prompt ran beside decoding requests"
+    assert engine.max_prefill_tokens is None and engine.cache.all_free
