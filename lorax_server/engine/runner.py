@@ -201,7 +201,7 @@ class ModelRunner:
         self.step_graphs = None  # prefill and mixed steps in pieces between attentions (engine.step_graphs)
         if device.type == "cuda" and os.getenv("LORAX_CUDA_GRAPHS", "1") != "0":
             self.graphs = DecodeGraphs(model, cache.layers, cache.block_size, model.config.max_position_embeddings)
-            if step_graphs_enabled():
+            if step_graphs_enabled(model.lm_head.process_group.size()):
                 self.step_graphs = StepGraphs(model, cache.layers)
 
     def forward(self, seqs: Sequence[PagedSequence], new_counts: Sequence[int], prefill: bool,

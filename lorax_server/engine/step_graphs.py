@@ -33,11 +33,16 @@ logger = logging.getLogger(__name__)
 TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
 
-def enabled_by_env() -> bool:
-    """On with CUDA graphs unless LORAX_STEP_GRAPHS=0. On an H200 (session 7) they cut a chunk step's host
-    launch from 31 to 7.7 ms (chunks of 128 beside 32 decodes), and its wall time from 36.3 to 35.2 ms p50:
-    the step is now bound by the GPU, not by the host (docs/PERF.md)."""
-    return os.getenv("LORAX_STEP_GRAPHS", "1") != "0"
+def enabled_by_env(world_size: int = 1) -> bool:
+    """On with CUDA graphs on one GPU unless LORAX_STEP_GRAPHS=0. On an H200 (session 7) they cut a chunk
+    step's host launch from 31 to 7.7 ms (chunks of 128 beside 32 decodes), and its wall time from 36.3 to 35.2
+    ms p50: the step is now bound by the GPU, not by the host (docs/PERF.md). Sharded (tensor or expert
+    parallel) only with LORAX_STEP_GRAPHS=1: the pieces capture the layers' all-reduces, and that has not run on
+    two GPUs yet (a rank whose capture fails would also run eagerly while the others replay)."""
+    setting = os.getenv("LORAX_STEP_GRAPHS")
+    if setting is not None:
+        return setting != "0"
+    return world_size == 1
 
 
 @dataclass

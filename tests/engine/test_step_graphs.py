@@ -8,7 +8,7 @@ import torch
 from lorax_server.cli import DEFAULT_MODEL_DIR
 from lorax_server.engine.cache import PagedSequence
 from lorax_server.engine.runner import pack
-from lorax_server.engine.step_graphs import StepGraphs
+from lorax_server.engine.step_graphs import StepGraphs, enabled_by_env
 from lorax_server.models import get_model
 
 
@@ -91,3 +91,14 @@ def test_buckets_share_one_set_of_buffers_and_a_new_one_starts_with_no_slot(engi
     assert large.q_and_k.data_ptr() == small.q_and_k.data_ptr()
     assert (large.slots == -1).all()
     engine.clear()
+
+
+def test_on_by_default_on_one_gpu_and_sharded_only_when_asked(monkeypatch):
+    """The runner builds them with CUDA graphs (never on the CPU); sharded runs capture all-reduces in the
+    pieces, which has not run on two GPUs, so there they wait for LORAX_STEP_GRAPHS=1."""
+    monkeypatch.delenv("LORAX_STEP_GRAPHS", raising=False)
+    assert enabled_by_env(1) and not enabled_by_env(2)
+    monkeypatch.setenv("LORAX_STEP_GRAPHS", "1")
+    assert enabled_by_env(1) and enabled_by_env(2)
+    monkeypatch.setenv("LORAX_STEP_GRAPHS", "0")
+    assert not enabled_by_env(1) and not enabled_by_env(2)
