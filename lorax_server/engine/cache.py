@@ -28,11 +28,14 @@ class BlockInUse(ValueError):
     """Blocks named by the router that this server already gave to another request."""
 
 
-def block_hashes(tokens: Sequence[int], adapter_index: int, block_size: int, num_blocks: int) -> List[int]:
+def block_hashes(tokens: Sequence[int], adapter_index: int, block_size: int, num_blocks: int,
+                 known: Sequence[int] = ()) -> List[int]:
     """The hash of each of the first `num_blocks` full blocks of `tokens`: block i's hash covers every token
-    up to the end of block i and the adapter (whose LoRA changes K/V), as the router's prefix trie keys them."""
-    hashes, previous = [], hash(("adapter", adapter_index))
-    for i in range(num_blocks):
+    up to the end of block i and the adapter (whose LoRA changes K/V), as the router's prefix trie keys them.
+    `known`: the hashes of the first blocks, computed before from the same tokens (a sequence only grows)."""
+    hashes = list(known[:num_blocks])
+    previous = hashes[-1] if hashes else hash(("adapter", adapter_index))
+    for i in range(len(hashes), num_blocks):
         previous = hash((previous, tuple(tokens[i * block_size:(i + 1) * block_size])))
         hashes.append(previous)
     return hashes
@@ -136,7 +139,9 @@ class PagedKVCache:
     def record(self, seq: "PagedSequence", upto: int) -> None:
         """The K/V of `seq`'s tokens [0, upto) are in its blocks: remember every full block of them."""
         full = min(upto // self.block_size, len(seq.blocks))
-        for block, h in zip(seq.blocks, block_hashes(seq.tokens, seq.adapter_index, self.block_size, full)):
+        if len(seq.hashes) < full:  # only the blocks filled since the last call are hashed (a chunk each step)
+            seq.hashes = block_hashes(seq.tokens, seq.adapter_index, self.block_size, full, seq.hashes)
+        for block, h in zip(seq.blocks[:full], seq.hashes):
             if block not in self.reserved:
                 self.contents[block] = h
 
@@ -149,6 +154,7 @@ class PagedSequence:
     adapter_index: int = 0
     cached: int = 0
     blocks: List[int] = field(default_factory=list)
+    hashes: List[int] = field(default_factory=list)  # `block_hashes` of its full blocks, as far as recorded
 
     def reserve(self, cache: PagedKVCache, total_tokens: int) -> None:
         """Grows the block list so that `total_tokens` fit."""

@@ -239,6 +239,35 @@ def test_block_contents_follow_the_writes():
     assert cache.cached_prefix(twin, 4) == 0  # handed out again: no longer
 
 
+def test_recording_chunk_by_chunk_hashes_each_block_once_and_records_what_one_call_would():
+    """A prompt prefilled in chunks is recorded after every chunk: the blocks hashed before are not hashed again
+    (a 16k-token prompt rehashed 1024 blocks a step), and the record is the one a single call makes."""
+    from lorax_server.engine import cache as cache_module
+    from lorax_server.engine.cache import PagedSequence
+
+    tokens = list(range(10, 60))
+    one = PagedKVCache(1, 16, 4, 1, 2, torch.float32, "cpu")
+    seq = PagedSequence(list(tokens), blocks=one.allocate(13))
+    one.record(seq, 50)
+    chunked = PagedKVCache(1, 16, 4, 1, 2, torch.float32, "cpu")
+    seq = PagedSequence(list(tokens), blocks=list(seq.blocks))
+    chunked.allocate(13)
+    hashed = []
+    real = cache_module.block_hashes
+
+    def counting(tokens, adapter_index, block_size, num_blocks, known=()):
+        hashed.append(num_blocks - len(known))
+        return real(tokens, adapter_index, block_size, num_blocks, known)
+    cache_module.block_hashes = counting
+    try:
+        for upto in (9, 9, 22, 37, 50):
+            chunked.record(seq, upto)
+    finally:
+        cache_module.block_hashes = real
+    assert chunked.contents == one.contents and len(one.contents) == 12
+    assert sum(hashed) == 12  # each full block once
+
+
 def test_kernel_warm_up_runs_every_prefill_tile_once_and_gives_the_blocks_back(engine, monkeypatch):
     """Warmup compiles the prefill kernels of short prompts and cached prefixes, up to the router's prefill
     budget (on a GPU the first such request would otherwise stall its batch on a Triton compile); it runs once
