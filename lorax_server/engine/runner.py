@@ -216,6 +216,9 @@ class ModelRunner:
         logits = None
         if not prefill and self.graphs is not None:
             logits = self.graphs.run(batch, adapter_data, self.adapters.stacks)
+            if logits is None and self.step_graphs is not None and adapter_data is None:
+                # a batch above the decode graphs' largest bucket (512 rows) would otherwise launch eagerly
+                logits = self.step_graphs.run(batch)
         elif prefill and self.step_graphs is not None and adapter_data is None and not all_logits:
             logits = self.step_graphs.run(batch)
         if logits is None:

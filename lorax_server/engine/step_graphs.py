@@ -1,4 +1,5 @@
-"""CUDA graphs for prefill and mixed steps, in pieces: everything but the attention.
+"""CUDA graphs for prefill and mixed steps (and decode steps above the decode graphs' 512 rows), in pieces:
+everything but the attention.
 
 A chunk of a long prompt beside running decodes, or new tokens on a cached prefix, is a step of a few hundred
 tokens that is launched eagerly: about 300 Triton and 1000 torch launches for 32 layers. On the H200 machine
@@ -12,7 +13,8 @@ depends only on how many tokens there are. So the step is cut at each attention.
 The attention runs eagerly between replays. It reads q, k and v from static buffers and writes its output to
 one. Padding tokens (bucket minus T) write no cache slot and belong to no sequence: their rows are computed
 and never read. Not for steps with adapters, prompt logprobs or more tokens than the largest bucket (those
-run eagerly).
+run eagerly). A decode step of 513-1024 rows, which the decode graphs do not hold, runs here too: its
+attention is the paged decode kernel, the same between the pieces as inside a decode graph.
 
 Without CUDA (`capture=False`) the same pieces run eagerly over the same static buffers, which is how the CPU
 tests check the cut and the padding against the whole forward.
@@ -91,8 +93,8 @@ class StepGraphs:
         return len(self.steps)
 
     def run(self, batch) -> Optional[torch.Tensor]:
-        """Logits of this prefill or mixed step (a runner.ForwardBatch, no adapters, last-token logits), or None
-        when it must run eagerly."""
+        """Logits of this prefill, mixed or decode step (a runner.ForwardBatch, no adapters, last-token logits),
+        or None when it must run eagerly. (Decode steps come here above the decode graphs' largest bucket.)"""
         tokens = batch.input_ids.shape[0]
         size = self.bucket(tokens)
         if size is None or batch.lm_head_indices is None:

@@ -102,3 +102,27 @@ def test_on_by_default_on_one_gpu_and_sharded_only_when_asked(monkeypatch):
     assert enabled_by_env(1) and enabled_by_env(2)
     monkeypatch.setenv("LORAX_STEP_GRAPHS", "0")
     assert not enabled_by_env(1) and not enabled_by_env(2)
+
+
+def test_a_decode_step_through_the_pieces_gives_the_whole_forwards_logits_and_cache(engine):
+    """Decode steps above the decode graphs' buckets go through the pieces (runner.forward): one new token per
+    sequence, the paged decode attention between the pieces, padded to the bucket."""
+    from lorax_server.engine.runner import BlockTables, pack_decode
+
+    engine.clear()
+    seqs = sequences(engine, [(30, 29), (25, 24), (61, 60), (12, 11), (40, 39)])
+    batch = pack_decode(seqs, engine.cache, "cpu", BlockTables())
+    before = [(k.clone(), v.clone()) for k, v in engine.cache.layers]
+    whole, _ = engine.model(**batch.model_inputs(engine.cache.layers))
+    after_whole = [(k.clone(), v.clone()) for k, v in engine.cache.layers]
+    for (k, v), (k0, v0) in zip(engine.cache.layers, before):
+        k.copy_(k0)
+        v.copy_(v0)
+    graphs = StepGraphs(engine.model, engine.cache.layers, capture=False, buckets=(8, 16))
+    pieces = graphs.run(batch)
+    assert list(graphs.steps) == [8] and pieces.shape == whole.shape
+    torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
+    for (k1, v1), (k2, v2) in zip(after_whole, engine.cache.layers):
+        torch.testing.assert_close(k2, k1, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-5)
+    engine.clear()

@@ -69,3 +69,36 @@ def test_chunked_prefill_through_the_engine_gives_the_same_greedy_tokens():
                 tokens.setdefault(r.request_id, []).append(r.token.id)
         outputs.append(tokens)
     assert outputs[0] == outputs[1]
+
+
+def test_a_decode_batch_above_the_decode_graphs_runs_through_the_pieces():
+    """600 rows: more than the decode graphs' 512, so each decode step is replayed from the pieces (padded to
+    640) with the paged decode attention between them; the greedy tokens are those of eager steps (float32)."""
+    outputs = []
+    for replayed in (False, True):
+        model = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=256 << 20)
+        replays = []
+        if replayed:
+            graphs = model.runner.step_graphs = StepGraphs(model.model, model.cache.layers)
+            assert graphs.prepare() > 0 and not graphs.broken
+            run = graphs.run
+
+            def counted(batch):
+                logits = run(batch)
+                replays.append((batch.input_ids.shape[0], logits is not None))
+                return logits
+            graphs.run = counted
+        else:
+            model.runner.step_graphs = None
+        prompts = {i: [3 + i % 400, 5 + i % 7, 9] for i in range(600)}
+        requests = [model.new_request(i, ids, SamplingParams(), 4, ignore_eos=True) for i, ids in prompts.items()]
+        _, batch = model.prefill(1, requests)
+        tokens = {}
+        while batch is not None:
+            step, batch = model.decode([batch.id])
+            for r in step:
+                tokens.setdefault(r.request_id, []).append(r.token.id)
+        if replayed:  # every decode step of the 600 rows came from the pieces
+            assert replays.count((600, True)) >= 3 and all(done for n, done in replays if n <= 1024)
+        outputs.append(tokens)
+    assert outputs[0] == outputs[1]
