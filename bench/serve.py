@@ -593,7 +593,7 @@ class WarmUp:
             key = graphs.bucket(1, attended)
             if key is not None:
                 contexts.setdefault(key[1], attended)
-        most = self.max_batch or BATCH_BUCKETS[-1]  # no cap: every bucket (larger batches run eagerly)
+        most = self.max_batch or BATCH_BUCKETS[-1]  # no cap: every bucket (larger batches: the step graphs' pieces)
         buckets = sorted({key[0] for b in range(1, most + 1) if (key := graphs.bucket(b, prompt + 1))})
         for rows, (context, attended) in itertools.product(buckets, contexts.items()):
             self.once(("graph", rows, context, adapter), lambda: self.decode_once(rows, attended, adapter))
