@@ -61,6 +61,7 @@ class Request:
     grammar: object = None  # its place in its JSON schema (engine.grammar.GrammarState), for structured output
     cache_len: int = 0  # prompt tokens the router says its blocks already hold (prefix caching)
     next_chunk: Optional[int] = None  # prompt tokens its next prefill step runs (chunked prefill); None: the rest
+    deferred: bool = False  # its chunk waited for the next pass (FlashCausalLM.prefill_step's defer_chunks)
     prompt_logprobs: Optional[List[float]] = None  # with prefill_logprobs: each prompt token's, chunk by chunk
 
     @property

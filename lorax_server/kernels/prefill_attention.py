@@ -389,6 +389,10 @@ def packs_heads(group: int, has_prefix: bool, max_q: int, tile: Optional[Tile]) 
     `group` times. LORAX_PREFILL_PACK_GQA=0 turns it off."""
     if os.getenv("LORAX_PREFILL_PACK_GQA", "1") == "0" or group == 1 or not has_prefix or max_q > PACK_MAX_Q:
         return False
+    # A tile's rows must hold whole tokens (BLOCK_M a multiple of the group): the tiles have power-of-two rows,
+    # 16 at least, so groups of 3 or 6 (Mixtral-8x22B: 48 / 8 heads) take one head a program.
+    if group & (group - 1) or group > 16:
+        return False
     return tile is None or (tile.block_m % group == 0 and tile.block_m >= group)
 
 

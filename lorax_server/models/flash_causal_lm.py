@@ -251,6 +251,13 @@ class FlashCausalLM:
         decoding = [r for r in requests if not r.prefilling]
         defer_chunks = bool(decoding) and all(r.ahead is not None for r in decoding)
         run = [r for r in requests if (r.prefilling and not defer_chunks) or (not r.prefilling and r.ahead is None)]
+        was_deferred = any(r.deferred for r in requests if r.prefilling)
+        for r in requests:
+            r.deferred = defer_chunks and r.prefilling
+        if was_deferred and not defer_chunks and self.step_tokens(run) > (self.max_prefill_tokens or math.inf):
+            # A deferred chunk beside the next Prefill's, which the router budgeted apart (its eager prefill keeps
+            # one budget for back-to-back Prefills): one pass takes one budget, the newest requests first.
+            self.plan_chunks(requests)
         if run:
             counts = [r.chunk if r.prefilling else 1 for r in run]
             starts = [r.seq.cached for r in run]
@@ -283,6 +290,10 @@ class FlashCausalLM:
         if not defer_chunks:  # a deferred chunk stays as the router sized it (chunk_len)
             self.plan_chunks(requests)
         return results
+
+    @staticmethod
+    def step_tokens(run: List[Request]) -> int:
+        return sum(r.chunk if r.prefilling else 1 for r in run)
 
     def plan_chunks(self, requests: List[Request]) -> None:
         """The next chunk of each request still prefilling, as upstream sizes it after a prefill step

@@ -68,6 +68,35 @@ def test_chunks_run_alongside_running_decodes(engine, monkeypatch, ahead):
     assert_same(out, want, 3, 9)
 
 
+def test_back_to_back_prefills_with_a_deferred_chunk_take_one_budget_a_pass(engine, monkeypatch):
+    """The router's eager prefill keeps one prefill budget for back-to-back Prefills with cached_batch. With steps
+    launched ahead the first Prefill's prompt waits for the next pass (its running requests already have their
+    token), so the second Prefill's pass would run both prompts: it is planned to one budget instead (the newest
+    request first, the other continuing in the next step), and every output equals the request's alone."""
+    monkeypatch.setattr(engine, "decode_ahead", True)
+    short = {1: tail(8, 6), 2: tail(9, 11)}
+    a_ids, b_ids = tail(11, 20), tail(12, 20)
+    want = {i: full_prefill(engine, ids, new=12 if i < 3 else 4) for i, ids in [*short.items(), (3, a_ids), (4, b_ids)]}
+    engine.max_prefill_tokens = 24
+    counts = forward_counts(engine, monkeypatch)
+    out = Outputs()
+    results, running = engine.prefill(1, [request(engine, i, ids, new=12) for i, ids in short.items()],
+                                      {i: blocks_for(engine, ids, 12, 10 * i) for i, ids in short.items()})
+    out.add(results)
+    results, running = engine.decode([running.id])
+    out.add(results)
+    for rid, ids, first in ((3, a_ids, 40), (4, b_ids, 60)):  # each within the router's budget: 24 - 2 decodes
+        results, running = engine.prefill(rid, [request(engine, rid, ids, new=4)], {rid: blocks_for(engine, ids, 4, first)},
+                                          cached_batch_id=running.id)
+        out.add(results)
+    while running is not None:
+        results, running = engine.decode([running.id])
+        out.add(results)
+    assert max(sum(c) for c in counts[1:]) <= 24, counts
+    for rid, alone in want.items():
+        assert_same(out, alone, rid, 9)
+
+
 def test_a_chunked_prompt_after_a_prefix_hit(engine, monkeypatch):
     """cache_len and chunk_len together (the router sends both, scheduler.rs:420-442): the chunks start after
     the cached prefix."""

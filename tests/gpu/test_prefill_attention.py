@@ -132,6 +132,17 @@ def test_prefix_prefill_with_gqa_and_head_dims(heads, kv_heads, head_dim):
     assert relative_error(problem.run(300), problem.want(300)) < 1e-2
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(32, 8), (16, 2), (12, 4), (48, 8), (8, 8)])
+def test_every_row_is_right_whether_or_not_the_group_packs(heads, kv_heads):
+    """Float32, every element against the reference (a few wrong rows hide in a relative norm): groups of 4 and 8
+    pack their heads into one program's rows; groups of 3 and 6 (Mixtral-8x22B) cannot fill power-of-two tiles
+    with whole tokens and take one head a program."""
+    problem = PrefixProblem([130, 5, 1, 24], [70, 1000, 600, 0], 16, heads, kv_heads, 64, torch.float32)
+    for kwargs in ({}, {"max_cached": 1000, "min_q": 1}):
+        got, want = problem.run(None, **kwargs), problem.want(None)
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("window", [None, 1000])
 def test_short_chunks_on_long_prefixes(window):
     """A few new tokens each over thousands of cached ones: the kernel takes a short row tile."""
