@@ -244,20 +244,7 @@ class FlashCausalLM:
         the requests that chose a token: a request whose prompt is not complete yet has none (as upstream)."""
         if self.steps_ahead.in_flight(requests):
             self.steps_ahead.collect()
-        # The requests that decode already have this step's token from a step launched ahead (a Prefill with a
-        # cached batch that was decoding): a chunk run now would be a pass over the weights of its own, which the
-        # next call, computing the decodes' next token, would wait for. The chunks start at that next call, in
-        # its pass (measured on an H200: the call after such a lone chunk took 52-60 ms against 36-42).
-        decoding = [r for r in requests if not r.prefilling]
-        defer_chunks = bool(decoding) and all(r.ahead is not None for r in decoding)
-        run = [r for r in requests if (r.prefilling and not defer_chunks) or (not r.prefilling and r.ahead is None)]
-        was_deferred = any(r.deferred for r in requests if r.prefilling)
-        for r in requests:
-            r.deferred = defer_chunks and r.prefilling
-        if was_deferred and not defer_chunks and self.step_tokens(run) > (self.max_prefill_tokens or math.inf):
-            # A deferred chunk beside the next Prefill's, which the router budgeted apart (its eager prefill keeps
-            # one budget for back-to-back Prefills): one pass takes one budget, the newest requests first.
-            self.plan_chunks(requests)
+        run, defer_chunks = self.this_pass(requests)
         if run:
             counts = [r.chunk if r.prefilling else 1 for r in run]
             starts = [r.seq.cached for r in run]
@@ -290,6 +277,25 @@ class FlashCausalLM:
         if not defer_chunks:  # a deferred chunk stays as the router sized it (chunk_len)
             self.plan_chunks(requests)
         return results
+
+    def this_pass(self, requests: List[Request]) -> Tuple[List[Request], bool]:
+        """The requests this step's forward pass runs, and whether the prompts' chunks wait for the next pass.
+
+        They wait when every decoding request already has this step's token from a step launched ahead (a
+        Prefill with a cached batch that was decoding): run now, the chunks would be a pass over the weights of
+        their own, which the next call, computing the decodes' next token, would wait for (measured on an H200:
+        the call after such a lone chunk took 52-60 ms against 36-42). A deferred chunk may then meet the next
+        Prefill's in one pass, which the router budgeted apart (its eager prefill keeps one budget for
+        back-to-back Prefills): that pass is planned to one budget, the newest requests first."""
+        decoding = [r for r in requests if not r.prefilling]
+        defer = bool(decoding) and all(r.ahead is not None for r in decoding)
+        run = [r for r in requests if (r.prefilling and not defer) or (not r.prefilling and r.ahead is None)]
+        was_deferred = any(r.deferred for r in requests if r.prefilling)
+        for r in requests:
+            r.deferred = defer and r.prefilling
+        if was_deferred and not defer and self.step_tokens(run) > (self.max_prefill_tokens or math.inf):
+            self.plan_chunks(requests)
+        return run, defer
 
     @staticmethod
     def step_tokens(run: List[Request]) -> int:
