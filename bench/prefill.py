@@ -279,15 +279,28 @@ def running_new_tokens(cfg, steps: int = 32) -> int:
     return 4 + steps + 8 + -(-cfg["long"] // per_step) + 8
 
 
+def running_batch(engine, blocks, cfg):
+    """The chunked table's running requests, prefilled on a cleared engine: its batch."""
+    vocab = engine.config.vocab_size
+    running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
+    engine.clear()
+    return prefill(engine, blocks, 30, running, running_new_tokens(cfg))
+
+
+PROFILED = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+
+
+def gpu_busy_ms(events) -> float:
+    return sum(e.self_device_time_total for e in events) / 1e3
+
+
 def chunked_rows(engine, blocks, cfg) -> List[List[str]]:
     vocab, steps = engine.config.vocab_size, 32
-    running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
     long = prompt(300, cfg["long"], vocab)
     rows = []
     for mode in ("alone", *[f"chunks of {c}" for c in cfg["chunks"]], "one piece"):
         launches, events = [], []  # events: of the Decode calls after the chunked Prefill (times[1:])
-        engine.clear()
-        batch = prefill(engine, blocks, 30, running, running_new_tokens(cfg))
+        batch = running_batch(engine, blocks, cfg)
         decode_times(engine, batch.id, 4)  # warm-up
         if mode == "alone":
             times = decode_times(engine, batch.id, steps, launches)
@@ -324,14 +337,11 @@ def profile_chunk(engine, blocks, cfg, chunk: int, host_profile: bool = False) -
     and how much of the step's wall time the GPU was busy (the rest is the host launching); with
     `host_profile`, also where the host's time goes over the next few such steps (cProfile)."""
     vocab = engine.config.vocab_size
-    running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
-    engine.clear()
-    batch = prefill(engine, blocks, 30, running, running_new_tokens(cfg))
+    batch = running_batch(engine, blocks, cfg)
     engine.max_prefill_tokens = chunk
     prefill(engine, blocks, 31, {999: prompt(300, cfg["long"], vocab)}, 2, chunk_len=chunk, cached_batch_id=batch.id)
     decode_times(engine, batch.id, cfg["long"] // chunk // 2)
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=PROFILED) as prof:
         (wall,) = decode_times(engine, batch.id, 1)
     if host_profile:
         profiler = cProfile.Profile()
@@ -341,7 +351,7 @@ def profile_chunk(engine, blocks, cfg, chunk: int, host_profile: bool = False) -
     engine.max_prefill_tokens = None
     engine.clear()
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e3
+    busy = gpu_busy_ms(events)
     print(f"\none step with a {chunk}-token chunk at prefix {cfg['long'] // 2} beside {cfg['running']} decodes: "
           f"wall {wall * 1e3:.1f} ms (profiled), GPU busy {busy:.1f} ms")
     print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
@@ -356,16 +366,13 @@ def profile_calls(engine, blocks, cfg, chunk: int, indices: Sequence[int]) -> No
     among them: a synchronisation or a blocking copy shows there) and kernels: for calls slower than their
     neighbours at the same index run after run."""
     vocab = engine.config.vocab_size
-    running = {i: prompt(200 + i, cfg["context"], vocab) for i in range(cfg["running"])}
-    engine.clear()
-    batch = prefill(engine, blocks, 30, running, running_new_tokens(cfg))
+    batch = running_batch(engine, blocks, cfg)
     decode_times(engine, batch.id, 4)
     engine.max_prefill_tokens = chunk
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     call = 0
     while call == 0 or any(r.prefilling for r in engine.batches[batch.id].requests):
         profiled = call in indices
-        with torch.profiler.profile(activities=activities) if profiled else contextlib.nullcontext() as prof:
+        with torch.profiler.profile(activities=PROFILED) if profiled else contextlib.nullcontext() as prof:
             start = time.perf_counter()
             if call == 0:
                 prefill(engine, blocks, 31, {999: prompt(300, cfg["long"], vocab)}, 2, chunk_len=chunk,
@@ -375,7 +382,7 @@ def profile_calls(engine, blocks, cfg, chunk: int, indices: Sequence[int]) -> No
             wall = time.perf_counter() - start
         if profiled:
             events = prof.key_averages()
-            busy = sum(e.self_device_time_total for e in events) / 1e3
+            busy = gpu_busy_ms(events)
             print(f"\ncall {call} (chunks of {chunk}): wall {wall * 1e3:.1f} ms (profiled), GPU busy {busy:.1f} ms")
             print(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
             print(events.table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=50))

@@ -12,6 +12,17 @@ from tests.engine.test_prefix_cache import (
 from tests.engine.test_prefix_cache import empty_cache, engine  # noqa: F401 (fixtures)
 
 LONG = tail(7, 100)
+SHORT = {1: tail(8, 6), 2: tail(9, 11)}  # two requests decoding when a longer prompt arrives
+
+
+def two_decoding(engine, out: Outputs):
+    """SHORT prefilled (12 new tokens each) and decoded once, their results in `out`: the running batch."""
+    results, running = engine.prefill(1, [request(engine, i, ids, new=12) for i, ids in SHORT.items()],
+                                      {i: blocks_for(engine, ids, 12, 10 * i) for i, ids in SHORT.items()})
+    out.add(results)
+    results, running = engine.decode([running.id])
+    out.add(results)
+    return running
 
 
 def test_a_long_prompt_prefilled_in_chunks_equals_one_piece(engine, monkeypatch):
@@ -36,18 +47,13 @@ def test_chunks_run_alongside_running_decodes(engine, monkeypatch, ahead):
     every output equals the request's output alone. Each step is ONE forward pass over the chunk and the two
     decode tokens."""
     monkeypatch.setattr(engine, "decode_ahead", ahead)
-    short = {1: tail(8, 6), 2: tail(9, 11)}
-    alone = {i: full_prefill(engine, ids, new=12) for i, ids in short.items()}
+    alone = {i: full_prefill(engine, ids, new=12) for i, ids in SHORT.items()}
     want = full_prefill(engine, LONG)
     engine.max_prefill_tokens = 24
     counts = forward_counts(engine, monkeypatch)
 
     out = Outputs()
-    results, running = engine.prefill(1, [request(engine, i, ids, new=12) for i, ids in short.items()],
-                                      {i: blocks_for(engine, ids, 12, 10 * i) for i, ids in short.items()})
-    out.add(results)
-    results, running = engine.decode([running.id])
-    out.add(results)
+    running = two_decoding(engine, out)
     long = request(engine, 3, LONG, chunk_len=20)
     results, batch = engine.prefill(2, [long], {3: blocks_for(engine, LONG, 8, 40)}, cached_batch_id=running.id)
     out.add(results)
@@ -63,7 +69,7 @@ def test_chunks_run_alongside_running_decodes(engine, monkeypatch, ahead):
     assert counts[1:] == [[1, 1, 20], [1, 1, 22], [1, 1, 22], [1, 1, 22], [1, 1, 14]]
     chunk_calls = 5 if ahead else 4  # calls that give the running requests a token while the long one prefills
     assert out.steps[2:2 + chunk_calls] == [[1, 2]] * chunk_calls and out.steps[2 + chunk_calls] == [1, 2, 3]
-    for i in short:
+    for i in SHORT:
         assert_same(out, alone[i], i, 9)
     assert_same(out, want, 3, 9)
 
@@ -74,20 +80,15 @@ def test_back_to_back_prefills_with_a_deferred_chunk_take_one_budget_a_pass(engi
     token), so the second Prefill's pass would run both prompts: it is planned to one budget instead (the newest
     request first, the other continuing in the next step), and every output equals the request's alone."""
     monkeypatch.setattr(engine, "decode_ahead", True)
-    short = {1: tail(8, 6), 2: tail(9, 11)}
     a_ids, b_ids = tail(11, 20), tail(12, 20)
-    want = {i: full_prefill(engine, ids, new=12 if i < 3 else 4) for i, ids in [*short.items(), (3, a_ids), (4, b_ids)]}
+    want = {i: full_prefill(engine, ids, new=12 if i < 3 else 4) for i, ids in [*SHORT.items(), (3, a_ids), (4, b_ids)]}
     engine.max_prefill_tokens = 24
     counts = forward_counts(engine, monkeypatch)
     out = Outputs()
-    results, running = engine.prefill(1, [request(engine, i, ids, new=12) for i, ids in short.items()],
-                                      {i: blocks_for(engine, ids, 12, 10 * i) for i, ids in short.items()})
-    out.add(results)
-    results, running = engine.decode([running.id])
-    out.add(results)
+    running = two_decoding(engine, out)
     for rid, ids, first in ((3, a_ids, 40), (4, b_ids, 60)):  # each within the router's budget: 24 - 2 decodes
-        results, running = engine.prefill(rid, [request(engine, rid, ids, new=4)], {rid: blocks_for(engine, ids, 4, first)},
-                                          cached_batch_id=running.id)
+        results, running = engine.prefill(rid, [request(engine, rid, ids, new=4)],
+                                          {rid: blocks_for(engine, ids, 4, first)}, cached_batch_id=running.id)
         out.add(results)
     while running is not None:
         results, running = engine.decode([running.id])
