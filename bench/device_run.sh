@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune, tune-mid (the decode batches of a loaded server), fp8-tune,
-# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, step-graphs, serve, serve-long (chunked prefill of a 16k prompt in the open loop), serve-no-step-graphs, serve-adapters,
+# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, step-graphs, serve, serve-features (issue 15: chunked prefill of a 16k prompt in the open loop, structured output, prefix caching), serve-no-step-graphs, serve-adapters,
 # serve-fp8, save-cache, tp, serve-tp: the last two on a machine with 2 GPUs). serve takes about 4 minutes and serve-adapters about 3: give each its own call.
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
@@ -52,8 +52,9 @@ for step in "$@"; do
     step-graphs) python3 -m pytest -q -p no:cacheprovider tests/gpu/test_step_graphs.py 2>&1 | tail -15
                  python3 -m bench.prefill --only chunked --chunks 128 256 --variants default no-step-graphs 2>&1 | \
                    tee "$OUT/prefill_step_graphs.log" ;;
-    serve-long) python3 -m bench.serve --shapes 128x128 --long-prompt 16384 --chunk-tokens 256 2>&1 | \
-                  tee "$OUT/serve_long.log" ;;
+    serve-features) python3 -c "import jsonschema" 2>/dev/null || echo "no jsonschema here: outputs only parsed"
+                    python3 -m bench.serve --shapes 128x128 --long-prompt 16384 --chunk-tokens 256 --structured 64 \
+                      --prefix 2000 2>&1 | tee "$OUT/serve_features.log" ;;
     serve-no-step-graphs) LORAX_STEP_GRAPHS=0 python3 -m bench.serve --shapes 128x128 2>&1 | tee "$OUT/serve_no_step_graphs.log" ;;
     save-cache) [ -d "$TRITON_CACHE_DIR" ] && tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . && \
                   du -h "$OUT/triton_cache.tgz" ;;

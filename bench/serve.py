@@ -34,6 +34,13 @@ Workloads (TensorRT-LLM's table shapes, `--shapes 128x128 512x128 2048x128`, inp
   wall time of the Decode calls (the running requests' time per output token) over the whole run without it,
   and over the calls that ran a chunk of the long prompt beside decodes, p50/p99/max, and the p99 ratio
   (issue 15's target: at most 2x).
+- with `--structured N` (try 64): a batch of N requests of the open shape, all waiting at t = 0, served free and
+  then with every other request constrained by a JSON schema (bench.grammar's four); reported: the median wall
+  time of the Decode calls that ran the whole batch, its ratio to the free batch's (issue 15's target: at most
+  1.10x), and how many constrained outputs completed and are valid against their schema. The engine then uses
+  a BPE tokenizer of Llama's shape trained here (JSON has to be spelled), not the word-per-id one.
+- with `--prefix P` (try 2000): 64 requests sharing a P-token prefix, with 128 tokens of their own, prefilled
+  without and with prefix caching (the router's blocks and cache_len), as bench.prefill does (target: >= 10x).
 - each again with `--adapters N` (try 64): N random rank-16 adapters on q/k/v/o of every layer, the first
   `--expert-adapters` (8) of them on every expert too, loaded into the engine's AdapterStore (stacked for
   the Triton LoRA kernels), requests spread uniformly at random over them. Base and adapter rows run on one
@@ -79,12 +86,14 @@ Output: a table per workload kind, then one JSON line per row (`{"bench": "serve
     python -m bench.serve                                 # base: three closed loops and the open loop (~4 min, H200)
     python -m bench.serve --adapters 64 --shapes 128x128  # base and 64 adapters on one cache (~3 min)
     python -m bench.serve --fp8 --shapes 128x128          # --quantize fp8: attention and experts in W8A8 e4m3
+    python -m bench.serve --shapes 128x128 --long-prompt 16384 --structured 64 --prefix 2000   # issue 15's rows
     python -m bench.serve --layers 4 --requests 128       # a quick look
     torchrun --standalone --nproc-per-node 2 -m bench.serve --tp 2
     python -m bench.serve --smoke [--adapters 4 --expert-adapters 1]   # the tiny embedded model on the CPU
 """
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -135,6 +144,7 @@ class Arrival:
     prompt: List[int]
     max_new_tokens: int
     adapter_index: int = 0
+    schema: Optional[str] = None  # a JSON schema constraining the output (structured output)
 
 
 def parse_shape(text: str) -> Tuple[int, int]:
@@ -171,6 +181,7 @@ class Served:
     tokens: int = 0  # results received
     generated: int = 0  # the engine's count of generated ids, once finished
     finish_reason: Optional[str] = None
+    text: str = ""  # the generated text, once finished
 
     @property
     def exact(self) -> bool:
@@ -338,7 +349,7 @@ class RouterLoop:
         chunks = [None] * (len(arrivals) - 1) + [getattr(self, "chunk_len", None)]
         # A copy of each prompt: the engine's sequence is the list it is given, and it grows with each token.
         requests = [self.engine.new_request(a.request_id, list(a.prompt), GREEDY, a.max_new_tokens, ignore_eos=True,
-                                            adapter_index=a.adapter_index, chunk_len=chunk)
+                                            adapter_index=a.adapter_index, schema=a.schema, chunk_len=chunk)
                     for a, chunk in zip(arrivals, chunks)]
         start = time.perf_counter()
         results, batch = self.engine.prefill(next(self.batch_ids), requests,
@@ -369,7 +380,7 @@ class RouterLoop:
                 served.first_token_s = now
             if result.finish_reason:
                 served.finish_s, served.finish_reason = now, result.finish_reason
-                served.generated = len(result.generated_ids)
+                served.generated, served.text = len(result.generated_ids), result.text
         finished = {r.request_id for r in results if r.finish_reason}
         self.live = [i for i in self.live if i not in finished]
 
@@ -500,7 +511,11 @@ def gpu_engine(args, group, adapters_wanted: bool):
     config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers,
                            max_position_embeddings=max(4096, 1 << (longest - 1).bit_length()))
     device = gpu()
-    tokenizer = synthetic_tokenizer(config.vocab_size)
+    if args.structured:  # JSON needs a vocabulary that spells text: a BPE of Llama's shape, trained here
+        from bench.grammar import llama_shaped_tokenizer
+        tokenizer = llama_shaped_tokenizer(config.vocab_size)
+    else:
+        tokenizer = synthetic_tokenizer(config.vocab_size)
     torch.manual_seed(0)  # every rank draws the same replicated weights
     with torch.no_grad():
         model = FlashMixtralForCausalLM("", config, RandomWeights(group, fp8=args.fp8)).eval()
@@ -708,6 +723,12 @@ def parse_args(argv=None):
                              "many tokens arriving halfway (try 16384), and compare the running requests' TPOT")
     parser.add_argument("--chunk-tokens", type=int, default=256,
                         help="with --long-prompt: max_batch_prefill_tokens, which sizes the chunks")
+    parser.add_argument("--structured", type=int, default=0,
+                        help="also serve a batch of this many requests (try 64), free and then half constrained "
+                             "by JSON schemas, and compare their decode steps (uses a trained BPE tokenizer)")
+    parser.add_argument("--prefix", type=int, default=0,
+                        help="also prefill 64 requests sharing a prefix of this many tokens (try 2000) without "
+                             "and with prefix caching")
     parser.add_argument("--waiting-served-ratio", type=float, default=1.2)
     parser.add_argument("--max-waiting-tokens", type=int, default=20)
     parser.add_argument("--spare-gib", type=float, default=6.0,
@@ -800,6 +821,68 @@ def long_prompt_rows(args, engine, warm: WarmUp, group, total_tokens: int, rate:
     return rows
 
 
+def structured_rows(args, engine, warm: WarmUp, group, total_tokens: int) -> List[List[str]]:
+    """Structured output (issue 15's target): --structured requests of the open shape, all waiting at t = 0 (one
+    Prefill, one running batch), served first all free, then with every other one constrained by one of
+    bench.grammar's JSON schemas (a tool call, a nested record, a list of objects, enums and bounded numbers).
+    The cost is the median wall time of the Decode calls in which every request of the batch still runs
+    (a constrained output ends when its JSON is complete), constrained over free. Each constrained output that
+    completed is checked against its schema (jsonschema, where installed; else that it parses as JSON)."""
+    from bench.grammar import SCHEMAS
+
+    loop = RouterLoop(engine, total_tokens, args.max_prefill_tokens, 0, clock=Clock(group, engine.device))
+    shape, vocab = parse_shape(args.open_shape), engine.config.vocab_size
+    warm(shape, [0])
+    free = workload(shape, args.structured, None, vocab, 0, 0, 98)
+    constrained = [dataclasses.replace(a, schema=json.dumps(SCHEMAS[i // 2 % len(SCHEMAS)]) if i % 2 == 0 else None)
+                   for i, a in enumerate(free)]
+    loop.run(constrained[:2 * len(SCHEMAS)])  # each schema compiles once (then cached); the masks' kernels load
+    rows, free_ms = [], None
+    for name, arrivals in (("free", free), (f"{len(constrained[::2])} constrained", constrained)):
+        trace = loop.run(arrivals)
+        full = [st.seconds * 1e3 for st in trace.steps if st.kind == "decode" and len(st.lengths) == len(arrivals)]
+        if not full:
+            raise RuntimeError(f"the {len(arrivals)} requests never ran as one batch: the KV cache holds fewer")
+        median = statistics.median(full)
+        free_ms = free_ms or median
+        outputs = [s for s in trace.served.values() if s.arrival.schema is not None]
+        complete = [s for s in outputs if s.finish_reason != "length"]
+        valid = sum(valid_json(s.text, s.arrival.schema) for s in complete)
+        rows.append([name, str(len(full)), f"{median:.2f}", f"{median / free_ms:.3f}x",
+                     f"{len(complete)} of {len(outputs)}" if outputs else "-",
+                     f"{valid} of {len(complete)}" if outputs else "-"])
+    return rows
+
+
+def valid_json(text: str, schema: str) -> bool:
+    """Whether `text` is JSON valid against `schema` (only that it parses, without jsonschema installed)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    try:
+        import jsonschema
+    except ImportError:
+        return True
+    try:
+        jsonschema.validate(value, json.loads(schema))
+    except jsonschema.ValidationError:
+        return False
+    return True
+
+
+def prefix_rows(args, engine) -> List[List[str]]:
+    """Prefix caching (issue 15's target), as bench.prefill measures it: 64 requests of one shared --prefix-token
+    prefix and 128 tokens of their own, prefilled without the cache (in Prefills within the prefill budget), and
+    then with the router's blocks and cache_len (the prefix's whole blocks shared), through this engine."""
+    from bench.prefill import Blocks
+    from bench.prefill import prefix_rows as measure
+
+    own, sharing = (8, 4) if args.smoke else (128, 64)
+    cfg = dict(prefix=args.prefix, own=own, sharing=sharing, prefill_budget=args.max_prefill_tokens)
+    return measure(engine, Blocks(engine), cfg)
+
+
 def open_rate(args, closed: Dict[tuple, dict]) -> float:
     """--rate, else the base open loop's rate, else 70% of the closed loop's request rate for the open shape."""
     if args.rate:
@@ -842,6 +925,8 @@ def main(argv=None) -> List[dict]:
         if args.long_prompt and args.open_requests:
             closed = {(r["mode"], r["shape"]): r for r in records if r["model"] == "base"}
             long_rows = long_prompt_rows(args, engine, warm, group, total_tokens, open_rate(args, closed))
+        grammar_rows = structured_rows(args, engine, warm, group, total_tokens) if args.structured else None
+        cached_rows = prefix_rows(args, engine) if args.prefix else None
     card = "CPU" if args.smoke else f"{torch.cuda.get_device_name()} x{args.tp}"
     meta = dict(card=card, layers=engine.config.num_hidden_layers, tp=args.tp, fp8=args.fp8, expert_adapters=args.expert_adapters,
                 lora_rank=LORA_RANK, kv_tokens=total_tokens, max_batch=args.max_batch,
@@ -862,6 +947,15 @@ def main(argv=None) -> List[dict]:
                         f"arriving halfway, max_batch_prefill_tokens {args.chunk_tokens}; decode calls' wall ms",
                         ["run", "decode calls", "p50 ms", "p99 ms", "max ms", "p99 / without", "its TTFT s"],
                         long_rows)
+        if grammar_rows:
+            print_table(f"Structured output: a batch of {args.structured} ({args.open_shape}), free and then every "
+                        f"other request constrained by a JSON schema; decode calls with the whole batch running",
+                        ["batch", "decode calls", "median ms", "vs free", "outputs complete", "valid JSON"],
+                        grammar_rows)
+        if cached_rows:
+            print_table(f"Prefix caching: requests sharing a {args.prefix}-token prefix, prefill wall ms",
+                        ["requests", "without cache ms", "first hit ms", "next hit ms", "speedup (first)",
+                         "speedup (next)"], cached_rows)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -126,3 +126,24 @@ def test_the_chunked_router_loop_serves_a_prompt_longer_than_the_prefill_budget(
     beside = [st for st in trace.steps if st.kind == "decode" and 4 in st.prefilling and len(st.lengths) > 1]
     assert beside, "a chunk of the long prompt ran beside decoding requests"
     assert engine.max_prefill_tokens is None and engine.cache.all_free
+
+
+def test_smoke_structured_output_and_prefix_caching_rows(threads, capsys):
+    """--structured and --prefix: the same batch served free and half constrained (both run whole for some
+    decode calls), and a shared prefix prefilled without and with the router's cached blocks."""
+    serve.main(["--smoke", "--shapes", "16x8", "--requests", "4", "--open-requests", "0", "--open-shape", "16x24",
+                "--structured", "6", "--prefix", "32"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert int(rows["free"][0]) > 0 and rows["free"][2] == "1.000x"
+    constrained = rows["3 constrained"]
+    assert int(constrained[0]) > 0 and float(constrained[2].rstrip("x")) > 0
+    assert constrained[3].endswith("of 3")  # the constrained outputs are counted, and only those
+    cached = rows["4 x (32 shared + 8)"]
+    assert all(float(c.rstrip("x")) > 0 for c in cached)
+
+
+def test_valid_json_checks_the_schema():
+    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}'
+    assert serve.valid_json('{"n": 3}', schema)
+    assert not serve.valid_json('{"n": "3"}', schema) and not serve.valid_json('{"n": 3', schema)
