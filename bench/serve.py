@@ -507,7 +507,8 @@ def gpu_engine(args, group, adapters_wanted: bool):
     from bench.layer_stack import MIXTRAL_8X7B, RandomWeights
     from lorax_server.models.custom_modeling.flash_mixtral_modeling import FlashMixtralForCausalLM, MixtralConfig
 
-    longest = max(sum(parse_shape(s)) for s in args.shapes + [args.open_shape])
+    longest = max([sum(parse_shape(s)) for s in args.shapes + [args.open_shape]]
+                  + [args.long_prompt + parse_shape(args.open_shape)[1], args.prefix + 256])
     config = MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=args.layers,
                            max_position_embeddings=max(4096, 1 << (longest - 1).bit_length()))
     device = gpu()
@@ -799,6 +800,8 @@ def long_prompt_rows(args, engine, warm: WarmUp, group, total_tokens: int, rate:
                       chunked=True)
     shape, vocab = parse_shape(args.open_shape), engine.config.vocab_size
     warm(shape, [0])
+    if engine.graphs is not None:  # the decode graphs the batch replays once the long prompt decodes beside it
+        engine.graphs.prepare(args.long_prompt + shape[1])
     arrivals = workload(shape, args.open_requests, rate, vocab, 0, 0, 99)
     generator = torch.Generator().manual_seed(7)
     long = Arrival(len(arrivals), arrivals[len(arrivals) // 2].at_s,
