@@ -12,8 +12,7 @@ weight and the FLOPs at the measured FP8 rate of torch._scaled_mm.
 
 After that table, the fused experts alone (routing computed once, shared) against a peer written from vLLM's
 fused-MoE design and its tuned H200 table (bench/peer_vllm_moe.py): the peer with its alignment precomputed
-(free) and with it, ours, ours with full-height tail blocks (HALF_TAILS off in kernels/fused_moe.py: the A/B of
-the half-height dots), ours with expert LoRA of 8 rank-16 adapters (one per token, round robin), and two
+(free) and with it, ours, ours with expert LoRA of 8 rank-16 adapters (one per token, round robin), and two
 grouped_mm calls from 256 tokens. CUDA-graph replays. --peer prints only this table.
 
 --tune times tile candidates for the fused kernels (the whole `fused_moe` call, CUDA-graph replays) per token
@@ -332,18 +331,6 @@ def best_of_two(fns):
     return times
 
 
-def full_height_tails(fn):
-    """`fn` with HALF_TAILS off: every row block runs full-height dots (the A/B of the half-height tails)."""
-    def run():
-        before = fused_moe_module.HALF_TAILS
-        fused_moe_module.HALF_TAILS = False
-        try:
-            return fn()
-        finally:
-            fused_moe_module.HALF_TAILS = before
-    return run
-
-
 def main_peer(tokens):
     bandwidth, rate = copy_bandwidth(), matmul_rate()
     gate, w13, w2 = make_weights()
@@ -369,19 +356,17 @@ def main_peer(tokens):
                 "free": lambda: peer.experts(x, w13, w2, r.weights, r.experts, aligned),
                 "aligned": lambda: peer.experts(x, w13, w2, r.weights, r.experts),
                 "ours": lambda: fused_moe(x, w13, w2, r.weights, r.experts),
-                "full": full_height_tails(lambda: fused_moe(x, w13, w2, r.weights, r.experts)),
                 "lora": (lambda: fused_moe(x, w13, w2, r.weights, r.experts, lora=lora)) if lora else None,
                 "grouped": (lambda: moe_experts(x, w13, w2, dispatch(r, E), F.silu, linear_grouped_mm))
                 if T >= GROUPED_MIN_TOKENS else None})
             rows.append([str(T), f"{floor:.3f}", cell(t["free"], floor), cell(t["aligned"], floor),
-                         cell(t["ours"], floor), f"{t['ours'] / t['free']:.2f}", cell(t["full"], floor),
-                         f"{t['ours'] / t['full']:.2f}",
+                         cell(t["ours"], floor), f"{t['ours'] / t['free']:.2f}",
                          cell(t["lora"], floor) if lora else "-", f"{t['lora'] / t['ours']:.2f}" if lora else "-",
                          cell(t["grouped"], floor) if T >= GROUPED_MIN_TOKENS else "-"])
     print_table(f"MoE experts, Mixtral-8x7B shapes, bf16, {card()}: copy {bandwidth / 1e12:.2f} TB/s, matmul "
                 f"{rate / 1e12:.0f} TFLOP/s; CUDA-graph replay ms (percent of floor), routing given, best of two",
                 ["tokens", "floor ms", "vLLM design, alignment free", "vLLM design, with alignment", "ours",
-                 "ours / vLLM free", "ours, full-height tails", "ours / full-height", f"ours + expert LoRA ({LORA_ADAPTERS} adapters)", "LoRA / ours",
+                 "ours / vLLM free", f"ours + expert LoRA ({LORA_ADAPTERS} adapters)", "LoRA / ours",
                  "two grouped_mm (the block's path above TRITON_MOE_MAX_TOKENS)"], rows)
     print(f"tile table in use: {fused_moe_module.MOE_TILE_CONFIGS}")
 

@@ -30,7 +30,6 @@ from `MOE_FP8_TILE_CONFIGS`. FP8 oracle: the same arithmetic in float32 over the
 (tests/gpu/test_fp8_kernels.py).
 """
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -146,35 +145,19 @@ def tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def expert_of(pid_m, block_expert_ptr, experts_ptr, PAIRS: tl.constexpr):
-    """A program's expert: its assignment's (pairs) or its row block's (sorted)."""
-    if PAIRS:
+def rows_of(pid_m, sorted_rows_ptr, block_expert_ptr, experts_ptr, num_assignments,
+            PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A program's expert and rows: each row's assignment (num_assignments for none) and its row of h."""
+    i = tl.arange(0, BLOCK_M)
+    if PAIRS:  # row 0 is assignment pid_m, h row pid_m; the other rows are empty
         expert = tl.load(experts_ptr + pid_m).to(tl.int32)
-    else:
-        expert = tl.load(block_expert_ptr + pid_m).to(tl.int32)
-    return expert
-
-
-@triton.jit
-def rows_of(pid_m, sorted_rows_ptr, num_assignments, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
-            ROWS: tl.constexpr):
-    """The first ROWS rows of a program's block: each row's assignment (num_assignments for none) and its row
-    of h. Pairs: row 0 is assignment pid_m, h row pid_m; the other rows are empty."""
-    i = tl.arange(0, ROWS)
-    if PAIRS:
         assignment = tl.where(i == 0, pid_m, num_assignments).to(tl.int64)
         h_rows = assignment
     else:
+        expert = tl.load(block_expert_ptr + pid_m)
         h_rows = (pid_m * BLOCK_M + i).to(tl.int64)
-        assignment = tl.load(sorted_rows_ptr + h_rows).to(tl.int64)
-    return assignment, h_rows
-
-
-@triton.jit
-def second_half_live(pid_m, sorted_rows_ptr, num_assignments, BLOCK_M: tl.constexpr):
-    """Whether a sorted row block holds more than BLOCK_M / 2 assignments (an expert's rows come first in its
-    blocks, the padding after them, so row BLOCK_M / 2 tells)."""
-    return tl.load(sorted_rows_ptr + pid_m * BLOCK_M + BLOCK_M // 2) < num_assignments
+        assignment = tl.load(sorted_rows_ptr + h_rows)
+    return expert, assignment, h_rows
 
 
 @triton.jit
@@ -235,53 +218,19 @@ def gate_up_kernel(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_
                    lora_experts, stride_x, stride_we, stride_wn, stride_h, stride_se, stride_lv, stride_lb, stride_lbn,
                    TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
                    LORA_RANK: tl.constexpr, LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr,
-                   X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr, HALF_TAILS: tl.constexpr,
+                   X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One dot of width 2 * BLOCK_N per K step: the weight tile's column 2j is gate row j of the block, column
     2j + 1 up row j (ffn rows further), so the accumulator splits into gate and up in registers. (Two dots of
     width BLOCK_N keep Hopper's wgmma from overlapping one step with the next.)
 
-    HALF_TAILS: a row block with no assignment in its second half (an expert's last block, mostly padding) runs
-    dots of BLOCK_M / 2 rows: at ~128 rows an expert, half the experts spill a few rows into a second block,
-    which would otherwise cost a whole block's tensor-core time.
-
     FP8 (W8A8): x and w13 are e4m3, the dot accumulates in fp32 and the epilogue applies each token's
     scale and each output channel's; W8A16: w13 is e4m3, raised to x's dtype before the dot (UPCAST_W)."""
     pid_m, pid_n = tile_of(tl.program_id(0), num_m, tl.cdiv(ffn, BLOCK_N), GROUP_M)
-    expert = expert_of(pid_m, block_expert_ptr, experts_ptr, PAIRS)
+    expert, assignment, h_rows = rows_of(pid_m, sorted_rows_ptr, block_expert_ptr, experts_ptr, num_assignments,
+                                         PAIRS, BLOCK_M)
     if (expert < 0) | (expert >= NUM_EXPERTS):  # a row block past the last, or another rank's assignment
         return
-    if HALF_TAILS:
-        if second_half_live(pid_m, sorted_rows_ptr, num_assignments, BLOCK_M):
-            gate_up_tile(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_ptr, lora_v_ptr, lora_rows_ptr,
-                         lora_b_ptr, expert, pid_m, pid_n, num_assignments, hidden, ffn, lora_slots, lora_experts,
-                         stride_x, stride_we, stride_wn, stride_h, stride_se, stride_lv, stride_lb, stride_lbn,
-                         TOP_K, PAIRS, EVEN_K, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS, X_SCALED, W_SCALED, UPCAST_W,
-                         BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            gate_up_tile(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_ptr, lora_v_ptr, lora_rows_ptr,
-                         lora_b_ptr, expert, pid_m, pid_n, num_assignments, hidden, ffn, lora_slots, lora_experts,
-                         stride_x, stride_we, stride_wn, stride_h, stride_se, stride_lv, stride_lb, stride_lbn,
-                         TOP_K, PAIRS, EVEN_K, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS, X_SCALED, W_SCALED, UPCAST_W,
-                         BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K)
-    else:
-        gate_up_tile(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_ptr, lora_v_ptr, lora_rows_ptr,
-                     lora_b_ptr, expert, pid_m, pid_n, num_assignments, hidden, ffn, lora_slots, lora_experts,
-                     stride_x, stride_we, stride_wn, stride_h, stride_se, stride_lv, stride_lb, stride_lbn,
-                     TOP_K, PAIRS, EVEN_K, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS, X_SCALED, W_SCALED, UPCAST_W,
-                     BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def gate_up_tile(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_ptr, lora_v_ptr, lora_rows_ptr,
-                 lora_b_ptr, expert, pid_m, pid_n, num_assignments, hidden, ffn, lora_slots, lora_experts,
-                 stride_x, stride_we, stride_wn, stride_h, stride_se, stride_lv, stride_lb, stride_lbn,
-                 TOP_K: tl.constexpr, PAIRS: tl.constexpr, EVEN_K: tl.constexpr, LORA_RANK: tl.constexpr,
-                 LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr, X_SCALED: tl.constexpr,
-                 W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h for the first ROWS rows of row block pid_m and columns block pid_n (see gate_up_kernel)."""
-    assignment, h_rows = rows_of(pid_m, sorted_rows_ptr, num_assignments, PAIRS, BLOCK_M, ROWS)
     real = assignment < num_assignments
     tokens = assignment // TOP_K
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -291,7 +240,7 @@ def gate_up_tile(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_pt
     ks = tl.arange(0, BLOCK_K)
     x_tile = x_ptr + tokens[:, None] * stride_x + ks[None, :]
     w_tile = w13_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn + ks[:, None]
-    acc = tl.zeros((ROWS, 2 * BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         if EVEN_K:
             a = tl.load(x_tile, mask=real[:, None], other=0.0)
@@ -312,7 +261,7 @@ def gate_up_tile(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_pt
     if LORA_RANK > 0:  # expert LoRA: the B rows of the same gate and up channels, against each row's shrunk x
         acc = add_lora(acc, lora_v_ptr, lora_rows_ptr, lora_b_ptr, assignment, real, w_rows, lora_slots,
                        lora_experts, stride_lv, stride_lb, stride_lbn, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
-    gate, up = tl.split(tl.reshape(acc, (ROWS, BLOCK_N, 2)))
+    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     h = gate * tl.sigmoid(gate) * up
     store_ok = (cols < ffn)[None, :]
     if PAIRS:  # the empty rows have no row of h
@@ -378,22 +327,20 @@ def down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, s
                 lora_slots, lora_experts, stride_h, stride_we, stride_wn, stride_out, stride_se, stride_lv,
                 stride_lb, stride_lbn, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, PAIRS: tl.constexpr,
                 EVEN_K: tl.constexpr, LORA_RANK: tl.constexpr, LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr,
-                X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr, HALF_TAILS: tl.constexpr,
+                X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Scales as in `gate_up_kernel`; h's scales are per row of h. Pairs: program (token, columns) sums the
-    token's TOP_K assignments into out [T, H]; sorted: out [T*K, H], one row per assignment (HALF_TAILS as in
-    `gate_up_kernel`)."""
+    token's TOP_K assignments into out [T, H]; sorted: out [T*K, H], one row per assignment."""
     pid_m, pid_n = tile_of(tl.program_id(0), num_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_cols = cols % hidden
+    i = tl.arange(0, BLOCK_M)
     if PAIRS:
-        i = tl.arange(0, BLOCK_M)
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in tl.static_range(TOP_K):
-            expert = expert_of(pid_m * TOP_K + k, block_expert_ptr, experts_ptr, PAIRS)
+            expert, assignment, h_rows = rows_of(pid_m * TOP_K + k, sorted_rows_ptr, block_expert_ptr, experts_ptr,
+                                                 num_assignments, PAIRS, BLOCK_M)
             if (expert >= 0) & (expert < NUM_EXPERTS):  # another rank's assignment adds nothing here
-                assignment, h_rows = rows_of(pid_m * TOP_K + k, sorted_rows_ptr, num_assignments, PAIRS, BLOCK_M,
-                                             BLOCK_M)
                 real = assignment < num_assignments
                 acc = down_product(h_ptr, w2_ptr, expert, h_rows, real, w_cols, ffn, stride_h, stride_we, stride_wn,
                                    EVEN_K, UPCAST_W, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -404,47 +351,18 @@ def down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, s
         out = out_ptr + pid_m.to(tl.int64) * stride_out + cols[None, :] + i[:, None] * 0
         tl.store(out, total.to(out_ptr.dtype.element_ty), mask=(i == 0)[:, None] & (cols < hidden)[None, :])
     else:
-        expert = expert_of(pid_m, block_expert_ptr, experts_ptr, PAIRS)
+        expert, assignment, h_rows = rows_of(pid_m, sorted_rows_ptr, block_expert_ptr, experts_ptr, num_assignments,
+                                             PAIRS, BLOCK_M)
         if expert < 0:
             return
-        if HALF_TAILS:
-            if second_half_live(pid_m, sorted_rows_ptr, num_assignments, BLOCK_M):
-                down_tile(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, sorted_rows_ptr, lora_v_ptr,
-                          lora_rows_ptr, lora_b_ptr, expert, pid_m, cols, w_cols, num_assignments, hidden, ffn,
-                          lora_slots, lora_experts, stride_h, stride_we, stride_wn, stride_out, stride_se, stride_lv,
-                          stride_lb, stride_lbn, EVEN_K, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS, X_SCALED, W_SCALED,
-                          UPCAST_W, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K)
-            else:
-                down_tile(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, sorted_rows_ptr, lora_v_ptr,
-                          lora_rows_ptr, lora_b_ptr, expert, pid_m, cols, w_cols, num_assignments, hidden, ffn,
-                          lora_slots, lora_experts, stride_h, stride_we, stride_wn, stride_out, stride_se, stride_lv,
-                          stride_lb, stride_lbn, EVEN_K, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS, X_SCALED, W_SCALED,
-                          UPCAST_W, BLOCK_M, BLOCK_M // 2, BLOCK_N, BLOCK_K)
-        else:
-            down_tile(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, sorted_rows_ptr, lora_v_ptr,
-                      lora_rows_ptr, lora_b_ptr, expert, pid_m, cols, w_cols, num_assignments, hidden, ffn, lora_slots,
-                      lora_experts, stride_h, stride_we, stride_wn, stride_out, stride_se, stride_lv, stride_lb,
-                      stride_lbn, EVEN_K, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS, X_SCALED, W_SCALED, UPCAST_W,
-                      BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def down_tile(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, sorted_rows_ptr, lora_v_ptr,
-              lora_rows_ptr, lora_b_ptr, expert, pid_m, cols, w_cols, num_assignments, hidden, ffn, lora_slots,
-              lora_experts, stride_h, stride_we, stride_wn, stride_out, stride_se, stride_lv, stride_lb, stride_lbn,
-              EVEN_K: tl.constexpr, LORA_RANK: tl.constexpr, LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr,
-              X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr, BLOCK_M: tl.constexpr,
-              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out rows of the first ROWS rows of sorted row block pid_m, columns `cols` (see down_kernel)."""
-    assignment, h_rows = rows_of(pid_m, sorted_rows_ptr, num_assignments, False, BLOCK_M, ROWS)
-    real = assignment < num_assignments
-    acc = down_product(h_ptr, w2_ptr, expert, h_rows, real, w_cols, ffn, stride_h, stride_we, stride_wn,
-                       EVEN_K, UPCAST_W, ROWS, BLOCK_N, BLOCK_K)
-    acc = down_epilogue(acc, expert, assignment, h_rows, real, w_cols, weights_ptr, h_scale_ptr, w_scale_ptr,
-                        lora_v_ptr, lora_rows_ptr, lora_b_ptr, lora_slots, lora_experts, stride_se, stride_lv,
-                        stride_lb, stride_lbn, X_SCALED, W_SCALED, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
-    out = out_ptr + assignment[:, None] * stride_out + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=real[:, None] & (cols < hidden)[None, :])
+        real = assignment < num_assignments
+        acc = down_product(h_ptr, w2_ptr, expert, h_rows, real, w_cols, ffn, stride_h, stride_we, stride_wn,
+                           EVEN_K, UPCAST_W, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = down_epilogue(acc, expert, assignment, h_rows, real, w_cols, weights_ptr, h_scale_ptr, w_scale_ptr,
+                            lora_v_ptr, lora_rows_ptr, lora_b_ptr, lora_slots, lora_experts, stride_se, stride_lv,
+                            stride_lb, stride_lbn, X_SCALED, W_SCALED, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
+        out = out_ptr + assignment[:, None] * stride_out + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=real[:, None] & (cols < hidden)[None, :])
 
 
 def tile_config(num_tokens: int, element_size: int, table=MOE_TILE_CONFIGS):
@@ -494,10 +412,6 @@ class NoLora(NamedTuple):
         return dict(LORA_RANK=0, LORA_RANK_PAD=16, LORA_SLOTS=1)
 
 
-# Row blocks of at least this many rows run their expert's last block in half-height dots when its second half is
-# padding (HALF_TAILS in the kernels); LORAX_MOE_HALF_TAILS=0 turns it off (A/B in bench.moe_layer).
-HALF_TAILS = os.getenv("LORAX_MOE_HALF_TAILS", "1") != "0"
-HALF_TAILS_FROM = 64
 SHRINK_BLOCK_K = 512  # columns of A per shrink program: 8 parts over Mixtral's 4096, 28 over 14336
 
 
@@ -551,7 +465,6 @@ def fused_moe(x: torch.Tensor, w13, w2, routing_weights: torch.Tensor, experts: 
     tile1, tile2 = (Tile(*c) for c in configs) if configs else tile_config(T, x.element_size(), table)
     assert tile1.block_m == tile2.block_m, "both kernels walk the same rows"
     pairs = tile1.block_m == 1
-    half_tails = HALF_TAILS and tile1.block_m >= HALF_TAILS_FROM
     flat_experts = experts.flatten().contiguous()
     if pairs:
         block_m, rows1, rows2, h_rows = DOT_M, n, T, n
@@ -577,7 +490,7 @@ def fused_moe(x: torch.Tensor, w13, w2, routing_weights: torch.Tensor, experts: 
         x_in.stride(0), w13_q.stride(0), w13_q.stride(1), h.stride(0), 0 if w13_scale is None else w13_scale.stride(0),
         *lora13.strides(),
         TOP_K=K, NUM_EXPERTS=E, PAIRS=pairs, EVEN_K=H % tile1.block_k == 0, **lora13.constants(),
-        X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x, HALF_TAILS=half_tails,
+        X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x,
         BLOCK_M=block_m, BLOCK_N=tile1.block_n, BLOCK_K=tile1.block_k, GROUP_M=tile1.group_m,
         num_warps=tile1.warps, num_stages=tile1.stages)
     skip = None if pairs else (block_expert, block_m)
@@ -594,7 +507,7 @@ def fused_moe(x: torch.Tensor, w13, w2, routing_weights: torch.Tensor, experts: 
         h_in.stride(0), w2_q.stride(0), w2_q.stride(1), out.stride(0), 0 if w2_scale is None else w2_scale.stride(0),
         *lora2.strides(),
         TOP_K=K, NUM_EXPERTS=E, PAIRS=pairs, EVEN_K=F % tile2.block_k == 0, **lora2.constants(),
-        X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x, HALF_TAILS=half_tails,
+        X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x,
         BLOCK_M=block_m, BLOCK_N=tile2.block_n, BLOCK_K=tile2.block_k, GROUP_M=tile2.group_m,
         num_warps=tile2.warps, num_stages=tile2.stages)
     return out if pairs else out.view(T, K, H).sum(dim=1)

@@ -157,30 +157,3 @@ def test_the_table_reaches_every_layout_and_the_alignment_kept_its_bound():
         assert relative_error(got, oracle(x, w13, w2, routing)) < 1e-2
     aligned = align_by_expert_triton(route(torch.randn(1, E, device=DEV), K).experts, E, 16)
     assert aligned.padded_rows == 32 and aligned.block_expert.tolist() == sorted(aligned.block_expert.tolist())
-
-
-@pytest.mark.parametrize("T", [40, 100, 300, 700])
-@pytest.mark.parametrize("configs", [((64, 64, 64, 4, 3), (64, 64, 64, 4, 3)),
-                                     ((128, 64, 64, 8, 3, 8), (128, 128, 64, 8, 3, 8))])
-def test_half_height_tails_compute_every_row(T, configs, monkeypatch):
-    """HALF_TAILS: a row block whose second half is padding runs half-height dots. Token counts put 10 to 175
-    rows on an expert, so blocks of both heights meet (with expert LoRA too); every row matches the oracle, and
-    the full-height blocks' result (HALF_TAILS off) within the rounding of other dot shapes."""
-    import lorax_server.kernels.fused_moe as kernels
-
-    x, w13, w2, routing = moe_problem(T, H=H, Fn=FN, seed=T)
-    want = oracle(x, w13, w2, routing)
-    got = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs)
-    monkeypatch.setattr(kernels, "HALF_TAILS", False)
-    full = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs)
-    assert relative_error(got, want) < 1e-2
-    assert (got.float() - full.float()).abs().max() <= 1e-2 * want.abs().max()
-    per_row = (got.float() - want).norm(dim=1) / want.norm(dim=1)  # a row left out would be off by 1.0
-    assert per_row.max() < 5e-2
-    loaded = expert_adapters((16, 5))
-    token_adapters = torch.arange(T, device=DEV) % 3
-    lora = AdapterBatchData.for_tokens(token_adapters, loaded, build_stacks(loaded, E, DEV)) \
-        .expert_lora(0, torch.arange(T * K, device=DEV) // K, routing.experts.flatten())
-    monkeypatch.setattr(kernels, "HALF_TAILS", True)
-    with_lora = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs, lora=lora)
-    assert relative_error(with_lora, lora_oracle(x, w13, w2, routing, loaded, token_adapters)) < 1e-2
