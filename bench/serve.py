@@ -36,8 +36,8 @@ Workloads (TensorRT-LLM's table shapes, `--shapes 128x128 512x128 2048x128`, inp
   (issue 15's target: at most 2x).
 - with `--structured N` (try 64): a batch of N requests of the open shape, all waiting at t = 0, served free and
   then with every other request constrained by a JSON schema (bench.grammar's four); reported: the median wall
-  time of the Decode calls that ran the whole batch, its ratio to the free batch's (issue 15's target: at most
-  1.10x), and how many constrained outputs completed and are valid against their schema. The engine then uses
+  time of the first Decode calls that ran the whole batch (as many in both runs: the constrained batch stays
+  whole only until its first JSON is complete), its ratio to the free batch's (issue 15's target: at most 1.10x), and how many constrained outputs completed and are valid against their schema. The engine then uses
   a BPE tokenizer of Llama's shape trained here (JSON has to be spelled), not the word-per-id one.
 - with `--prefix P` (try 2000): 64 requests sharing a P-token prefix, with 128 tokens of their own, prefilled
   without and with prefix caching (the router's blocks and cache_len), as bench.prefill does (target: >= 10x).
@@ -828,8 +828,9 @@ def structured_rows(args, engine, warm: WarmUp, group, total_tokens: int) -> Lis
     """Structured output (issue 15's target): --structured requests of the open shape, all waiting at t = 0 (one
     Prefill, one running batch), served first all free, then with every other one constrained by one of
     bench.grammar's JSON schemas (a tool call, a nested record, a list of objects, enums and bounded numbers).
-    The cost is the median wall time of the Decode calls in which every request of the batch still runs
-    (a constrained output ends when its JSON is complete), constrained over free. Each constrained output that
+    The cost is the median wall time of the first Decode calls in which every request of the batch still runs
+    (a constrained output ends when its JSON is complete), as many calls in both runs (the same contexts),
+    constrained over free. Each constrained output that
     completed is checked against its schema (jsonschema, where installed; else that it parses as JSON)."""
     from bench.grammar import SCHEMAS
 
@@ -840,18 +841,22 @@ def structured_rows(args, engine, warm: WarmUp, group, total_tokens: int) -> Lis
     constrained = [dataclasses.replace(a, schema=json.dumps(SCHEMAS[i // 2 % len(SCHEMAS)]) if i % 2 == 0 else None)
                    for i, a in enumerate(free)]
     loop.run(constrained[:2 * len(SCHEMAS)])  # each schema compiles once (then cached); the masks' kernels load
-    rows, free_ms = [], None
+    runs = {}
     for name, arrivals in (("free", free), (f"{len(constrained[::2])} constrained", constrained)):
         trace = loop.run(arrivals)
-        full = [st.seconds * 1e3 for st in trace.steps if st.kind == "decode" and len(st.lengths) == len(arrivals)]
-        if not full:
+        # the Decode calls that ran the whole batch, in order (the same contexts in both runs, call by call)
+        whole = [st.seconds * 1e3 for st in trace.steps if st.kind == "decode" and len(st.lengths) == len(arrivals)]
+        if not whole:
             raise RuntimeError(f"the {len(arrivals)} requests never ran as one batch: the KV cache holds fewer")
-        median = statistics.median(full)
-        free_ms = free_ms or median
-        outputs = [s for s in trace.served.values() if s.arrival.schema is not None]
+        runs[name] = (whole, [s for s in trace.served.values() if s.arrival.schema is not None])
+    calls = min(len(whole) for whole, _ in runs.values())  # the constrained batch stays whole for fewer calls
+    free_ms = statistics.median(runs["free"][0][:calls])
+    rows = []
+    for name, (whole, outputs) in runs.items():
+        median = statistics.median(whole[:calls])
         complete = [s for s in outputs if s.finish_reason != "length"]
         valid = sum(valid_json(s.text, s.arrival.schema) for s in complete)
-        rows.append([name, str(len(full)), f"{median:.2f}", f"{median / free_ms:.3f}x",
+        rows.append([name, str(calls), f"{median:.2f}", f"{median / free_ms:.3f}x",
                      f"{len(complete)} of {len(outputs)}" if outputs else "-",
                      f"{valid} of {len(complete)}" if outputs else "-"])
     return rows
