@@ -43,6 +43,7 @@ from lorax_server.kernels.fused_moe import MOE_FP8_TILE_CONFIGS, Tile, fused_moe
 from lorax_server.layers.fp8 import Fp8Weight, quantize_weight
 from lorax_server.layers.moe import dispatch, moe_experts, route
 from lorax_server.layers.moe.experts import linear_grouped_mm, load_scaled_grouped_mm
+from lorax_server.utils.fp8 import Fp8Tensors
 
 H, FF, E, K = 4096, 14336, 8, 2
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
@@ -161,6 +162,7 @@ def worker_inputs(fp8: bool = False):
         _WORKER.update(zip(("gate", "w13", "w2"), make_weights()))
     if fp8 and "q13" not in _WORKER:
         _WORKER["q13"], _WORKER["q2"] = fp8_experts(_WORKER["w13"], _WORKER["w2"])
+        torch.cuda.empty_cache()  # the quantization's temporaries, which every worker would otherwise keep
     if fp8:
         return _WORKER["gate"], _WORKER["q13"], _WORKER["q2"]
     return _WORKER["gate"], _WORKER["w13"], _WORKER["w2"]
@@ -393,7 +395,13 @@ def main_peer(tokens):
 # -- FP8 ---------------------------------------------------------------------------------------------
 
 def fp8_experts(w13, w2):
-    return Fp8Weight(quantize_weight(w13)), Fp8Weight(quantize_weight(w2))
+    """The experts quantized one at a time: the float32 copy quantize_weight makes of a whole stack is 11 GB for
+    w13, which the sweep's twelve worker processes could not all hold at once."""
+    def stack(w):
+        parts = [quantize_weight(w[e]) for e in range(w.shape[0])]
+        return Fp8Tensors(torch.stack([p.weight for p in parts]), torch.stack([p.weight_scale for p in parts]))
+
+    return Fp8Weight(stack(w13)), Fp8Weight(stack(w2))
 
 
 def ours_grouped_fp8(x, gate, w13, w2, linear):
