@@ -240,7 +240,10 @@ def tune(gate, w13, w2, tokens, write: bool, fp8: bool = False):
                 want = peer.experts(x, w13, w2, r.weights, r.experts)
             error = ((fused_moe(x, w13, w2, r.weights, r.experts, (g, d)).float() - want.float()).norm()
                      / want.float().norm()).item()
-            assert error < 1e-2, f"tokens {T}: the winner {g}, {d} is off the reference by {error:.2e}"
+            # FP8: against the table's tiles, which quantize h after another bf16 rounding of it: a value that
+            # lands the other side of an e4m3 step moves by up to 6%; the GPU tests' W8A8 bound
+            bound = 2e-2 if fp8 else 1e-2
+            assert error < bound, f"tokens {T}: the winner {g}, {d} is off the reference by {error:.2e}"
             winners[T] = (ms, g, d)
             print(f"{'fp8 ' if fp8 else ''}tokens {T}: {ms:.3f} ms gate/up {tuple(g)} down {tuple(d)} (vs reference "
                   f"{error:.1e}); gate/up runners-up {[(round(t, 3), tuple(c)) for t, c in first[1:]]}, "
