@@ -77,16 +77,18 @@ MOE_TILE_CONFIGS = (
 )
 # tune-table-end
 # fp8-tune-table-begin
-# The same for FP8 experts (W8A8 e4m3: a K step of 256 bytes is the bf16 table's 128 elements). Candidates
-# taken from the shapes of vLLM's published H200 fp8_w8a8 table for E=8, N=14336 (BLOCK_M 16-128, BLOCK_K
-# 128-256), halved in BLOCK_N where our gate/up kernel holds two accumulators; the best of
-# `python -m bench.moe_layer --fp8 --tune` on an H200 (CUDA-graph replays, docs/logs/h200_fp8_run1_moe_fp8.log),
-# before the gate/up kernel became one wide dot (issue 16): to re-sweep with `--fp8 --tune --write`.
+# Chosen by `python -m bench.moe_layer --fp8 --tune --write` on an NVIDIA H200, 2026-11-28, at Mixtral-8x7B shapes
+# (FP8 W8A8 e4m3 experts, CUDA-graph replays of the whole fused_moe call, routing given; log
+# docs/logs/moe_fp8_tune_s8_run6_h200.log).
+# Measured, tokens: ms: 1: 0.112, 16: 0.349, 64: 0.362, 256: 0.416, 512: 0.535, 1024: 0.820, 4096: 2.890.
 MOE_FP8_TILE_CONFIGS = (
-    (8, (64, 128, 128, 4, 4), (64, 32, 256, 4, 4)),  # 1 token: 0.149 ms
-    (128, (16, 64, 256, 4, 4), (16, 64, 256, 4, 4)),  # 16 / 64 tokens: 0.394 / 0.405 ms
-    (512, (64, 128, 128, 8, 4), (64, 128, 128, 8, 4)),  # 256 tokens: 0.497 ms
-    (1 << 62, (128, 128, 128, 8, 3), (128, 128, 128, 8, 3)),  # 1024 / 4096 tokens: 1.133 / 3.881 ms
+    (4, (1, 32, 128, 4, 3, 1024), (1, 32, 1024, 4, 3, 1024)),
+    (32, (16, 32, 256, 4, 4, 1024), (16, 128, 256, 4, 4, 1024)),
+    (128, (32, 64, 256, 4, 3, 1024), (32, 128, 256, 4, 3, 1024)),
+    (362, (128, 128, 128, 8, 4, 1024), (128, 256, 128, 8, 4, 1024)),
+    (724, (128, 128, 128, 8, 4, 16), (128, 256, 128, 8, 4, 8)),
+    (2048, (128, 128, 128, 8, 4, 1024), (128, 256, 128, 8, 4, 1024)),
+    (1 << 62, (128, 128, 128, 8, 4, 16), (128, 256, 128, 8, 4, 16)),
 )
 # fp8-tune-table-end
 
@@ -299,26 +301,16 @@ def down_epilogue(acc, expert, assignment, h_rows, real, w_cols, weights_ptr, h_
                   lora_v_ptr, lora_rows_ptr, lora_b_ptr, lora_slots, lora_experts, stride_se, stride_lv, stride_lb,
                   stride_lbn, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, LORA_RANK: tl.constexpr,
                   LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr):
-    """The routing weight, FP8 scales and the LoRA delta (which the routing weight scales too) on acc."""
-    weight = tl.load(weights_ptr + assignment, mask=real, other=0.0)
-    if X_SCALED or W_SCALED:
-        scale = weight
-        if X_SCALED:  # h's scale, one per row of h
-            scale = scale * tl.load(h_scale_ptr + h_rows, mask=real, other=0.0)
-        acc = acc * scale[:, None]
-        if W_SCALED:
-            acc = acc * tl.load(w_scale_ptr + expert.to(tl.int64) * stride_se + w_cols)[None, :]
-        if LORA_RANK > 0:
-            delta = add_lora(tl.zeros_like(acc), lora_v_ptr, lora_rows_ptr, lora_b_ptr, assignment, real, w_cols,
-                             lora_slots, lora_experts, stride_lv, stride_lb, stride_lbn, LORA_RANK, LORA_RANK_PAD,
-                             LORA_SLOTS)
-            acc += delta * weight[:, None]
-    else:  # the delta joins the accumulator before the routing weight: no second accumulator
-        if LORA_RANK > 0:
-            acc = add_lora(acc, lora_v_ptr, lora_rows_ptr, lora_b_ptr, assignment, real, w_cols, lora_slots,
-                           lora_experts, stride_lv, stride_lb, stride_lbn, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
-        acc = acc * weight[:, None]
-    return acc
+    """FP8 scales, then the LoRA delta, then the routing weight (which scales the delta too), all on acc: one
+    accumulator (a second one for the delta spilled registers next to a 128 x 256 tile)."""
+    if X_SCALED:  # h's scale, one per row of h
+        acc = acc * tl.load(h_scale_ptr + h_rows, mask=real, other=0.0)[:, None]
+    if W_SCALED:
+        acc = acc * tl.load(w_scale_ptr + expert.to(tl.int64) * stride_se + w_cols)[None, :]
+    if LORA_RANK > 0:
+        acc = add_lora(acc, lora_v_ptr, lora_rows_ptr, lora_b_ptr, assignment, real, w_cols, lora_slots,
+                       lora_experts, stride_lv, stride_lb, stride_lbn, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
+    return acc * tl.load(weights_ptr + assignment, mask=real, other=0.0)[:, None]
 
 
 @triton.jit(do_not_specialize=GEMM_PER_STEP_INTS)

@@ -13,6 +13,7 @@ from lorax_server.adapters.batch import AdapterBatchData  # noqa: E402
 from lorax_server.adapters.stacked import build_stacks  # noqa: E402
 from lorax_server.adapters.weights import AdapterWeights, ExpertLoraWeights  # noqa: E402
 from lorax_server.kernels.fused_moe import fused_moe  # noqa: E402
+from lorax_server.layers.fp8 import dequantize, fake_quantize_rows  # noqa: E402
 from lorax_server.layers.moe import Routing, dispatch, linear_per_expert, moe_experts, route  # noqa: E402
 from tests.gpu.test_fp8_kernels import fp8_moe_problem, needs_fp8, w8a8_reference, W8A8_BOUND  # noqa: E402
 from tests.gpu.test_kernels import moe_problem  # noqa: E402
@@ -134,6 +135,44 @@ def test_capturable_with_expert_lora(configs):
         captured = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs, lora=lora)
     graph.replay()
     assert torch.equal(captured, eager)
+
+
+def fp8_lora_oracle(x, q13, q2, routing, loaded, token_adapters):
+    """lora_oracle over the W8A8 arithmetic (w8a8_reference): x and h (stored in bf16) quantized per row for the
+    FP8 GEMMs, the deltas computed from x and h unquantized, as the kernels take them."""
+    w13, w2 = (dequantize(q.weight, q.weight_scale) for q in (q13, q2))
+    xq = fake_quantize_rows(x)
+    out = torch.zeros(x.shape[0], H, device=DEV)
+    for t in range(x.shape[0]):
+        lora = loaded.get(int(token_adapters[t]))
+        for k in range(K):
+            e, weight = int(routing.experts[t, k]), float(routing.weights[t, k])
+            gate_up = w13[e] @ xq[t]
+            if lora is not None:
+                w = lora.experts[(0, "w13")]
+                gate_up += w.b[e].float() @ (w.a[e].float() @ x[t].float())
+            gate, up = gate_up.chunk(2)
+            h = (F.silu(gate) * up).to(x.dtype)
+            y = w2[e] @ fake_quantize_rows(h[None])[0]
+            if lora is not None:
+                w = lora.experts[(0, "w2")]
+                y += w.b[e].float() @ (w.a[e].float() @ h.float())
+            out[t] += weight * y
+    return out
+
+
+@pytest.mark.parametrize("T, configs", [(3, PAIRS), (40, SORTED[1]), (90, SORTED[2]), (300, None)])
+def test_fp8_experts_with_expert_lora_inside_the_kernels(T, configs):
+    """FP8 experts with three adapters and the base model mixed in every tile; the delta shares the scaled
+    accumulator (one accumulator), so the tuned 128 x 256 down tiles take LoRA without spilling."""
+    needs_fp8()
+    x, q13, q2, routing = fp8_moe_problem(T, H=H, Fn=FN, seed=T)
+    loaded = expert_adapters((16, 5, 16))
+    token_adapters = (torch.arange(T, device=DEV) + 1) % 4
+    lora = AdapterBatchData.for_tokens(token_adapters, loaded, build_stacks(loaded, E, DEV)) \
+        .expert_lora(0, torch.arange(T * K, device=DEV) // K, routing.experts.flatten())
+    got = fused_moe(x, q13, q2, routing.weights, routing.experts, configs=configs, lora=lora)
+    assert relative_error(got, fp8_lora_oracle(x, q13, q2, routing, loaded, token_adapters)) < W8A8_BOUND
 
 
 @pytest.mark.parametrize("fp8_activations", [True, False])
