@@ -26,14 +26,18 @@ from lorax_server.utils.attention.common import Seqlen
 
 logger = logging.getLogger(__name__)
 
-# Batch sizes a decode graph is captured for (a step pads up to the next one). Up to 512 rows: the router's
-# largest batches must not fall back to eager steps. A padded row costs what a real one does (it goes through
-# the projections and the experts), and from about 64 rows a step's time grows with its rows, so the buckets
-# are close there: every 32 rows from 128 to 256, every 64 to 512 (a batch of 418 pads to 448, 7%, where the
-# old 384 -> 512 step padded it by 22%). Each graph keeps its static output, [rows, vocab] logits in the model's
-# dtype: 185 MB for all buckets of one context at Mixtral's vocabulary in bf16 (102 MB with the old buckets).
-# LORAX_CUDA_GRAPH_BATCHES="1,2,4,..." overrides.
-DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Batch sizes a decode graph is captured for (a step pads up to the next one), up to 1024 rows: the router's largest
+# batches must not fall back to eager steps. A padded row costs what a real one does (it goes through the projections
+# and the experts), and from about 64 rows a step's time grows with its rows, so the buckets are close there: every
+# 32 rows from 128 to 256, every 64 to 512, every 128 to 1024. Each graph keeps its static output, [rows, vocab] logits
+# in the model's dtype: 398 MB for all buckets of one context at Mixtral's vocabulary in bf16.
+# Why 1024 and not 512: the router's closed loop of 1024 requests decodes batches of 500 rows on average and up to
+# about 1000. Base steps above 512 rows have the step graphs' pieces (engine/step_graphs.py), but steps with adapters
+# ran eagerly there: 64 adapters served 0.70x the base model's tokens/s in bf16 and 0.52x in FP8; with these buckets
+# 0.88x and 0.81x, the base unchanged (one H200, docs/PERF.md, session 8). LORAX_CUDA_GRAPH_BATCHES="1,2,4,..."
+# overrides.
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896,
+                         1024)
 
 
 def batch_buckets_from_env() -> Tuple[int, ...]:

@@ -217,7 +217,7 @@ class ModelRunner:
         if not prefill and self.graphs is not None:
             logits = self.graphs.run(batch, adapter_data, self.adapters.stacks)
             if logits is None and self.step_graphs is not None and adapter_data is None:
-                # a batch above the decode graphs' largest bucket (512 rows) would otherwise launch eagerly
+                # a batch above the decode graphs' largest bucket (1024 rows) would otherwise launch eagerly
                 logits = self.step_graphs.run(batch)
         elif prefill and self.step_graphs is not None and adapter_data is None and not all_logits:
             logits = self.step_graphs.run(batch)
@@ -233,7 +233,7 @@ class ModelRunner:
         the first such request arrives, stalling the whole batch for a second or more (measured on an H200:
         2.8 s for the first chunk on a cached prefix, 2.0 s for the first 1024-token chunk): prompts of
         `plain_tokens` (the attention's row tiles and every token-count row of the fused MoE's tile table up to
-        the 1024 tokens it takes; decode graphs cover only up to 512), then new tokens on cached prefixes
+        the 1024 tokens it takes), then new tokens on cached prefixes
         (prefix caching, chunked prefill) at `query_tokens` rows: on 512 cached tokens one program per row tile
         (128 new tokens there take the long-prefix tile), on 1024 the prefix split over several (split-KV,
         kernels/prefill_attention.py); and, where the cache has room for two such sequences, a chunk beside

@@ -1,4 +1,4 @@
-"""CUDA graphs for prefill and mixed steps (and decode steps above the decode graphs' 512 rows), in pieces:
+"""CUDA graphs for prefill and mixed steps (and decode steps above the decode graphs' largest bucket), in pieces:
 everything but the attention.
 
 A chunk of a long prompt beside running decodes, or new tokens on a cached prefix, is a step of a few hundred

@@ -28,7 +28,8 @@ def test_buckets_round_up_and_stop_at_the_largest():
     assert graphs.bucket(3, 5000) == (4, 4096)  # never past the model's positions
     assert graphs.bucket(129, 300) == (160, 512) and graphs.bucket(500, 300) == (512, 512)
     assert graphs.bucket(418, 300) == (448, 512)  # a large batch pads by a few rows, not up to the next 128
-    assert graphs.bucket(513, 300) is None  # larger than the largest batch bucket: eager
+    assert graphs.bucket(513, 300) == (640, 512) and graphs.bucket(1024, 300) == (1024, 512)
+    assert graphs.bucket(1025, 300) is None  # larger than the largest batch bucket: the step graphs' pieces, or eager
 
 
 def test_batch_buckets_come_from_the_environment(monkeypatch):
@@ -36,7 +37,7 @@ def test_batch_buckets_come_from_the_environment(monkeypatch):
 
     from lorax_server.engine.graphs import DEFAULT_BATCH_BUCKETS, batch_buckets_from_env
 
-    assert batch_buckets_from_env() == DEFAULT_BATCH_BUCKETS and DEFAULT_BATCH_BUCKETS[-1] == 512
+    assert batch_buckets_from_env() == DEFAULT_BATCH_BUCKETS and DEFAULT_BATCH_BUCKETS[-1] == 1024
     monkeypatch.setenv("LORAX_CUDA_GRAPH_BATCHES", "8, 1,64")
     assert batch_buckets_from_env() == (1, 8, 64)
     monkeypatch.setenv("LORAX_CUDA_GRAPH_BATCHES", "1,x")
