@@ -8,6 +8,9 @@ for all of that host work. So:
 - when every request of a Decode has a step in flight (the same batch, batches concatenated, a batch
   filtered), the step after that one is launched first, fed with the tokens the steps in flight chose on the
   device (`follow`), and only then are those tokens read: the GPU always has the next step queued.
+- a structured-output request's mask needs its last token accepted by its grammar, on the host: with such
+  requests in the batch, only the forward pass is launched first (`SampleLater`), and its sampling once the
+  tokens in flight are read and the grammars took them (`add`), while the forward pass still runs.
 
 The router decodes every live request at its next step (batches concatenated or filtered, never a request
 skipped), so a choice made ahead is always the one its request needs next; a request filtered out or
@@ -16,13 +19,23 @@ the position the step would write anyway. The engine reads the choices into each
 """
 
 import logging
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
 
 import torch
 
 from lorax_server.engine.runner import ModelRunner, PendingChoices, to_device
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleLater:
+    """A decode step whose forward pass is launched and whose sampling waits for the tokens in flight to reach
+    the host (see the module docstring)."""
+
+    requests: Sequence
+    logits: torch.Tensor
 
 
 class StepsAhead:
@@ -46,19 +59,21 @@ class StepsAhead:
         if step is not None:
             self.pending.append(step)
 
-    def follow(self, requests: Sequence) -> Optional[PendingChoices]:
+    def follow(self, requests: Sequence) -> Optional[Union[PendingChoices, SampleLater]]:
         """The decode step after the ones in flight, for these requests (each must have one in flight: the same
         batch, a batch the router concatenated from several, or one it filtered), fed with the tokens those
-        steps chose on the device, for the requests that surely get one more token; the caller adds it to
-        `pending` once it has read the steps before. None when a request has no step in flight or needs its
-        token on the host first (a watermark, a grammar, or penalty counts still to be built)."""
+        steps chose on the device, for the requests that surely get one more token; the caller passes it to
+        `add` once it has read the steps before. Its sampling waits for that read when a request has a grammar
+        (SampleLater). None when a request has no step in flight or needs its token on the host before its
+        forward pass (a watermark, or penalty counts still to be built)."""
         if not self.enabled or not self.pending or any(step.device_tokens is None for step in self.pending):
             return None
         where, offset = {}, 0  # request -> its row in the in-flight steps' tokens, side by side
         for step in self.pending:
             where.update((id(r), offset + j) for j, r in enumerate(step.requests))
             offset += len(step.requests)
-        if any(id(r) not in where for r in requests) or not all(self.runner.sampler.can_follow(r) for r in requests):
+        sampler = self.runner.sampler
+        if any(id(r) not in where for r in requests) or not all(sampler.can_sample_later(r) for r in requests):
             return None
         going = [r for r in requests if len(r.generated) + 1 < r.max_new_tokens]
         if not going:
@@ -69,11 +84,19 @@ class StepsAhead:
         if rows != list(range(len(tokens))):
             # to_device: a blocking copy (torch.tensor(device=)) would wait for the steps in flight
             tokens = tokens.index_select(0, to_device(rows, torch.int64, tokens.device))
-        return self.decode_step(going, tokens)
+        return self.decode_step(going, tokens, sample_now=all(sampler.can_follow(r) for r in going))
 
-    def decode_step(self, requests: Sequence, input_ids: Optional[torch.Tensor] = None) -> Optional[PendingChoices]:
+    def add(self, step: Union[PendingChoices, SampleLater]) -> None:
+        """Puts `follow`'s step in flight, once the steps before it were read (`collect`): a SampleLater step's
+        sampling is launched now, its grammars having taken those steps' tokens."""
+        if isinstance(step, SampleLater):
+            step = self.runner.start(step.requests, step.logits)
+        self.pending.append(step)
+
+    def decode_step(self, requests: Sequence, input_ids: Optional[torch.Tensor] = None,
+                    sample_now: bool = True) -> Optional[Union[PendingChoices, SampleLater]]:
         """One decode step of these requests, launched (None for none, or when it failed: the next decode runs
-        it again, and answers for the failure)."""
+        it again, and answers for the failure); with `sample_now` False only its forward pass."""
         if not requests:
             return None
         try:
@@ -82,7 +105,7 @@ class StepsAhead:
         except Exception:
             logger.exception("a decode step launched ahead failed; the next decode step runs it again")
             return None
-        return self.runner.start(requests, logits)
+        return self.runner.start(requests, logits) if sample_now else SampleLater(requests, logits)
 
     def collect(self) -> None:
         """Reads the choices of every step in flight (one host synchronisation each) into its requests."""

@@ -145,11 +145,17 @@ class BatchSampler:
 
     @staticmethod
     def can_follow(row: SamplerRow) -> bool:
-        """Whether this row's next step can be launched before its last token reaches the host: its watermark
-        and grammar read that token on the host, and penalty counts not built yet are built from the host's
-        sequence (counts already built take the token on the device)."""
-        return (row.chooser.watermark is None and getattr(row, "grammar", None) is None
-                and (row.counts is not None or not penalised(row.chooser.params)))
+        """Whether this row's next step, forward pass and sampling, can be launched before its last token reaches
+        the host (`can_sample_later` rows need their sampling launched after it does)."""
+        return BatchSampler.can_sample_later(row) and getattr(row, "grammar", None) is None
+
+    @staticmethod
+    def can_sample_later(row: SamplerRow) -> bool:
+        """Whether this row's next forward pass can be launched before its last token reaches the host, with its
+        sampling launched once the token is read. A grammar has taken the token by then (its mask is built at
+        the launch); a watermark and penalty counts not built yet read the host's sequence, which gets the token
+        only after the step's results are made (counts already built take it on the device)."""
+        return row.chooser.watermark is None and (row.counts is not None or not penalised(row.chooser.params))
 
     def launch(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> "LaunchedStep":
         """`step` without its wait: the choice is queued on the device and copied to pinned host memory;

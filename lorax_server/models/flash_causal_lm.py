@@ -338,7 +338,7 @@ class FlashCausalLM:
         following = self.steps_ahead.follow(requests)
         self.steps_ahead.collect()
         if following is not None:
-            self.steps_ahead.pending.append(following)
+            self.steps_ahead.add(following)
         now = [r for r in requests if r.ahead is None]
         if now:
             logits = self.runner.forward([r.seq for r in now], [1] * len(now), prefill=False)

@@ -201,3 +201,52 @@ def test_steps_are_launched_ahead_by_default_on_a_gpu_only(monkeypatch):
     assert decode_ahead_default(torch.device("cpu"))
     monkeypatch.setenv("LORAX_DECODE_AHEAD", "0")
     assert not decode_ahead_default(torch.device("cuda"))
+
+
+def test_a_constrained_request_follows_on_the_device_and_samples_once_its_grammar_took_the_token(engine,
+                                                                                               monkeypatch):
+    """With a JSON-schema request in the batch, each step's forward pass is still launched from the tokens the
+    step before chose on the device, before they are read; its sampling waits until the grammar took them.
+    The tokens, texts and ends are those of steps launched in turn, and the JSON is valid."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "tag": {"enum": ["a", "bc"]}},
+              "required": ["n", "tag"], "additionalProperties": False}
+    fed = []  # per forward pass: (fed from the device, its rows)
+    real = ModelRunner.forward
+
+    def forward(self, seqs, counts, prefill, all_logits=False, input_ids=None):
+        fed.append((input_ids is not None, len(seqs)))
+        return real(self, seqs, counts, prefill, all_logits, input_ids)
+
+    def run() -> Dict[int, List]:
+        engine.clear()
+        requests = [engine.new_request(1, engine.tokenize(PROMPTS[2], [], 0), SamplingParams(), 40,
+                                       schema=json.dumps(schema)),
+                    engine.new_request(2, engine.tokenize(PROMPTS[1], [], 0), PARAMS[1], 10, ignore_eos=True),
+                    engine.new_request(3, engine.tokenize(PROMPTS[6], [], 0), PARAMS[6], 10, ignore_eos=True)]
+        out: Dict[int, List] = {}
+        results, batch = engine.prefill(401, requests)
+        while True:
+            for res in results:
+                out.setdefault(res.request_id, []).append((res.token.id, res.token.text, res.finish_reason))
+                if res.finish_reason:
+                    out[res.request_id].append(res.text)
+            if batch is None:
+                return out
+            results, batch = engine.decode([batch.id])
+
+    monkeypatch.setattr(ModelRunner, "forward", forward)
+    ahead = run()
+    # every forward pass after the first two (the prefill, its step ahead launched from the host) followed on
+    # the device, five or more of them with all three requests, the constrained one included
+    assert all(from_device for from_device, _ in fed[2:]) and fed[2:7] == [(True, 3)] * 5, fed
+    jsonschema.validate(json.loads(ahead[1][-1]), schema)
+    assert ahead[1][-2][2] == "eos" and len(ahead[2]) == len(ahead[3]) == 11
+    monkeypatch.setattr(engine, "decode_ahead", False)
+    fed.clear()
+    assert run() == ahead and not any(from_device for from_device, _ in fed)
+    engine.clear()

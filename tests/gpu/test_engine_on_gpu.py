@@ -68,6 +68,39 @@ def test_decode_steps_launched_ahead_equal_steps_launched_in_turn():
     assert ahead == in_turn and model.cache.all_free
 
 
+def test_constrained_steps_sampled_after_their_forward_pass_equal_steps_launched_in_turn():
+    """Two JSON-schema requests beside three free ones, sampled with seeds: each step's forward pass is launched
+    from the device's tokens before they are read, its sampling once the grammars took them (pinned copies,
+    graphs); the tokens and ends are those of steps launched at their Decode call."""
+    import json
+
+    from lorax_server.utils.tokens import SamplingParams
+
+    schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                                          "ok": {"type": "boolean"}},
+                         "required": ["n", "ok"], "additionalProperties": False})
+    model = get_model(str(DEFAULT_MODEL_DIR), dtype="bfloat16", kv_cache_bytes=64 << 20)
+
+    def run():
+        requests = [model.new_request(i, model.tokenize(p, [], 0), SamplingParams(do_sample=True, seed=i), 24,
+                                      ignore_eos=i >= 2, schema=schema if i < 2 else None)
+                    for i, p in enumerate(PROMPTS)]
+        results, batch = model.prefill(1, requests)
+        out = {}
+        while True:
+            for r in results:
+                out.setdefault(r.request_id, []).append((r.token.id, r.finish_reason))
+            if batch is None:
+                return out
+            results, batch = model.decode([batch.id])
+
+    assert model.decode_ahead
+    ahead = run()
+    model.decode_ahead = False
+    assert run() == ahead and model.cache.all_free
+    assert all(ahead[i][-1][1] == "eos" for i in (0, 1))  # both JSON outputs completed
+
+
 def test_after_the_warm_up_serving_compiles_no_kernel():
     """Warmup's kernel warm-up (and the decode graphs) leave nothing for Triton to compile when requests arrive:
     prompts of odd lengths, batches of new sizes, a prefix-cache hit and a prompt prefilled in chunks beside
