@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, then the benchmarks named as arguments (moe, attention, stack, tune, tune-mid (the decode batches of a loaded server), fp8-tune,
-# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, step-graphs, serve, serve-features (issue 15: chunked prefill of a 16k prompt in the open loop, structured output, prefix caching), serve-no-step-graphs, serve-adapters,
+# adapters, adapters-mix, engine, prefill, chunked, kv-fp8, step-graphs, serve, serve-features (issue 15: chunked prefill of a 16k prompt in the open loop, structured output, prefix caching),
+# structured (the constrained batch's GPU test and its serve row), tails (the TAIL_M experiment: tests, A/B per token count, decode step), serve-no-step-graphs, serve-adapters,
 # serve-fp8, save-cache, tp, serve-tp: the last two on a machine with 2 GPUs). serve takes about 4 minutes and serve-adapters about 3: give each its own call.
 # Logs go to $OUT (the device tool brings them back). Usage: bash bench/device_run.sh tests moe attention
 set -uo pipefail
@@ -55,6 +56,11 @@ for step in "$@"; do
     serve-features) python3 -c "import jsonschema" 2>/dev/null || echo "no jsonschema here: outputs only parsed"
                     python3 -m bench.serve --shapes 128x128 --long-prompt 16384 --chunk-tokens 256 --structured 64 \
                       --prefix 2000 2>&1 | tee "$OUT/serve_features.log" ;;
+    tails) python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fused_moe.py 2>&1 | tail -3
+           python3 -m bench.moe_layer --peer --tokens 256 448 512 640 768 1024 2>&1 | tee "$OUT/moe_tails.log"
+           for t in 0 32; do LORAX_MOE_TAIL_M=$t python3 -m bench.engine_step --batches 512 --context 256 2>&1 | tail -4; done ;;
+    structured) python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engine_on_gpu.py -k constrained 2>&1 | tail -3
+                python3 -m bench.serve --shapes --open-requests 0 --structured 64 2>&1 | tee "$OUT/serve_structured.log" ;;
     serve-no-step-graphs) LORAX_STEP_GRAPHS=0 python3 -m bench.serve --shapes 128x128 2>&1 | tee "$OUT/serve_no_step_graphs.log" ;;
     save-cache) [ -d "$TRITON_CACHE_DIR" ] && tar czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . && \
                   du -h "$OUT/triton_cache.tgz" ;;

@@ -12,7 +12,8 @@ weight and the FLOPs at the measured FP8 rate of torch._scaled_mm.
 
 After that table, the fused experts alone (routing computed once, shared) against a peer written from vLLM's
 fused-MoE design and its tuned H200 table (bench/peer_vllm_moe.py): the peer with its alignment precomputed
-(free) and with it, ours, ours with expert LoRA of 8 rank-16 adapters (one per token, round robin), and two
+(free) and with it, ours, ours with an expert's short last row block merged into the block before (TAIL_M, an
+experiment off by default), ours with expert LoRA of 8 rank-16 adapters (one per token, round robin), and two
 grouped_mm calls from 256 tokens. CUDA-graph replays. --peer prints only this table.
 
 --tune times tile candidates for the fused kernels (the whole `fused_moe` call, CUDA-graph replays) per token
@@ -298,6 +299,7 @@ def write_table(winners, fp8: bool = False):
 LORA_ADAPTERS, LORA_RANK, LORA_MAX_TOKENS = 8, 16, 256
 GROUPED_MIN_TOKENS = 256
 PER_EXPERT_MIN_TOKENS = 1024
+TAIL_M_TRIED, TAIL_MIN_TOKENS = 32, 256  # 128-row blocks from 256 tokens on
 _LORA = {}
 
 
@@ -351,6 +353,19 @@ def linear_per_expert_mm(x, w, d):
     return out
 
 
+def with_tail_m(fn, tail_m: int):
+    """`fn` with kernels/fused_moe.py's TAIL_M set (an expert's short last row block computed by the program of
+    the block before): the A/B of that experiment."""
+    def run():
+        before = fused_moe_module.TAIL_M
+        fused_moe_module.TAIL_M = tail_m
+        try:
+            return fn()
+        finally:
+            fused_moe_module.TAIL_M = before
+    return run
+
+
 def main_peer(tokens):
     bandwidth, rate = copy_bandwidth(), matmul_rate()
     gate, w13, w2 = make_weights()
@@ -376,6 +391,8 @@ def main_peer(tokens):
                 "free": lambda: peer.experts(x, w13, w2, r.weights, r.experts, aligned),
                 "aligned": lambda: peer.experts(x, w13, w2, r.weights, r.experts),
                 "ours": lambda: fused_moe(x, w13, w2, r.weights, r.experts),
+                "tails": with_tail_m(lambda: fused_moe(x, w13, w2, r.weights, r.experts), TAIL_M_TRIED)
+                if T >= TAIL_MIN_TOKENS else None,
                 "lora": (lambda: fused_moe(x, w13, w2, r.weights, r.experts, lora=lora)) if lora else None,
                 "grouped": (lambda: moe_experts(x, w13, w2, dispatch(r, E), F.silu, linear_grouped_mm))
                 if T >= GROUPED_MIN_TOKENS else None,
@@ -383,13 +400,15 @@ def main_peer(tokens):
                 if T >= PER_EXPERT_MIN_TOKENS else None})
             rows.append([str(T), f"{floor:.3f}", cell(t["free"], floor), cell(t["aligned"], floor),
                          cell(t["ours"], floor), f"{t['ours'] / t['free']:.2f}",
+                         f"{cell(t['tails'], floor)}, {t['tails'] / t['ours']:.2f}x" if T >= TAIL_MIN_TOKENS else "-",
                          cell(t["lora"], floor) if lora else "-", f"{t['lora'] / t['ours']:.2f}" if lora else "-",
                          cell(t["grouped"], floor) if T >= GROUPED_MIN_TOKENS else "-",
                          cell(t["per-expert"], floor) if T >= PER_EXPERT_MIN_TOKENS else "-"])
     print_table(f"MoE experts, Mixtral-8x7B shapes, bf16, {card()}: copy {bandwidth / 1e12:.2f} TB/s, matmul "
                 f"{rate / 1e12:.0f} TFLOP/s; CUDA-graph replay ms (percent of floor), routing given, best of two",
                 ["tokens", "floor ms", "vLLM design, alignment free", "vLLM design, with alignment", "ours",
-                 "ours / vLLM free", f"ours + expert LoRA ({LORA_ADAPTERS} adapters)", "LoRA / ours",
+                 "ours / vLLM free", f"ours, short last blocks merged (TAIL_M {TAIL_M_TRIED}), vs ours",
+                 f"ours + expert LoRA ({LORA_ADAPTERS} adapters)", "LoRA / ours",
                  "two grouped_mm (the block's path above TRITON_MOE_MAX_TOKENS)",
                  "per-expert cuBLAS mm (host offsets, eager)"], rows)
     print(f"tile table in use: {fused_moe_module.MOE_TILE_CONFIGS}")

@@ -30,6 +30,7 @@ from `MOE_FP8_TILE_CONFIGS`. FP8 oracle: the same arithmetic in float32 over the
 (tests/gpu/test_fp8_kernels.py).
 """
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -163,6 +164,76 @@ def rows_of(pid_m, sorted_rows_ptr, block_expert_ptr, experts_ptr, num_assignmen
 
 
 @triton.jit
+def short_block(pid_m, num_m, sorted_rows_ptr, num_assignments, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr):
+    """Whether row block pid_m exists and holds at most TAIL_M assignments (an expert's rows come first in its
+    blocks, the padding after them, so row TAIL_M tells)."""
+    row = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + TAIL_M, mask=pid_m < num_m, other=0)
+    return (pid_m < num_m) & (row >= num_assignments)
+
+
+@triton.jit
+def same_expert(pid_m, expert, num_m, block_expert_ptr):
+    """Whether row block pid_m exists and belongs to `expert`."""
+    inside = (pid_m >= 0) & (pid_m < num_m)
+    return inside & (tl.load(block_expert_ptr + pid_m, mask=inside, other=-1) == expert)
+
+
+@triton.jit
+def merged_into_previous(pid_m, expert, num_m, block_expert_ptr, sorted_rows_ptr, num_assignments,
+                         BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr):
+    """TAIL_M: row block pid_m is its expert's last, holds at most TAIL_M rows and follows another block of its
+    expert, whose program computes these rows too (`takes_tail`)."""
+    return same_expert(pid_m - 1, expert, num_m, block_expert_ptr) & \
+        short_block(pid_m, num_m, sorted_rows_ptr, num_assignments, BLOCK_M, TAIL_M)
+
+
+@triton.jit
+def takes_tail(pid_m, expert, num_m, block_expert_ptr, sorted_rows_ptr, num_assignments,
+               BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr):
+    """TAIL_M: the next row block is merged into this one (`merged_into_previous`)."""
+    return merged_into_previous(pid_m + 1, expert, num_m, block_expert_ptr, sorted_rows_ptr, num_assignments,
+                                BLOCK_M, TAIL_M)
+
+
+@triton.jit
+def rows_times_weights(a_ptr, a_rows, a_real, t_rows, t_real, w_tile, depth, stride_a,
+                       EVEN_K: tl.constexpr, UPCAST_W: tl.constexpr, ROWS: tl.constexpr, TAIL: tl.constexpr,
+                       COLS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """a[a_rows] @ W.T over `depth` ([ROWS, COLS] fp32; rows not real read as zeros), W's tile at K step 0 being
+    `w_tile` ([BLOCK_K, COLS] pointers); with TAIL rows, a[t_rows] @ W.T too, from the same weight tiles (an
+    expert's few last rows without a program, and a weight read, of their own). Returns (acc, tail acc)."""
+    ks = tl.arange(0, BLOCK_K)
+    a_tile = a_ptr + a_rows[:, None] * stride_a + ks[None, :]
+    acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    if TAIL > 0:
+        t_tile = a_ptr + t_rows[:, None] * stride_a + ks[None, :]
+        acc_t = tl.zeros((TAIL, COLS), dtype=tl.float32)
+    else:
+        acc_t = tl.zeros((16, COLS), dtype=tl.float32)  # unused
+    for k0 in range(0, depth, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_tile, mask=a_real[:, None], other=0.0)
+            w = tl.load(w_tile)
+        else:
+            k_ok = ks < depth - k0
+            a = tl.load(a_tile, mask=a_real[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_tile, mask=k_ok[:, None], other=0.0)
+        if UPCAST_W:
+            w = w.to(a.dtype)
+        acc = tl.dot(a, w, acc)
+        if TAIL > 0:
+            if EVEN_K:
+                t = tl.load(t_tile, mask=t_real[:, None], other=0.0)
+            else:
+                t = tl.load(t_tile, mask=t_real[:, None] & k_ok[None, :], other=0.0)
+            acc_t = tl.dot(t, w, acc_t)
+            t_tile += BLOCK_K
+        a_tile += BLOCK_K
+        w_tile += BLOCK_K
+    return acc, acc_t
+
+
+@triton.jit
 def add_lora(acc, v_ptr, stack_rows_ptr, b_ptr, assignment, real, b_cols, num_slots, stack_experts, stride_v,
              stride_lb, stride_lbn, RANK: tl.constexpr, RANK_PAD: tl.constexpr, SLOTS: tl.constexpr):
     """acc [M, N] += each row's v [RANK_PAD] @ B[its stack row][b_cols].T, B [slots * stack_experts, out, RANK].
@@ -220,7 +291,7 @@ def gate_up_kernel(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_
                    lora_experts, stride_x, stride_we, stride_wn, stride_h, stride_se, stride_lv, stride_lb, stride_lbn,
                    TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, PAIRS: tl.constexpr, EVEN_K: tl.constexpr,
                    LORA_RANK: tl.constexpr, LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr,
-                   X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr,
+                   X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr, TAIL_M: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One dot of width 2 * BLOCK_N per K step: the weight tile's column 2j is gate row j of the block, column
     2j + 1 up row j (ffn rows further), so the accumulator splits into gate and up in registers. (Two dots of
@@ -233,67 +304,59 @@ def gate_up_kernel(x_ptr, w13_ptr, h_ptr, x_scale_ptr, w_scale_ptr, sorted_rows_
                                          PAIRS, BLOCK_M)
     if (expert < 0) | (expert >= NUM_EXPERTS):  # a row block past the last, or another rank's assignment
         return
+    if TAIL_M > 0:
+        if merged_into_previous(pid_m, expert, num_m, block_expert_ptr, sorted_rows_ptr, num_assignments,
+                                BLOCK_M, TAIL_M):
+            return
     real = assignment < num_assignments
-    tokens = assignment // TOP_K
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c2 = tl.arange(0, 2 * BLOCK_N)
     # w13 rows of the wide tile, always in bounds (wrapped columns are not stored): no mask on the weights
     w_rows = (pid_n * BLOCK_N + c2 // 2) % ffn + (c2 % 2) * ffn
     ks = tl.arange(0, BLOCK_K)
-    x_tile = x_ptr + tokens[:, None] * stride_x + ks[None, :]
     w_tile = w13_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn + ks[:, None]
-    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_tile, mask=real[:, None], other=0.0)
-            w = tl.load(w_tile)
+    if TAIL_M > 0:
+        if takes_tail(pid_m, expert, num_m, block_expert_ptr, sorted_rows_ptr, num_assignments, BLOCK_M, TAIL_M):
+            t_h_rows = ((pid_m + 1) * BLOCK_M + tl.arange(0, TAIL_M)).to(tl.int64)
+            t_assignment = tl.load(sorted_rows_ptr + t_h_rows).to(tl.int64)
+            t_real = t_assignment < num_assignments
+            acc, acc_t = rows_times_weights(x_ptr, assignment // TOP_K, real, t_assignment // TOP_K, t_real, w_tile,
+                                            hidden, stride_x, EVEN_K, UPCAST_W, BLOCK_M, TAIL_M, 2 * BLOCK_N, BLOCK_K)
+            gate_up_store(acc_t, h_ptr, x_scale_ptr, w_scale_ptr, lora_v_ptr, lora_rows_ptr, lora_b_ptr, expert,
+                          t_assignment, t_h_rows, t_real, cols, w_rows, ffn, lora_slots, lora_experts, stride_h,
+                          stride_se, stride_lv, stride_lb, stride_lbn, TOP_K, PAIRS, LORA_RANK, LORA_RANK_PAD,
+                          LORA_SLOTS, X_SCALED, W_SCALED, TAIL_M, BLOCK_N)
         else:
-            k_ok = ks < hidden - k0
-            a = tl.load(x_tile, mask=real[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_tile, mask=k_ok[:, None], other=0.0)
-        if UPCAST_W:
-            w = w.to(a.dtype)
-        acc = tl.dot(a, w, acc)
-        x_tile += BLOCK_K
-        w_tile += BLOCK_K
+            acc, _ = rows_times_weights(x_ptr, assignment // TOP_K, real, assignment, real, w_tile, hidden, stride_x,
+                                        EVEN_K, UPCAST_W, BLOCK_M, 0, 2 * BLOCK_N, BLOCK_K)
+    else:
+        acc, _ = rows_times_weights(x_ptr, assignment // TOP_K, real, assignment, real, w_tile, hidden, stride_x,
+                                    EVEN_K, UPCAST_W, BLOCK_M, 0, 2 * BLOCK_N, BLOCK_K)
+    gate_up_store(acc, h_ptr, x_scale_ptr, w_scale_ptr, lora_v_ptr, lora_rows_ptr, lora_b_ptr, expert, assignment,
+                  h_rows, real, cols, w_rows, ffn, lora_slots, lora_experts, stride_h, stride_se, stride_lv, stride_lb,
+                  stride_lbn, TOP_K, PAIRS, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS, X_SCALED, W_SCALED, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def gate_up_store(acc, h_ptr, x_scale_ptr, w_scale_ptr, lora_v_ptr, lora_rows_ptr, lora_b_ptr, expert, assignment,
+                  h_rows, real, cols, w_rows, ffn, lora_slots, lora_experts, stride_h, stride_se, stride_lv, stride_lb,
+                  stride_lbn, TOP_K: tl.constexpr, PAIRS: tl.constexpr, LORA_RANK: tl.constexpr,
+                  LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr, X_SCALED: tl.constexpr,
+                  W_SCALED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue of gate_up_kernel for ROWS rows: scales, expert LoRA, silu(gate) * up, stored as h."""
     if X_SCALED:  # each token's activation scale
-        acc = acc * tl.load(x_scale_ptr + tokens, mask=real, other=0.0)[:, None]
+        acc = acc * tl.load(x_scale_ptr + assignment // TOP_K, mask=real, other=0.0)[:, None]
     if W_SCALED:  # each output channel's weight scale
         acc = acc * tl.load(w_scale_ptr + expert.to(tl.int64) * stride_se + w_rows)[None, :]
     if LORA_RANK > 0:  # expert LoRA: the B rows of the same gate and up channels, against each row's shrunk x
         acc = add_lora(acc, lora_v_ptr, lora_rows_ptr, lora_b_ptr, assignment, real, w_rows, lora_slots,
                        lora_experts, stride_lv, stride_lb, stride_lbn, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
-    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    gate, up = tl.split(tl.reshape(acc, (ROWS, BLOCK_N, 2)))
     h = gate * tl.sigmoid(gate) * up
     store_ok = (cols < ffn)[None, :]
     if PAIRS:  # the empty rows have no row of h
         store_ok = store_ok & real[:, None]
     tl.store(h_ptr + h_rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=store_ok)
-
-
-@triton.jit
-def down_product(h_ptr, w2_ptr, expert, h_rows, real, w_cols, ffn, stride_h, stride_we, stride_wn,
-                 EVEN_K: tl.constexpr, UPCAST_W: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h[h_rows] @ w2[expert][w_cols].T, [BLOCK_M, BLOCK_N] fp32; rows not `real` read as zeros."""
-    ks = tl.arange(0, BLOCK_K)
-    h_tile = h_ptr + h_rows[:, None] * stride_h + ks[None, :]
-    w_tile = w2_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, ffn, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(h_tile, mask=real[:, None], other=0.0)
-            b = tl.load(w_tile)
-        else:
-            k_ok = ks < ffn - k0
-            a = tl.load(h_tile, mask=real[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_tile, mask=k_ok[:, None], other=0.0)
-        if UPCAST_W:
-            b = b.to(a.dtype)
-        acc = tl.dot(a, b, acc)
-        h_tile += BLOCK_K
-        w_tile += BLOCK_K
-    return acc
 
 
 @triton.jit
@@ -319,13 +382,15 @@ def down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, s
                 lora_slots, lora_experts, stride_h, stride_we, stride_wn, stride_out, stride_se, stride_lv,
                 stride_lb, stride_lbn, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, PAIRS: tl.constexpr,
                 EVEN_K: tl.constexpr, LORA_RANK: tl.constexpr, LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr,
-                X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr,
+                X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, UPCAST_W: tl.constexpr, TAIL_M: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Scales as in `gate_up_kernel`; h's scales are per row of h. Pairs: program (token, columns) sums the
-    token's TOP_K assignments into out [T, H]; sorted: out [T*K, H], one row per assignment."""
+    token's TOP_K assignments into out [T, H]; sorted: out [T*K, H], one row per assignment (TAIL_M as in
+    `fused_moe`)."""
     pid_m, pid_n = tile_of(tl.program_id(0), num_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_cols = cols % hidden
+    ks = tl.arange(0, BLOCK_K)
     i = tl.arange(0, BLOCK_M)
     if PAIRS:
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -334,8 +399,9 @@ def down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, s
                                                  num_assignments, PAIRS, BLOCK_M)
             if (expert >= 0) & (expert < NUM_EXPERTS):  # another rank's assignment adds nothing here
                 real = assignment < num_assignments
-                acc = down_product(h_ptr, w2_ptr, expert, h_rows, real, w_cols, ffn, stride_h, stride_we, stride_wn,
-                                   EVEN_K, UPCAST_W, BLOCK_M, BLOCK_N, BLOCK_K)
+                w_tile = w2_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
+                acc, _ = rows_times_weights(h_ptr, h_rows, real, h_rows, real, w_tile, ffn, stride_h, EVEN_K,
+                                            UPCAST_W, BLOCK_M, 0, BLOCK_N, BLOCK_K)
                 total += down_epilogue(acc, expert, assignment, h_rows, real, w_cols, weights_ptr, h_scale_ptr,
                                        w_scale_ptr, lora_v_ptr, lora_rows_ptr, lora_b_ptr, lora_slots, lora_experts,
                                        stride_se, stride_lv, stride_lb, stride_lbn, X_SCALED, W_SCALED, LORA_RANK,
@@ -347,14 +413,46 @@ def down_kernel(h_ptr, w2_ptr, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, s
                                              PAIRS, BLOCK_M)
         if expert < 0:
             return
+        if TAIL_M > 0:
+            if merged_into_previous(pid_m, expert, num_m, block_expert_ptr, sorted_rows_ptr, num_assignments,
+                                    BLOCK_M, TAIL_M):
+                return
         real = assignment < num_assignments
-        acc = down_product(h_ptr, w2_ptr, expert, h_rows, real, w_cols, ffn, stride_h, stride_we, stride_wn,
-                           EVEN_K, UPCAST_W, BLOCK_M, BLOCK_N, BLOCK_K)
-        acc = down_epilogue(acc, expert, assignment, h_rows, real, w_cols, weights_ptr, h_scale_ptr, w_scale_ptr,
-                            lora_v_ptr, lora_rows_ptr, lora_b_ptr, lora_slots, lora_experts, stride_se, stride_lv,
-                            stride_lb, stride_lbn, X_SCALED, W_SCALED, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
-        out = out_ptr + assignment[:, None] * stride_out + cols[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=real[:, None] & (cols < hidden)[None, :])
+        w_tile = w2_ptr + expert.to(tl.int64) * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
+        if TAIL_M > 0:
+            if takes_tail(pid_m, expert, num_m, block_expert_ptr, sorted_rows_ptr, num_assignments, BLOCK_M, TAIL_M):
+                t_h_rows = ((pid_m + 1) * BLOCK_M + tl.arange(0, TAIL_M)).to(tl.int64)
+                t_assignment = tl.load(sorted_rows_ptr + t_h_rows).to(tl.int64)
+                t_real = t_assignment < num_assignments
+                acc, acc_t = rows_times_weights(h_ptr, h_rows, real, t_h_rows, t_real, w_tile, ffn, stride_h, EVEN_K,
+                                                UPCAST_W, BLOCK_M, TAIL_M, BLOCK_N, BLOCK_K)
+                down_store(acc_t, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, lora_v_ptr, lora_rows_ptr,
+                           lora_b_ptr, expert, t_assignment, t_h_rows, t_real, cols, w_cols, hidden, lora_slots,
+                           lora_experts, stride_out, stride_se, stride_lv, stride_lb, stride_lbn, X_SCALED, W_SCALED,
+                           LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
+            else:
+                acc, _ = rows_times_weights(h_ptr, h_rows, real, h_rows, real, w_tile, ffn, stride_h, EVEN_K,
+                                            UPCAST_W, BLOCK_M, 0, BLOCK_N, BLOCK_K)
+        else:
+            acc, _ = rows_times_weights(h_ptr, h_rows, real, h_rows, real, w_tile, ffn, stride_h, EVEN_K, UPCAST_W,
+                                        BLOCK_M, 0, BLOCK_N, BLOCK_K)
+        down_store(acc, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, lora_v_ptr, lora_rows_ptr, lora_b_ptr,
+                   expert, assignment, h_rows, real, cols, w_cols, hidden, lora_slots, lora_experts, stride_out,
+                   stride_se, stride_lv, stride_lb, stride_lbn, X_SCALED, W_SCALED, LORA_RANK, LORA_RANK_PAD,
+                   LORA_SLOTS)
+
+
+@triton.jit
+def down_store(acc, out_ptr, weights_ptr, h_scale_ptr, w_scale_ptr, lora_v_ptr, lora_rows_ptr, lora_b_ptr, expert,
+               assignment, h_rows, real, cols, w_cols, hidden, lora_slots, lora_experts, stride_out, stride_se,
+               stride_lv, stride_lb, stride_lbn, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr,
+               LORA_RANK: tl.constexpr, LORA_RANK_PAD: tl.constexpr, LORA_SLOTS: tl.constexpr):
+    """The sorted layout's epilogue: `down_epilogue`, then one row of out per assignment."""
+    acc = down_epilogue(acc, expert, assignment, h_rows, real, w_cols, weights_ptr, h_scale_ptr, w_scale_ptr,
+                        lora_v_ptr, lora_rows_ptr, lora_b_ptr, lora_slots, lora_experts, stride_se, stride_lv,
+                        stride_lb, stride_lbn, X_SCALED, W_SCALED, LORA_RANK, LORA_RANK_PAD, LORA_SLOTS)
+    out = out_ptr + assignment[:, None] * stride_out + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=real[:, None] & (cols < hidden)[None, :])
 
 
 def tile_config(num_tokens: int, element_size: int, table=MOE_TILE_CONFIGS):
@@ -404,6 +502,12 @@ class NoLora(NamedTuple):
         return dict(LORA_RANK=0, LORA_RANK_PAD=16, LORA_SLOTS=1)
 
 
+# TAIL_M > 0 (an experiment, off until measured: LORAX_MOE_TAIL_M=32): an expert's last row block with at most
+# TAIL_M rows after a block of its own (at ~128 rows an expert, half the experts spill a few rows into a second
+# 128-row block) is computed by the program of the block before, from the same weight tiles, and has no program:
+# every program streams a whole weight tile through shared memory whatever its rows, so a nearly empty block
+# costs about what a full one does (docs/PERF.md, session 8).
+TAIL_M = int(os.getenv("LORAX_MOE_TAIL_M", "0"))
 SHRINK_BLOCK_K = 512  # columns of A per shrink program: 8 parts over Mixtral's 4096, 28 over 14336
 
 
@@ -457,6 +561,9 @@ def fused_moe(x: torch.Tensor, w13, w2, routing_weights: torch.Tensor, experts: 
     tile1, tile2 = (Tile(*c) for c in configs) if configs else tile_config(T, x.element_size(), table)
     assert tile1.block_m == tile2.block_m, "both kernels walk the same rows"
     pairs = tile1.block_m == 1
+    tail_m = TAIL_M if not pairs and TAIL_M < tile1.block_m else 0
+    if tail_m and (tail_m < DOT_M or tail_m & (tail_m - 1)):
+        raise ValueError(f"LORAX_MOE_TAIL_M={tail_m}: a power of two from {DOT_M} (a tensor-core dot's rows), or 0")
     flat_experts = experts.flatten().contiguous()
     if pairs:
         block_m, rows1, rows2, h_rows = DOT_M, n, T, n
@@ -482,7 +589,7 @@ def fused_moe(x: torch.Tensor, w13, w2, routing_weights: torch.Tensor, experts: 
         x_in.stride(0), w13_q.stride(0), w13_q.stride(1), h.stride(0), 0 if w13_scale is None else w13_scale.stride(0),
         *lora13.strides(),
         TOP_K=K, NUM_EXPERTS=E, PAIRS=pairs, EVEN_K=H % tile1.block_k == 0, **lora13.constants(),
-        X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x,
+        X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x, TAIL_M=tail_m,
         BLOCK_M=block_m, BLOCK_N=tile1.block_n, BLOCK_K=tile1.block_k, GROUP_M=tile1.group_m,
         num_warps=tile1.warps, num_stages=tile1.stages)
     skip = None if pairs else (block_expert, block_m)
@@ -499,7 +606,7 @@ def fused_moe(x: torch.Tensor, w13, w2, routing_weights: torch.Tensor, experts: 
         h_in.stride(0), w2_q.stride(0), w2_q.stride(1), out.stride(0), 0 if w2_scale is None else w2_scale.stride(0),
         *lora2.strides(),
         TOP_K=K, NUM_EXPERTS=E, PAIRS=pairs, EVEN_K=F % tile2.block_k == 0, **lora2.constants(),
-        X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x,
+        X_SCALED=scaled_x, W_SCALED=fp8, UPCAST_W=fp8 and not scaled_x, TAIL_M=tail_m,
         BLOCK_M=block_m, BLOCK_N=tile2.block_n, BLOCK_K=tile2.block_k, GROUP_M=tile2.group_m,
         num_warps=tile2.warps, num_stages=tile2.stages)
     return out if pairs else out.view(T, K, H).sum(dim=1)

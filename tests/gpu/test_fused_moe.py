@@ -196,3 +196,44 @@ def test_the_table_reaches_every_layout_and_the_alignment_kept_its_bound():
         assert relative_error(got, oracle(x, w13, w2, routing)) < 1e-2
     aligned = align_by_expert_triton(route(torch.randn(1, E, device=DEV), K).experts, E, 16)
     assert aligned.padded_rows == 32 and aligned.block_expert.tolist() == sorted(aligned.block_expert.tolist())
+
+
+@pytest.mark.parametrize("T", [40, 300, 560, 700])
+@pytest.mark.parametrize("tail, configs", [(16, ((64, 64, 64, 4, 3), (64, 64, 64, 4, 3))),
+                                           (32, ((128, 64, 64, 8, 3, 8), (128, 128, 64, 8, 3, 8)))])
+def test_short_last_blocks_merged_into_the_block_before(T, tail, configs, monkeypatch):
+    """TAIL_M: an expert's last row block of at most `tail` rows is computed by the program of its block
+    before. Token counts put 10 to 175 rows on an expert, so merged, unmerged and lone blocks meet (with expert
+    LoRA too); every row matches the oracle (a row left out would be off by 1.0)."""
+    import lorax_server.kernels.fused_moe as kernels
+
+    monkeypatch.setattr(kernels, "TAIL_M", tail)
+    x, w13, w2, routing = moe_problem(T, H=H, Fn=FN, seed=T)
+    block_m = configs[0][0]
+    per_expert = torch.bincount(routing.experts.flatten(), minlength=E).tolist()
+    merged = sum(n > block_m and 0 < n % block_m <= tail for n in per_expert)
+    assert merged > 0 or T in (40, 700) or (T == 300 and block_m == 128)  # the cases meant to merge do
+    want = oracle(x, w13, w2, routing)
+    got = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs)
+    per_row = (got.float() - want).norm(dim=1) / want.norm(dim=1)
+    assert relative_error(got, want) < 1e-2 and per_row.max() < 5e-2
+    loaded = expert_adapters((16, 5))
+    token_adapters = torch.arange(T, device=DEV) % 3
+    lora = AdapterBatchData.for_tokens(token_adapters, loaded, build_stacks(loaded, E, DEV)) \
+        .expert_lora(0, torch.arange(T * K, device=DEV) // K, routing.experts.flatten())
+    with_lora = fused_moe(x, w13, w2, routing.weights, routing.experts, configs=configs, lora=lora)
+    assert relative_error(with_lora, lora_oracle(x, w13, w2, routing, loaded, token_adapters)) < 1e-2
+
+
+
+@pytest.mark.parametrize("tail", [0, 32])
+def test_fp8_experts_with_merged_short_blocks(tail, monkeypatch):
+    """TAIL_M on FP8 experts: the merged rows take their own activation scales in both kernels."""
+    import lorax_server.kernels.fused_moe as kernels
+
+    needs_fp8()
+    monkeypatch.setattr(kernels, "TAIL_M", tail)
+    x, q13, q2, routing = fp8_moe_problem(560, H=H, Fn=FN, seed=5)
+    got = fused_moe(x, q13, q2, routing.weights, routing.experts,
+                    configs=((128, 64, 128, 8, 3), (128, 128, 128, 8, 3)))
+    assert relative_error(got, w8a8_reference(x, q13, q2, routing)) < W8A8_BOUND
