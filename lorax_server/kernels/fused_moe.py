@@ -507,7 +507,16 @@ class NoLora(NamedTuple):
 # 128-row block) is computed by the program of the block before, from the same weight tiles, and has no program:
 # every program streams a whole weight tile through shared memory whatever its rows, so a nearly empty block
 # costs about what a full one does (docs/PERF.md, session 8).
-TAIL_M = int(os.getenv("LORAX_MOE_TAIL_M", "0"))
+def tail_m_from_env() -> int:
+    """LORAX_MOE_TAIL_M: 0 (off), or a power of two of at least DOT_M rows (a tensor-core dot's)."""
+    text = os.getenv("LORAX_MOE_TAIL_M", "0")
+    value = int(text) if text.strip().isdigit() else -1
+    if value and (value < DOT_M or value & (value - 1)):
+        raise ValueError(f"LORAX_MOE_TAIL_M={text!r}: must be 0 or a power of two from {DOT_M}")
+    return value
+
+
+TAIL_M = tail_m_from_env()
 SHRINK_BLOCK_K = 512  # columns of A per shrink program: 8 parts over Mixtral's 4096, 28 over 14336
 
 
@@ -561,9 +570,7 @@ def fused_moe(x: torch.Tensor, w13, w2, routing_weights: torch.Tensor, experts: 
     tile1, tile2 = (Tile(*c) for c in configs) if configs else tile_config(T, x.element_size(), table)
     assert tile1.block_m == tile2.block_m, "both kernels walk the same rows"
     pairs = tile1.block_m == 1
-    tail_m = TAIL_M if not pairs and TAIL_M < tile1.block_m else 0
-    if tail_m and (tail_m < DOT_M or tail_m & (tail_m - 1)):
-        raise ValueError(f"LORAX_MOE_TAIL_M={tail_m}: a power of two from {DOT_M} (a tensor-core dot's rows), or 0")
+    tail_m = TAIL_M if not pairs and TAIL_M < tile1.block_m else 0  # merged rows fit in less than a block
     flat_experts = experts.flatten().contiguous()
     if pairs:
         block_m, rows1, rows2, h_rows = DOT_M, n, T, n
