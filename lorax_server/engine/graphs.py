@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 # Batch sizes a decode graph is captured for (a step pads up to the next one), up to 1024 rows: the router's largest
 # batches must not fall back to eager steps. A padded row costs what a real one does (it goes through the projections
 # and the experts), and from about 64 rows a step's time grows with its rows, so the buckets are close there: every
-# 32 rows from 128 to 256, every 64 to 512, every 128 to 1024. Each graph keeps its static output, [rows, vocab] logits
-# in the model's dtype: 398 MB for all buckets of one context at Mixtral's vocabulary in bf16.
+# 32 rows from 128 to 256, every 64 to 512, every 128 to 1024. All graphs write their logits into one buffer of the
+# largest bucket's rows (65 MB at Mixtral's vocabulary in bf16), not one each (`DecodeGraphs.shared_output`).
 # Why 1024 and not 512: the router's closed loop of 1024 requests decodes batches of 500 rows on average and up to
 # about 1000. Base steps above 512 rows have the step graphs' pieces (engine/step_graphs.py), but steps with adapters
 # ran eagerly there: 64 adapters served 0.70x the base model's tokens/s in bf16 and 0.52x in FP8; with these buckets
@@ -62,7 +62,7 @@ MIN_CONTEXT_BUCKET = 256
 class CapturedStep:
     graph: torch.cuda.CUDAGraph
     inputs: Dict[str, torch.Tensor]  # static buffers the graph reads and `load` refills
-    logits: torch.Tensor  # static buffer the graph writes
+    logits: torch.Tensor  # what the graph writes: its rows of the buffer all graphs share (`shared_output`)
     # Everything else the graph reads (lm_head indices, Seqlen's tensors): a replay reads these addresses,
     # so they must live as long as the graph, or the allocator hands their memory to someone else.
     kept_alive: dict
@@ -80,6 +80,7 @@ class DecodeGraphs:
         self.steps: Dict[StepKey, CapturedStep] = {}
         self.stacks = None  # the adapter stacks the LoRA graphs in `steps` read
         self.pool = None
+        self.output = None  # the logits every graph writes (`shared_output`)
         self.broken = False  # set when a capture failed (a backend that synchronises): stay eager
 
     def bucket(self, batch: int, max_k: int) -> Optional[Tuple[int, int]]:
@@ -174,13 +175,27 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the capture (Triton compiles, allocator settles)
-            self.model(**kwargs)
+            warm, _ = self.model(**kwargs)
         torch.cuda.current_stream().wait_stream(stream)
+        output = self.shared_output(warm)[: warm.shape[0]]
+        del warm
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits, _ = self.model(**kwargs)
+            output.copy_(logits)
+        del logits  # back to the pool, for the next captures: the graph's result is `output`
         self.pool = graph.pool()
         # One replay now, as the warm-up above ran (the same slots): a graph's first launch also uploads it to the
         # device, which would otherwise land on the first step of a new batch size (~15 ms on an H200).
         graph.replay()
-        return CapturedStep(graph, static, logits, kwargs)
+        return CapturedStep(graph, static, output, kwargs)
+
+    def shared_output(self, logits: torch.Tensor) -> torch.Tensor:
+        """The one buffer every graph copies its logits into, [largest bucket, vocab]. A replay's logits are
+        cloned out at once (`run`), before any other graph runs. A buffer per graph would hold rows x vocab for
+        every (batch, context, signature) captured: 400 MB for the buckets of one context and signature at
+        Mixtral's vocabulary in bf16, gigabytes over a server's life, out of the memory the KV cache leaves."""
+        shape = (BATCH_BUCKETS[-1],) + tuple(logits.shape[1:])
+        if self.output is None or self.output.shape != shape or self.output.dtype != logits.dtype:
+            self.output = torch.empty(shape, dtype=logits.dtype, device=logits.device)  # graphs keep the old one
+        return self.output
