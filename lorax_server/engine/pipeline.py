@@ -88,9 +88,14 @@ class StepsAhead:
 
     def add(self, step: Union[PendingChoices, SampleLater]) -> None:
         """Puts `follow`'s step in flight, once the steps before it were read (`collect`): a SampleLater step's
-        sampling is launched now, its grammars having taken those steps' tokens."""
+        sampling is launched now, its grammars having taken those steps' tokens. Should that read have fallen
+        back to per-request sampling, penalty counts are to be rebuilt from the host's sequence, which has the
+        token only once the step's results are made: those rows then sample alone at the next read too."""
         if isinstance(step, SampleLater):
-            step = self.runner.start(step.requests, step.logits)
+            if all(self.runner.sampler.can_sample_later(r) for r in step.requests):
+                step = self.runner.start(step.requests, step.logits)
+            else:
+                step = PendingChoices(step.requests, step.logits, None)
         self.pending.append(step)
 
     def decode_step(self, requests: Sequence, input_ids: Optional[torch.Tensor] = None,

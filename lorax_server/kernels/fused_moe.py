@@ -190,9 +190,10 @@ def merged_into_previous(pid_m, expert, num_m, block_expert_ptr, sorted_rows_ptr
 @triton.jit
 def takes_tail(pid_m, expert, num_m, block_expert_ptr, sorted_rows_ptr, num_assignments,
                BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr):
-    """TAIL_M: the next row block is merged into this one (`merged_into_previous`)."""
-    return merged_into_previous(pid_m + 1, expert, num_m, block_expert_ptr, sorted_rows_ptr, num_assignments,
-                                BLOCK_M, TAIL_M)
+    """TAIL_M: the next row block is merged into this one (`merged_into_previous` of it, seen from here): it is
+    `expert`'s too, and short. (A short block of another expert runs alone: its rows need its own weights.)"""
+    return same_expert(pid_m + 1, expert, num_m, block_expert_ptr) & \
+        short_block(pid_m + 1, num_m, sorted_rows_ptr, num_assignments, BLOCK_M, TAIL_M)
 
 
 @triton.jit
@@ -209,7 +210,7 @@ def rows_times_weights(a_ptr, a_rows, a_real, t_rows, t_real, w_tile, depth, str
         t_tile = a_ptr + t_rows[:, None] * stride_a + ks[None, :]
         acc_t = tl.zeros((TAIL, COLS), dtype=tl.float32)
     else:
-        acc_t = tl.zeros((16, COLS), dtype=tl.float32)  # unused
+        acc_t = tl.zeros((16, COLS), dtype=tl.float32)  # unused (dead code once compiled): any shape does
     for k0 in range(0, depth, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_tile, mask=a_real[:, None], other=0.0)
@@ -508,7 +509,8 @@ class NoLora(NamedTuple):
 # every program streams a whole weight tile through shared memory whatever its rows, so a nearly empty block
 # costs about what a full one does (docs/PERF.md, session 8).
 def tail_m_from_env() -> int:
-    """LORAX_MOE_TAIL_M: 0 (off), or a power of two of at least DOT_M rows (a tensor-core dot's)."""
+    """LORAX_MOE_TAIL_M: 0 (off), or a power of two of at least DOT_M rows (a tensor-core dot's). It applies
+    where the tile table's row blocks are taller than it (with 32: from 256 tokens, the 128-row blocks)."""
     text = os.getenv("LORAX_MOE_TAIL_M", "0")
     value = int(text) if text.strip().isdigit() else -1
     if value and (value < DOT_M or value & (value - 1)):

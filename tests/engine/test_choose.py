@@ -250,3 +250,47 @@ def test_a_constrained_request_follows_on_the_device_and_samples_once_its_gramma
     fed.clear()
     assert run() == ahead and not any(from_device for from_device, _ in fed)
     engine.clear()
+
+
+@pytest.mark.parametrize("fail_at", [3, 5])
+def test_a_failed_read_beside_a_constrained_request_keeps_the_penalty_counts(engine, monkeypatch, fail_at):
+    """A batched read that fails hands its requests to their own choosers, which drop the penalty counts; the
+    step already launched (forward pass first, sampling after the read, for the grammar) must then not rebuild
+    them from a sequence still without the token just chosen: the penalised request's tokens are those of steps
+    launched in turn."""
+    import json
+
+    from lorax_server.engine.sampler import LaunchedStep
+
+    schema = json.dumps({"type": "object", "properties": {"s": {"type": "string", "maxLength": 40}},
+                         "required": ["s"]})
+
+    def run(fail: bool) -> Dict[int, List[int]]:
+        engine.clear()
+        requests = [engine.new_request(1, engine.tokenize(PROMPTS[1], [], 0), SamplingParams(), 30, schema=schema),
+                    engine.new_request(3, engine.tokenize(PROMPTS[3], [], 0), SamplingParams(frequency_penalty=0.5),
+                                       30, ignore_eos=True)]
+        reads = {"n": 0}
+        real = LaunchedStep.collect
+
+        def collect(self):
+            reads["n"] += 1
+            if fail and reads["n"] == fail_at:
+                raise RuntimeError("a failed read, for this test")
+            return real(self)
+
+        monkeypatch.setattr(LaunchedStep, "collect", collect)
+        out: Dict[int, List[int]] = {}
+        results, batch = engine.prefill(501, requests)
+        while True:
+            for res in results:
+                out.setdefault(res.request_id, []).append(res.token.id)
+            if batch is None:
+                return out
+            results, batch = engine.decode([batch.id])
+
+    monkeypatch.setattr(engine, "decode_ahead", False)
+    in_turn = run(fail=False)
+    monkeypatch.setattr(engine, "decode_ahead", True)
+    assert run(fail=True)[3] == in_turn[3]
+    engine.clear()
