@@ -112,12 +112,25 @@ class StepsAhead:
             return None
         return self.runner.start(requests, logits) if sample_now else SampleLater(requests, logits)
 
-    def collect(self) -> None:
-        """Reads the choices of every step in flight (one host synchronisation each) into its requests."""
+    def collect(self) -> bool:
+        """Reads the choices of every step in flight (one host synchronisation each) into its requests. Returns
+        whether a read fell back to per-request sampling after the batched launch: a step `follow` launched from
+        the device's tokens then fed other tokens than those chosen, and must not be added (the next step is
+        launched again from the host's, and writes the same cache slots)."""
         pending, self.pending = self.pending, []
+        dropped = False
         for step in pending:
             for r, choice in zip(step.requests, step.collect()):
                 r.ahead = choice
+            dropped |= step.device_tokens_dropped
+        return dropped
+
+    def discard(self, step: Union[PendingChoices, SampleLater]) -> None:
+        """Takes back a step `follow` launched but that must not be added (`collect`): its requests' sequences
+        no longer count its position as cached, so their next step runs it again, from the host's tokens, and
+        writes over its cache slots (stream order)."""
+        for r in step.requests:
+            r.seq.cached -= 1
 
     def drop(self) -> None:
         """Forgets every step in flight (no request is left to read them); the GPU finishes them, and stream

@@ -286,6 +286,9 @@ class PendingChoices:
     requests: Sequence
     logits: torch.Tensor
     launched: Optional[LaunchedStep]
+    # Set by a `collect` that fell back after the batched launch: the device's tokens (which a following step
+    # may already have been fed, engine.pipeline) are not the ones chosen.
+    device_tokens_dropped: bool = False
 
     @property
     def device_tokens(self) -> Optional[torch.Tensor]:
@@ -298,6 +301,7 @@ class PendingChoices:
                 return self.launched.collect()
             except Exception:
                 logger.exception("batched sampling failed; each request of the batch samples alone")
+                self.device_tokens_dropped = True
         return [sample_alone(r, row) for r, row in zip(self.requests, self.logits)]
 
 

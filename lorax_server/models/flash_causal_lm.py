@@ -336,9 +336,12 @@ class FlashCausalLM:
         When every request has a step in flight, the step after it is launched first, from the tokens those
         steps chose on the device, so the GPU never waits for the host (`engine.pipeline`)."""
         following = self.steps_ahead.follow(requests)
-        self.steps_ahead.collect()
+        fed_other_tokens = self.steps_ahead.collect()
         if following is not None:
-            self.steps_ahead.add(following)
+            if fed_other_tokens:  # a read fell back to per-request sampling: other tokens than those chosen
+                self.steps_ahead.discard(following)
+            else:
+                self.steps_ahead.add(following)
         now = [r for r in requests if r.ahead is None]
         if now:
             logits = self.runner.forward([r.seq for r in now], [1] * len(now), prefill=False)

@@ -294,3 +294,45 @@ def test_a_failed_read_beside_a_constrained_request_keeps_the_penalty_counts(eng
     monkeypatch.setattr(engine, "decode_ahead", True)
     assert run(fail=True)[3] == in_turn[3]
     engine.clear()
+
+
+@pytest.mark.parametrize("fail_at", [2, 4])
+def test_after_a_failed_read_the_cache_holds_the_tokens_the_requests_report(engine, monkeypatch, fail_at):
+    """A read that fails falls back to each request's own chooser, which may draw another token than the device
+    did; the step launched from the device's tokens before the read is then taken back and run again from the
+    host's. Sampled requests' reported log-probabilities equal those of one prefill over their prompt and
+    output (a cache that saw other tokens would put them nats apart)."""
+    from lorax_server.engine.sampler import LaunchedStep
+
+    real = LaunchedStep.collect
+    reads = {"n": 0}
+
+    def collect(self):
+        reads["n"] += 1
+        if reads["n"] == fail_at:
+            raise RuntimeError("a failed read, for this test")
+        return real(self)
+
+    monkeypatch.setattr(LaunchedStep, "collect", collect)
+    engine.clear()
+    prompts = {i: engine.tokenize(PROMPTS[i], [], 0) for i in (1, 2)}
+    requests = [engine.new_request(i, ids, SamplingParams(do_sample=True, seed=i), 10, ignore_eos=True)
+                for i, ids in prompts.items()]
+    steps: Dict[int, List] = {}
+    results, batch = engine.prefill(601, requests)
+    while True:
+        for res in results:
+            steps.setdefault(res.request_id, []).append((res.token.id, res.token.logprob))
+        if batch is None:
+            break
+        results, batch = engine.decode([batch.id])
+    assert reads["n"] > fail_at
+    monkeypatch.setattr(LaunchedStep, "collect", real)
+    for i, chosen in steps.items():
+        engine.clear()
+        replay = engine.new_request(700 + i, prompts[i] + [t for t, _ in chosen], SamplingParams(), 1,
+                                    ignore_eos=True, prefill_logprobs=True)
+        prompt_tokens = engine.prefill(602 + i, [replay])[0][0].prompt_tokens
+        want = [p.logprob for p in prompt_tokens][-len(chosen):]
+        assert [lp for _, lp in chosen] == pytest.approx(want, abs=1e-4), i
+    engine.clear()
