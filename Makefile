@@ -43,7 +43,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.grammar --model-ms 30
 	$(BIN)/python -m bench.serve
 	$(BIN)/python -m bench.serve --adapters 64 --shapes 128x128
-	$(BIN)/python -m bench.serve --fp8 --shapes 128x128
+	$(BIN)/python -m bench.serve --shapes 128x128 --long-prompt 16384 --structured 64 --prefix 2000
+	$(BIN)/python -m bench.serve --fp8 --adapters 64 --shapes 128x128
 	$(BIN)/python -m bench.engine_step --batches 64 --kv-fp8
 	if [ "$$($(BIN)/python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then \
 	  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
