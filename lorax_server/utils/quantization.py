@@ -55,9 +55,10 @@ class Fp8Checkpoint:
     def is_compute_only(self, name: str) -> bool:
         return name.endswith(FP8_COMPUTE_ONLY_SUFFIXES)
 
-    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, rows) -> torch.Tensor:
+    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, rows, scale_name: str = "") -> torch.Tensor:
         """float32 weight * scale, for `weight` read at rows `rows` (an int or slice of the output dim) of the
         stored tensor: a per-channel scale [out, 1] is sliced with its rows, a per-tensor one applies to all."""
+        check_scale_values(scale_name, scale)
         if scale.numel() == 1:
             return weight.float() * scale.float().reshape(())
         return weight.float() * scale.float().reshape(-1, 1)[rows]
@@ -67,6 +68,7 @@ class Fp8Checkpoint:
         weight as stored, its scale sliced with its output rows (per-channel; whole for a row-parallel read,
         which keeps every row) or repeated over them (per-tensor), and its static input scale, if stored."""
         scale = weights.read_stored(self.scale_name(stored))[0].float()
+        check_scale_values(self.scale_name(stored), scale)
         if scale.numel() == 1:
             scale = scale.reshape(()).expand(weight.shape[-2]).contiguous()
         else:
@@ -78,7 +80,12 @@ class Fp8Checkpoint:
         base = stored[: -len(".weight")]
         for suffix in INPUT_SCALE_SUFFIXES:
             if weights.has(base + suffix):
-                return weights.read_stored(base + suffix)[0].float().reshape(())
+                scale = weights.read_stored(base + suffix)[0].float()
+                if scale.numel() != 1:
+                    raise CheckpointError(f"tensor {base + suffix}: shape {list(scale.shape)}; a static activation "
+                                          f"scale is one number (per-tensor)")
+                check_scale_values(base + suffix, scale, positive=True)
+                return scale.reshape(())
         return None
 
     def __str__(self) -> str:
@@ -220,6 +227,18 @@ def check_fp8_weight(weights, name: str, quantization: Fp8Checkpoint) -> None:
     if weights.stored_dtype(scale) not in FLOAT_DTYPES:
         raise CheckpointError(f"tensor {scale} is stored as {weights.stored_dtype(scale)}; scales must be float")
     check_scale_shape(scale, weights.get_shape(scale), weights.get_shape(name))
+
+
+def check_scale_values(name: str, scale: torch.Tensor, positive: bool = False) -> None:
+    """Scales are finite and not negative (a zero weight scale is an all-zero channel; an activation scale,
+    which divides, must be positive): a NaN or infinite one would make every logit of every request NaN."""
+    values = scale.float()
+    bad = ~torch.isfinite(values) | (values <= 0 if positive else values < 0)
+    if bad.any():
+        first = values.reshape(-1)[bad.reshape(-1)][0].item()
+        kind = "NaN, infinite or not positive" if positive else "NaN, infinite or negative"
+        raise CheckpointError(f"tensor {name or 'a weight scale'}: {int(bad.sum())} of its {values.numel()} values "
+                              f"are {kind} (e.g. {first}); the checkpoint's FP8 scales are broken")
 
 
 def check_scale_shape(scale_name: str, scale_shape, weight_shape) -> None:

@@ -174,7 +174,7 @@ class Weights:
         scale = self.quantization.scale_name(stored)
         self._mark_used(scale)
         rows = index[0] if index else slice(None)
-        return self.quantization.dequantize(tensor, self.get_slice(scale)[()].to(tensor.device), rows)
+        return self.quantization.dequantize(tensor, self.get_slice(scale)[()].to(tensor.device), rows, scale)
 
     def _mark_used(self, stored: str) -> None:
         if stored in self.used:

@@ -290,3 +290,26 @@ def test_tensors_the_config_does_not_explain_are_refused(checkpoints, tmp_path, 
         monkeypatch.setattr(Weights, "_read", lambda *args: pytest.fail("weights were read before the refusal"))
     with pytest.raises(CheckpointError, match=message):
         get_model(str(directory), dtype="float32", kv_cache_bytes=KV)
+
+
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+@pytest.mark.parametrize("name, value, message", [
+    ("weight_scale", torch.tensor(float("nan")), r"weight_scale: 1 of its 1 values are NaN, infinite or negative"),
+    ("weight_scale", torch.tensor(float("inf")), "NaN, infinite or negative"),
+    ("weight_scale", torch.tensor(-0.5), r"NaN, infinite or negative \(e.g. -0.5\)"),
+    ("input_scale", torch.tensor(float("nan")), r"input_scale: 1 of its 1 values are NaN, infinite or not positive"),
+    ("input_scale", torch.tensor(0.0), "NaN, infinite or not positive"),
+    ("input_scale", torch.ones(2), r"input_scale: shape \[2\]; a static activation scale is one number"),
+])
+def test_broken_scale_values_are_refused_by_name(checkpoints, tmp_path, quantize, name, value, message):
+    """A NaN, infinite or negative weight scale (or an activation scale that is not positive, or not one number)
+    would make every logit of every request NaN or wrong: refused at load, naming the tensor. An activation scale
+    matters only to FP8 compute; loaded in the compute dtype it is not read."""
+    directory = copy_checkpoint(checkpoints, "autofp8", tmp_path / "m")
+    edit_tensors(directory, lambda t: t.__setitem__(f"{Q}.{name}", value))
+    if name == "input_scale" and quantize is None:
+        get_model(str(directory), dtype="float32", kv_cache_bytes=KV)
+        return
+    with pytest.raises(CheckpointError, match=message) as refused:
+        get_model(str(directory), dtype="float32", kv_cache_bytes=KV, quantize=quantize)
+    assert str(refused.value).startswith(f"tensor {Q}.{name}: ")
