@@ -342,6 +342,14 @@ def _check_weights(what: str, model_or_adapter_id: str, directory: Path, extensi
                            f"safetensors first")
     if not files:
         raise CliError(f"{what} {model_or_adapter_id}: no *{extension} weight files in {directory}")
+    if extension == ".safetensors":  # present, but whole? (a header names every tensor's bytes: cheap to check)
+        from lorax_server.utils.weights import CheckpointError, open_safetensors
+
+        for file in files:
+            try:
+                open_safetensors(file).keys()
+            except CheckpointError as error:
+                raise CliError(f"{what} {model_or_adapter_id}: {error}") from None
     logger.info("%s %s: %d %s weight files in %s", what, model_or_adapter_id, len(files), extension, directory)
 
 

@@ -129,6 +129,15 @@ def test_download_weights_of_what_is_not_here_is_one_line(hub_cache, tmp_path):
     assert_one_line_error(run(download_argv(str(DEFAULT_MODEL_DIR), adapter_id="acme/no-adapter")), "--adapter-id")
 
 
+def test_download_weights_of_a_truncated_file_is_one_line(tmp_path):
+    """Present is not whole: a weight file cut short (an interrupted copy) is named, not reported as here."""
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    assert_one_line_error(run(download_argv(str(model))), f"{weights} is not a readable safetensors file")
+
+
 # -- refusals --------------------------------------------------------------------------------------------
 
 MODEL = str(DEFAULT_MODEL_DIR)

@@ -13,6 +13,7 @@ import torch
 from lorax_server.utils.dist import FakeGroup, initialize_torch_distributed
 from lorax_server.utils.quantization import check_fp8_device, check_quantize_option, checkpoint_quantization
 from lorax_server.utils.sources import HUB, resolve
+from lorax_server.utils.weights import CheckpointError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,12 @@ def checkpoint_bytes(model_dir: Path, dtype: torch.dtype, world_size: int, fp8: 
     size = torch.tensor([], dtype=dtype).element_size()
     total = 0
     for file in weight_files(model_dir):
-        with open(file, "rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        try:
+            with open(file, "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except (OSError, struct.error, ValueError) as error:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({error}); was it downloaded "
+                                  f"completely?") from None
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -145,7 +150,7 @@ def get_model(model_id: str, adapter_id: str = "", revision: Optional[str] = Non
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist: model_id must be a local checkpoint directory")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type '{model_type}' is not supported; supported: {sorted(MODEL_TYPES)}")

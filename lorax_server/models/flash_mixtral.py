@@ -1,6 +1,5 @@
 """FlashMixtral: loads a Mixtral checkpoint directory into the engine, with its tokenizer and adapter targets."""
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -29,7 +28,7 @@ from lorax_server.models.checkpoint import (
 )
 from lorax_server.models.flash_causal_lm import DEFAULT_BLOCK_SIZE, FlashCausalLM, kv_cache_blocks
 from lorax_server.utils.quantization import checkpoint_quantization
-from lorax_server.utils.weights import Weights, weight_files
+from lorax_server.utils.weights import Weights, read_json, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class FlashMixtral(FlashCausalLM):
                  expert_parallel: bool = False, quantize: Optional[str] = None,
                  kv_cache_dtype: Optional[torch.dtype] = None):
         model_dir = Path(model_dir)
-        values = json.loads((model_dir / "config.json").read_text())
+        values = read_json(model_dir / "config.json")
         config = MixtralConfig.from_dict(values)
         quantization = checkpoint_quantization(values, model_dir)
         tokenizer = load_tokenizer(model_dir)

@@ -20,14 +20,36 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model: a missing tensor, a wrong shape, an unshardable size."""
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, the index) as a dict, or a CheckpointError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable JSON file: {error}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def open_safetensors(path: Path):
+    """safe_open, with an unreadable file (truncated, not safetensors) reported as a CheckpointError naming it."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error}); "
+                              f"was it downloaded completely?") from None
+
+
 def weight_files(model_dir) -> List[Path]:
     """The safetensors files of a checkpoint directory, from `model.safetensors.index.json` when present."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no 'weight_map'")
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise CheckpointError(f"{index}: every 'weight_map' value must be a file name")
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -76,7 +98,7 @@ class Weights:
         self.routing: Dict[str, Path] = {}
         for filename in filenames:
             filename = Path(filename)
-            with safe_open(str(filename), framework="pt") as f:
+            with open_safetensors(filename) as f:
                 for name in f.keys():
                     if name in self.routing:
                         raise CheckpointError(f"tensor {name} is stored twice: {self.routing[name]} and {filename}")
@@ -114,7 +136,7 @@ class Weights:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint")
         filename = self.routing[resolved]
         if filename not in self._handles:
-            self._handles[filename] = safe_open(str(filename), framework="pt")
+            self._handles[filename] = open_safetensors(filename)
         return self._handles[filename], resolved
 
     def get_shape(self, name: str) -> List[int]:

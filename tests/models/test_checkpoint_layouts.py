@@ -328,3 +328,22 @@ def test_a_progress_bar_on_a_terminal(sharded_files, monkeypatch, capsys):
     err = capsys.readouterr().err
     count = len(json.loads((sharded_files / "model.safetensors.index.json").read_text())["weight_map"])
     assert "loading weights: 100%" in err and f"{count}/{count}" in err
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-1000]),
+     r"model.safetensors is not a readable safetensors file \(SafetensorError"),
+    (lambda d: (d / "config.json").write_text("{bad"), r"config.json is not a readable JSON file"),
+    (lambda d: (d / "config.json").write_text("[1, 2]"), r"config.json holds a JSON list, not an object"),
+    (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": ["x"]}}'),
+     r"model.safetensors.index.json: every 'weight_map' value must be a file name"),
+    (lambda d: (d / "model.safetensors.index.json").write_text("{"), "model.safetensors.index.json is not a readable"),
+])
+def test_unreadable_checkpoint_files_are_named(tmp_path, damage, message):
+    """A file cut short, or JSON that does not parse or has the wrong shape: a CheckpointError naming the file
+    (the CLI prints it as one line), not the parser's own error."""
+    directory = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, directory)
+    damage(directory)
+    with pytest.raises(CheckpointError, match=message):
+        get_model(str(directory), dtype="float32", kv_cache_bytes=4 << 20)
