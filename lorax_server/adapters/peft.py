@@ -252,6 +252,61 @@ def check_targets(config: dict) -> None:
         raise AdapterError(f"adapter_config.json: target_modules names embed_tokens: {EMBEDDING_REFUSAL}")
 
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output layer (lm_head)
+
+
+def check_targeted(config: dict, module: str) -> None:
+    """LoRA weights for a module adapter_config.json does not target mean the two disagree (an adapter made for
+    another model, or an edited config): PEFT would not adapt that module, so serving it would differ from PEFT.
+    The experts' transformers-5 form is targeted by parameter (`target_parameters`) and is not checked here."""
+    if STACKED_EXPERTS.fullmatch(module) or is_targeted(config, module):
+        return
+    scope = {k: config[k] for k in ("target_modules", "exclude_modules", "layers_to_transform") if config.get(k)}
+    raise AdapterError(f"module {module}: the adapter has LoRA weights for it, but adapter_config.json does not "
+                       f"target it ({shorten(repr(scope))}): the config and the weights disagree")
+
+
+def is_targeted(config: dict, module: str) -> bool:
+    """PEFT's rule for whether `module` (its name in the base model) is adapted: its weight is one of
+    target_parameters (names or suffixes of parameter names: transformers 5's router `gate.weight`), or
+    target_modules is a regex the whole name matches, a list of names it is or ends with, or 'all-linear';
+    exclude_modules (the same forms) takes names out; layers_to_transform, when given, keeps the layers it
+    lists. Without target_modules there is nothing to compare with."""
+    parameters = config.get("target_parameters") or []
+    if any(names_module([p], module + ".weight") for p in parameters):  # e.g. "gate.weight": the router (tf 5)
+        return True
+    targets = config.get("target_modules")
+    if targets is None:
+        return True
+    if targets == ALL_LINEAR:
+        hit = not (module == "lm_head" or module.endswith(".lm_head"))
+    else:
+        hit = names_module(targets, module)
+    if hit and config.get("exclude_modules"):
+        hit = not names_module(config["exclude_modules"], module)
+    layers = config.get("layers_to_transform")
+    if hit and layers is not None:
+        allowed = {layers} if isinstance(layers, int) else set(layers) if is_int_list(layers) else None
+        if allowed is None:
+            raise AdapterError(f"adapter_config.json: layers_to_transform must be a layer index or a list of them, "
+                               f"got {shorten(repr(layers))}")
+        m = re.match(r"model\.layers\.(\d+)\.", module)
+        hit = m is None or int(m.group(1)) in allowed
+    return hit
+
+
+def names_module(names, module: str) -> bool:
+    """Whether target_modules-style `names` (a regex for the whole name, or a list of names or suffixes) names
+    `module`."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return any(module == name or module.endswith("." + name) for name in names)
+
+
+def is_int_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 def targets_embedding(target_modules) -> bool:
     """PEFT's rule: a list names modules by suffix, a string is a regex the whole module name must match."""
     if isinstance(target_modules, str):
@@ -324,7 +379,8 @@ class PeftLoraLoader:
         per_expert: Dict[int, Dict] = {}
         for module, (a, b) in sorted(pairs.items()):
             self.check_values(module, a, b)
-            self.add_module(adapter, per_expert, config, module, a, b)
+            self.add_module(adapter, per_expert, config, module, a, b)  # first what the model has, then the config
+            check_targeted(config, module)
         for layer, modules in per_expert.items():
             self.add_per_expert_layer(adapter, layer, modules)
         if not adapter.linear and not adapter.experts:

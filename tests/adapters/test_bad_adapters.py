@@ -59,6 +59,16 @@ BAD = {
     "bias all": (None, dict(bias="all"), "bias='all' is not supported"),
     "modules_to_save": (None, dict(modules_to_save=["score"]), "modules_to_save"),
     "not LoRA": (None, dict(peft_type="IA3"), "peft_type 'IA3' is not supported"),
+    # adapter_config.json and the weights disagree: PEFT would adapt other modules than the weights say
+    "config targets another model's modules": (None, dict(target_modules=["gate_proj", "up_proj"]),
+                                               r"module lm_head: the adapter has LoRA weights for it, but "
+                                               r"adapter_config.json does not target it"),
+    "config targets fewer modules": (None, dict(target_modules=["lm_head", "w1", "w3"]),
+                                     r"module model.layers.0.self_attn.q_proj: the adapter has LoRA weights for it"),
+    "config leaves a layer out": (None, dict(layers_to_transform=[1]),
+                                  r"module model.layers.0.self_attn.q_proj: .*'layers_to_transform': \[1\]"),
+    "all-linear leaves lm_head out": (None, dict(target_modules="all-linear"),
+                                      r"module lm_head: the adapter has LoRA weights for it"),
 }
 
 
