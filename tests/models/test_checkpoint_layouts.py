@@ -212,6 +212,7 @@ def test_bad_eos_ids_are_refused(tmp_path):
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 0}},
      "rope scaling factor must be a positive number, got 0"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope type 'longrope' is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope type 'yarn' needs a scaling 'factor'"),
     ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
     ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 must be between 1 and num_local_experts 4"),
     ({"num_experts_per_tok": 0}, "num_experts_per_tok must be a positive integer, got 0"),

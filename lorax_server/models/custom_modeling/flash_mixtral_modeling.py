@@ -137,6 +137,8 @@ class MixtralConfig:
         if not is_positive(params["rope_theta"], (int, float)):
             raise ValueError(f"rope_theta must be a positive number, got {params['rope_theta']!r}")
         factor = params.get("factor")
+        if factor is None and params["rope_type"] != "default":  # every scaled rope is scaled by its factor
+            raise ValueError(f"rope type '{params['rope_type']}' needs a scaling 'factor' in rope_scaling")
         if factor is not None and not is_positive(factor, (int, float)):
             raise ValueError(f"rope scaling factor must be a positive number, got {factor!r}")
 
