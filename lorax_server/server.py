@@ -144,6 +144,10 @@ def admit(model, batch: pb.Batch, unique_ids: bool = True) -> Admission:
         except RequestError as error:
             admission.refused.append(model.failed(r.id, str(error)))
             continue
+        except Exception as error:  # anything unforeseen in one request's set-up ends it alone, not the Prefill
+            logger.exception("request %d could not be set up; it ends alone", r.id)
+            admission.refused.append(model.failed(r.id, bounded(f"{type(error).__name__}: {error}")))
+            continue
         if r.blocks:
             admission.router_blocks[r.id] = list(r.blocks)
     return admission

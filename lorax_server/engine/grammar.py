@@ -144,6 +144,8 @@ def parse_schema(schema: str) -> str:
         value = json.loads(schema)
     except (TypeError, ValueError) as error:
         raise RequestError(bounded(f"the schema is not valid JSON: {error}")) from None
+    except RecursionError:  # valid JSON nested deeper than Python's parser goes (~1000 levels)
+        raise RequestError("the schema nests too deeply to be read") from None
     if value is True:  # the schema that allows everything
         return "{}"
     if not isinstance(value, dict):

@@ -64,6 +64,7 @@ BAD_REQUESTS = {
     "huge frequency penalty": (dict(inputs="A list is", frequency_penalty=-1e38, do_sample=True),
                                "frequency_penalty must be in [-2, 2]"),
     "schema that is not JSON": (dict(inputs="A list is", schema='{"type": '), "schema"),
+    "schema nested too deeply": (dict(inputs="A list is", schema="[" * 5000 + "]" * 5000), "nests too deeply"),
     "schema keyword not enforced": (dict(inputs="A list is", schema='{"type": "array", "uniqueItems": true}'),
                                     "uniqueItems"),
     "adapter never loaded": (dict(inputs="A list is", adapter_index=42), "adapter index 42 is not loaded"),
@@ -75,6 +76,32 @@ def ended_alone(generation, request_id, message):
     text = generation.generated_text.text
     assert generation.request_id == request_id and text.startswith(f"[error] request {request_id}:"), text
     assert message in text and generation.next_tokens.ids  # one token: the router ends a request on its last
+
+
+def test_an_unforeseen_failure_setting_up_one_request_ends_it_alone(served, monkeypatch):
+    """Whatever one request's set-up raises (not only a RequestError), its batch-mate and the running batch the
+    Prefill carries go on: a failed Prefill would make the router fail them all."""
+    client, model = served
+    running = prefill(client, 70, [make_request(1, "Exceptions", max_new_tokens=4)])
+    real = model.new_request
+
+    def new_request(request_id, *args, **kwargs):
+        if request_id == 3:
+            raise RecursionError("set-up of request 3, for this test")
+        return real(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(model, "new_request", new_request)
+    response = client.stub.Prefill(pb.PrefillRequest(
+        batch=pb.Batch(id=71, requests=[make_request(2, "A list is", max_new_tokens=4),
+                                        make_request(3, "A list is", max_new_tokens=4)], size=2),
+        cached_batch=running.batch))
+    by_id = {g.request_id: g for g in response.generations}
+    ended_alone(by_id[3], 3, "RecursionError: set-up of request 3")
+    assert sorted(response.batch.request_ids) == [1, 2]
+    monkeypatch.setattr(model, "new_request", real)
+    while response.HasField("batch"):
+        response = client.stub.Decode(pb.DecodeRequest(batches=[response.batch]))
+    assert_still_serves(client, model)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
