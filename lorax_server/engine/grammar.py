@@ -135,6 +135,12 @@ class GrammarCompiler:
             raise RequestError(bounded(f"the schema cannot be compiled: {matcher.get_error()}"))
         for warning in matcher.get_grammar_warnings():
             logger.warning("JSON schema compiled with a warning: %s", warning)
+        # Some schemas compile and fail at their first mask (a "$ref" to itself): refused here, once per schema,
+        # not after admission. The mask's work is shared with the requests' copies (the lexer), so not lost.
+        probe = GrammarState(matcher.deep_copy(), self.words)
+        probe.fill(torch.empty(1, self.words, dtype=torch.int32), 0)
+        if probe.error is not None:
+            raise RequestError(bounded(f"the schema cannot be served: {probe.error}"))
         return matcher
 
 

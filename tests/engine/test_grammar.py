@@ -378,6 +378,8 @@ def test_a_row_whose_grammar_failed_ends_alone_with_the_reason(compiler):
     ('{"type": "integer", "minimum": 5, "maximum": 1}', "minimum"),
     ('{"type": "object", "properties": {"a": {"$ref": "#/nope"}}}', "nope"),
     ('{"type": "array", "uniqueItems": true}', "uniqueItems"),  # not enforced, so refused
+    ('{"$ref": "#"}', "cannot be served: the output left its JSON schema"),  # compiles, fails at its first mask
+    ("[" * 5000 + "]" * 5000, "nests too deeply"),
 ])
 def test_an_invalid_schema_is_refused_with_the_reason(compiler, schema, says):
     with pytest.raises(RequestError, match=None) as raised:
