@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from lorax_server.utils.dist import FakeGroup
-from lorax_server.utils.quantization import check_tensor_dtypes
+from lorax_server.utils.quantization import INPUT_SCALE_SUFFIXES, check_tensor_dtypes
 from lorax_server.utils.weights import CheckpointError, Weights
 
 logger = logging.getLogger(__name__)
@@ -100,12 +100,21 @@ def describe_indices(indices: List[int]) -> str:
     return ", ".join(map(str, indices))
 
 
+def has_owner(weights: Weights, name: str) -> bool:
+    """Whether a compute-only tensor belongs to a stored weight: an activation scale X.input_scale (or
+    X.act_scale) to X.weight. (KV-cache scales belong to their attention layer, and are checked at load.)"""
+    for suffix in INPUT_SCALE_SUFFIXES:
+        if name.endswith(suffix):
+            return weights.has(name[: -len(suffix)] + ".weight")
+    return True
+
+
 def check_all_read(weights: Weights, config) -> None:
     """After the model is built: a stored tensor that no rank read means config.json does not describe the
     checkpoint (or a layout this model does not know), so it is refused rather than served without it."""
     quantization = weights.quantization
     unused = [name for name in weights.unused() if not name.endswith(RECOMPUTED_SUFFIXES)
-              and not (quantization is not None and quantization.is_compute_only(name))]
+              and not (quantization is not None and quantization.is_compute_only(name) and has_owner(weights, name))]
     unused = unused_on_every_rank(unused, weights.process_group)
     if not unused:
         return

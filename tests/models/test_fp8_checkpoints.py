@@ -278,6 +278,8 @@ def drop_quantization_config(config):
      rf"float8_e4m3 weights and float tensors"),
     (lambda t: t.__setitem__("lm_head.weight_scale", torch.ones(())), None,
      "tensor this model never reads: lm_head.weight_scale"),  # a scale beside a float weight: found after loading
+    (lambda t: t.__setitem__("model.layers.0.self_attn.x_proj.input_scale", torch.ones(())), None,
+     "tensor this model never reads: model.layers.0.self_attn.x_proj.input_scale"),  # an activation scale of nothing
 ])
 def test_tensors_the_config_does_not_explain_are_refused(checkpoints, tmp_path, monkeypatch, edit, config_edit,
                                                          message):
