@@ -209,6 +209,8 @@ def adapter_dir(adapter_id: str, source: int) -> Path:
     """The local PEFT directory of `adapter_id` from `source` (hub: a local directory or the HF cache)."""
     if adapter_id == BASE_MODEL_ADAPTER_ID:
         raise AdapterError(f"{BASE_MODEL_ADAPTER_ID} is the base model: it cannot be merged with adapters")
+    if not adapter_id.strip():  # Path("") is the working directory: it must not be read as an adapter
+        raise AdapterError("an adapter id is empty")
     try:
         path = resolve(adapter_id, source_name(source))
         if not (path / "adapter_config.json").is_file():
@@ -320,7 +322,15 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         compiles the prefill kernels of short prompts and cached prefixes, captures the decode CUDA graphs
         (on a GPU) for the longest context the router will send, and
         reports how many tokens the router may budget."""
+        before = self.model.max_prefill_tokens
         self.model.max_prefill_tokens = request.max_prefill_tokens or None  # upstream: set_max_prefill_tokens
+        try:
+            return self.warm_up(request)
+        except Exception:
+            self.model.max_prefill_tokens = before  # a refused Warmup leaves the budget as it was
+            raise
+
+    def warm_up(self, request) -> pb.WarmupResponse:
         admission = admit(self.model, request.batch, unique_ids=False)
         results = admission.refused
         if admission.requests:
@@ -329,7 +339,10 @@ class LoraxService(generate_pb2_grpc.LoraxServiceServicer):
         failed = [r.error for r in results if r.finish_reason == "error"]
         if failed:  # the router exits with this message: nothing it sends later would be served either
             raise RequestError(f"the warm-up batch cannot be served: {'; '.join(failed)}")
-        self.model.warm_up_kernels(request.max_prefill_tokens or None)
+        if self.model.batches:  # it writes free blocks: skipped beside live batches (the router clears first)
+            logger.warning("Warmup with live batches: the prefill kernels compile at their first use instead")
+        else:
+            self.model.warm_up_kernels(request.max_prefill_tokens or None)
         if self.model.graphs is not None and request.max_input_length:
             self.model.graphs.prepare(request.max_input_length + request.max_new_tokens)
         supported = max_supported_total_tokens(self.model, request)

@@ -32,8 +32,12 @@ class SourceError(ValueError):
 
 
 def source_name(adapter_source: int) -> str:
-    """pb.AdapterSource -> its lower-case name ("hub", "local", ...)."""
-    return pb.AdapterSource.Name(adapter_source).lower()
+    """pb.AdapterSource -> its lower-case name ("hub", "local", ...); SourceError for a value it does not have."""
+    try:
+        return pb.AdapterSource.Name(adapter_source).lower()
+    except ValueError:
+        raise SourceError(f"adapter_source {adapter_source} is not an AdapterSource; one of "
+                          f"{', '.join(name.lower() for name in pb.AdapterSource.keys())}") from None
 
 
 def check_source(source: str) -> None:

@@ -49,6 +49,38 @@ def test_warmup_reports_the_cache_size(served):
     assert not model.batches
 
 
+def test_warmup_beside_a_live_batch_answers_and_a_refused_one_changes_nothing(served):
+    """A client that warms up with a batch alive (the router clears first) is answered, the kernel warm-up
+    left for later (it writes free blocks); a Warmup that is refused leaves the prefill budget as it was."""
+    client, model = served
+    live = prefill(client, 51, [make_request(1, "Exceptions", max_new_tokens=4)])
+    before = model.max_prefill_tokens
+    warm = pb.Batch(id=52, requests=[make_request(0, "A list is", max_new_tokens=4)], size=1)
+    response = client.stub.Warmup(pb.WarmupRequest(batch=warm, max_input_length=16, max_prefill_tokens=32,
+                                                   max_new_tokens=4))
+    assert response.max_supported_total_tokens > 0 and list(model.batches) == [live.batch.id]
+    model.max_prefill_tokens = before
+    too_much = pb.WarmupRequest(batch=warm, max_input_length=16, max_prefill_tokens=10**7, max_new_tokens=4)
+    assert_status(lambda: client.stub.Warmup(too_much), grpc.StatusCode.RESOURCE_EXHAUSTED, "fewer than")
+    assert model.max_prefill_tokens == before
+    client.stub.ClearCache(pb.ClearCacheRequest(id=live.batch.id))
+    assert_still_serves(client, model)
+
+
+def test_adapter_ids_and_sources_that_name_nothing_are_refused(served, tmp_path, monkeypatch):
+    """An adapter source the enum does not have, and an empty id (Path("") is the working directory, which
+    may hold an adapter), are bad input: INVALID_ARGUMENT, nothing loaded."""
+    client, model = served
+    monkeypatch.chdir(tmp_path)
+    for ids, source, message in (([str(tmp_path)], 99, "adapter_source 99 is not an AdapterSource"),
+                                 ([""], pb.LOCAL, "an adapter id is empty"), ([" "], pb.HUB, "an adapter id is empty")):
+        load = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=ids), adapter_source=source,
+                                     adapter_index=40)
+        assert_status(lambda: client.stub.LoadAdapter(load), grpc.StatusCode.INVALID_ARGUMENT, message)
+    assert 40 not in model.adapters.loaded
+    assert_still_serves(client, model)
+
+
 # Requests this shard cannot serve: each ends alone, its batch-mates are served, and Prefill itself never
 # fails for one request (the router would then fail its running batch too, and panic at the next Decode).
 BAD_REQUESTS = {
