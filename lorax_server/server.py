@@ -55,6 +55,9 @@ def status_of(error: Exception) -> grpc.StatusCode:
     return next((code for kind, code in STATUS_OF if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
 
 
+ADVANCES_BATCHES = ("Prefill", "Decode")  # not run once their client has gone (`rpc`)
+
+
 def rpc(handler):
     """Runs a handler under the service lock, on the model's GPU; any exception becomes a status with its message.
 
@@ -66,7 +69,12 @@ def rpc(handler):
         device = self.model.device
         try:
             with self.lock, torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                return handler(self, request, context)
+                if handler.__name__ in ADVANCES_BATCHES and not context.is_active():
+                    # its client gave up while it waited for the lock: a batch made or stepped now would be one
+                    # the client never hears of (it clears or retries what it knows)
+                    code, message = grpc.StatusCode.CANCELLED, "the client gave up on this call before it ran"
+                else:
+                    return handler(self, request, context)
         except Exception as error:  # every failure is answered, none takes the server down
             code = status_of(error)
             if code == grpc.StatusCode.INTERNAL:

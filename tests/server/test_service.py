@@ -322,3 +322,37 @@ def test_a_schema_request_gets_json_valid_against_it_beside_a_free_one(served):
     assert finished[2].finish_reason == pb.FINISH_REASON_EOS_TOKEN
     assert finished[1].text == alone.generations[0].generated_text.text
     assert_still_serves(client, model)
+
+
+def test_a_prefill_whose_client_gave_up_before_it_ran_makes_no_batch(tmp_path):
+    """A Prefill that waited for the service lock past its client's deadline does not run: the batch would hold
+    blocks nobody knows of."""
+    import threading
+    import time
+
+    from lorax_server.cli import DEFAULT_MODEL_DIR
+    from lorax_server.client import ShardClient
+    from lorax_server.models import get_model
+    from lorax_server.server import start_server
+
+    model = get_model(str(DEFAULT_MODEL_DIR), dtype="float32", kv_cache_bytes=4 << 20)
+    server, service = start_server(model, str(tmp_path / "lorax"))
+    client = ShardClient(f"unix://{tmp_path / 'lorax'}-0")
+    try:
+        client.wait_ready()
+        service.lock.acquire()
+        releaser = threading.Timer(1.0, service.lock.release)
+        releaser.start()
+        request = pb.PrefillRequest(batch=pb.Batch(id=1, requests=[make_request(1, "Exceptions")], size=1))
+        with pytest.raises(grpc.RpcError) as gave_up:
+            client.stub.Prefill(request, timeout=0.3)
+        assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        releaser.join()
+        time.sleep(0.5)  # the abandoned call's thread takes the lock and answers
+        with service.lock:
+            pass
+        assert not model.batches and model.cache.all_free
+        assert_still_serves(client, model)
+    finally:
+        client.close()
+        server.stop(None)
