@@ -13,7 +13,7 @@ import torch
 from lorax_server.utils.dist import FakeGroup, initialize_torch_distributed
 from lorax_server.utils.quantization import check_fp8_device, check_quantize_option, checkpoint_quantization
 from lorax_server.utils.sources import HUB, resolve
-from lorax_server.utils.weights import CheckpointError, read_json
+from lorax_server.utils.weights import CheckpointError, read_json, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,6 @@ def checkpoint_bytes(model_dir: Path, dtype: torch.dtype, world_size: int, fp8: 
     """The bytes one rank's weights take on the device: every floating tensor of the safetensors headers cast
     to `dtype` (with `fp8`, one byte per element of the weights served in FP8), split over `world_size` ranks
     (norms and the router are replicated, and small)."""
-    from lorax_server.utils.weights import weight_files
-
     size = torch.tensor([], dtype=dtype).element_size()
     total = 0
     for file in weight_files(model_dir):

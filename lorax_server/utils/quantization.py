@@ -67,8 +67,9 @@ class Fp8Checkpoint:
         """A stored FP8 weight read at `index` (the stored tensor's coordinates) in this server's FP8 layout: the
         weight as stored, its scale sliced with its output rows (per-channel; whole for a row-parallel read,
         which keeps every row) or repeated over them (per-tensor), and its static input scale, if stored."""
-        scale = weights.read_stored(self.scale_name(stored))[0].float()
-        check_scale_values(self.scale_name(stored), scale)
+        name = self.scale_name(stored)
+        scale = weights.read_stored(name)[0].float()
+        check_scale_values(name, scale)
         if scale.numel() == 1:
             scale = scale.reshape(()).expand(weight.shape[-2]).contiguous()
         else:
